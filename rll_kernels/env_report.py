@@ -1,0 +1,42 @@
+"""`python -m rll_kernels.env_report`: versions and usable backends, for bug reports."""
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+
+
+def report() -> str:
+    import torch
+
+    import rll_kernels
+    from rll_kernels import _ops
+    from rll_kernels._dispatch import available_backends
+
+    lines = [
+        f"rll_kernels {rll_kernels.__version__}",
+        f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
+        f"torch {torch.__version__} (cuda {torch.version.cuda}, cuda available: {torch.cuda.is_available()})",
+        f"threads {torch.get_num_threads()}",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+        lines.append(f"nvcc: {out[-1] if out else nvcc}")
+    else:
+        lines.append("nvcc: not found")
+    lines.append(f"C++ extension: {'built' if _ops.HAS_C else 'NOT built: ' + str(_ops.C_IMPORT_ERROR)}")
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name, why in available_backends(dev).items():
+            lines.append(f"  {dev:4s} {name:9s} {'usable' if why is None else 'unusable: ' + why}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
