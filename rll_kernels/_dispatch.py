@@ -30,8 +30,20 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
         out["cpp"] = "the cpp backend runs on CPU tensors only"
     out["cuda"] = (None if dev == "cuda" and _ops.has_kernel("rll_fwd", "cuda")
                    else "CUDA kernels not built or tensor not on CUDA")
-    out["triton"] = "Triton backend not implemented yet"
+    from . import triton as _triton
+
+    out["triton"] = _triton.status(device)
     return out
+
+
+def fused_ops(backend: str):
+    """(forward op, backward op) of RLL for a fused backend; same schema for every backend."""
+    if backend == "triton":
+        from .triton import rll as _trl  # noqa: F401  (registers the Triton custom ops)
+
+        return torch.ops.rll_kernels.rll_triton_fwd, torch.ops.rll_kernels.rll_triton_bwd
+    # "cpp" and "cuda" are the CPU and CUDA implementations of one TORCH_LIBRARY op
+    return torch.ops.rll_kernels.rll_fwd, torch.ops.rll_kernels.rll_bwd
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops, reference
-from ._dispatch import resolve_backend
+from ._dispatch import fused_ops, resolve_backend
 from ._validate import check_choice, check_embeddings, check_labels, check_rll_params
 
 __all__ = ["ranked_list_loss"]
@@ -119,7 +119,8 @@ def ranked_list_loss(
     m_rows = k.shape[0] if den_rows is None else int(den_rows)
     bias = m_rows * 1e-5 if attached else 0.0
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    rows, _, _ = torch.ops.rll_kernels.rll_fwd(
+    fwd, _ = fused_ops(name)
+    rows, _, _ = fwd(
         q.contiguous(), labels, query_ids, k.contiguous(), k_labels, ref_ids,
         float(alpha), float(alpha - margin), float(Tn), float(Tp), float(imbalance), float(bias),
         attached, need_grad)
