@@ -3,6 +3,8 @@ from . import _ops, reference  # noqa: F401  (_ops loads the C++ extension and r
 from ._dispatch import available_backends
 from .functional import ranked_list_loss
 from .modules import RLLFused
+from .osm import WeightedContrastiveFused, class_aware_attention, weighted_contrastive_loss
 
 __version__ = "0.1.0"
-__all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "__version__"]
+__all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "__version__",
+           "WeightedContrastiveFused", "class_aware_attention", "weighted_contrastive_loss"]
