@@ -116,12 +116,13 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
   for (int64_t I = 0; I < nb; ++I)
     for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
   const auto opts = z.options();
-  const int64_t nthreads = acc_parts.size(0);
+  const int64_t nthreads = at::get_num_threads();
   // per thread: [S+, T+, S-, T-]
   std::vector<double> tsums(nthreads * 4, 0.0);
 
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < nthreads, "osm: thread id ", tid, " out of range ", nthreads);
     std::vector<S> sbuf(B * B), cpb(B * B), cnb(B * B);
     std::vector<S> cidx(BP), labj(BP), attj(BP), nkj(BP), colp(BP), coln(BP);
     for (int64_t c = 0; c < BP; ++c) cidx[c] = S(c);
