@@ -38,5 +38,10 @@ bench: $(BUILD)
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
+# OSM + CAA weighted contrastive loss: fused vs dense reference vs torch.compile (N = 4096, D = 128, 512)
+.PHONY: bench-osm
+bench-osm: $(BUILD)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/bench_osm.py $(BENCH_ARGS)
+
 clean:
 	rm -rf build *.egg-info rll_kernels/*.so $(BUILD)
