@@ -73,11 +73,13 @@ struct Hyper {
   S neg_inv_2s2;  // -1 / (2 sigma^2)
 };
 
-// acc[rows] -= C (rows x cols) other[cols], and acc[cols] -= C^T other[rows], sparse form.
+// acc[rows] -= C (rows x cols) other[cols], and acc[cols] -= C^T other[rows], sparse form; rows
+// without a non-zero weight (row_any[r] == 0) are skipped.
 template <class S>
-void sparse_update(const S* C, int64_t bi, int64_t bj, int64_t D, const S* zI, const S* zJ, S* accI, S* accJ,
-                   bool diag) {
+void sparse_update(const S* C, const char* row_any, int64_t bi, int64_t bj, int64_t D, const S* zI, const S* zJ,
+                   S* accI, S* accJ, bool diag) {
   for (int64_t r = 0; r < bi; ++r) {
+    if (!row_any[r]) continue;
     const S* crow = C + r * bj;
     S* ai = accI + r * D;
     const S* zi = zI + r * D;
@@ -125,6 +127,7 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
     TORCH_CHECK(tid < nthreads, "osm: thread id ", tid, " out of range ", nthreads);
     std::vector<S> sbuf(B * B), cpb(B * B), cnb(B * B);
     std::vector<S> cidx(BP), labj(BP), attj(BP), nkj(BP), colp(BP), coln(BP);
+    std::vector<char> anyp(B), anyn(B);  // rows of the tile with a non-zero weight (C >= 0)
     for (int64_t c = 0; c < BP; ++c) cidx[c] = S(c);
     double* ts = tsums.data() + tid * 4;
     // accumulators of this thread: acc (2, N, D) [pos, neg] and rs (2, N) in double
@@ -153,6 +156,8 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
         std::fill(coln.begin(), coln.end(), S(0));
       }
       V nnzp(S(0)), nnzn(S(0));
+      std::fill(anyp.begin(), anyp.end(), 0);
+      std::fill(anyn.begin(), anyn.end(), 0);
       const V vbj(static_cast<S>(bj));
       for (int64_t r = 0; r < bi; ++r) {
         const int64_t i = i0 + r;
@@ -203,8 +208,11 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
         ts[2] += hsum_d(sn);
         ts[3] += hsum_d(tn);
         if (need_grad) {
-          RSP[i] += hsum_d(rp);
-          RSN[i] += hsum_d(rn);
+          const double rpr = hsum_d(rp), rnr = hsum_d(rn);
+          RSP[i] += rpr;
+          RSN[i] += rnr;
+          anyp[r] = rpr != 0.0;
+          anyn[r] = rnr != 0.0;
           // a diagonal tile stores only c >= the vector start; clear the rest (c <= r) for the GEMM
           if (diag) {
             const int64_t cend = std::min(bj, (r + 1) / W * W);
@@ -228,10 +236,10 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
       }
       const double cntp = hsum_d(nnzp), cntn = hsum_d(nnzn);
       const int64_t area = bi * bj;
-      auto apply = [&](S* cbuf, double nnz, S* ACC) {
+      auto apply = [&](S* cbuf, const char* row_any, double nnz, S* ACC) {
         if (nnz == 0.0) return;
         if (nnz * kSparseRatio < static_cast<double>(area)) {
-          sparse_update<S>(cbuf, bi, bj, D, Z + i0 * D, Z + j0 * D, ACC + i0 * D, ACC + j0 * D, diag);
+          sparse_update<S>(cbuf, row_any, bi, bj, D, Z + i0 * D, Z + j0 * D, ACC + i0 * D, ACC + j0 * D, diag);
           return;
         }
         const at::Tensor c_t = at::from_blob(cbuf, {bi, bj}, opts);
@@ -240,8 +248,8 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
         accI.addmm_(c_t, zJ, S(1), S(-1));
         accJ.addmm_(c_t.t(), zI, S(1), S(-1));
       };
-      apply(cpb.data(), cntp, ACCP);
-      apply(cnb.data(), cntn, ACCN);
+      apply(cpb.data(), anyp.data(), cntp, ACCP);
+      apply(cnb.data(), anyn.data(), cntn, ACCN);
     }
   });
   for (int64_t t = 0; t < nthreads; ++t)
