@@ -119,8 +119,9 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
     for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
   const auto opts = z.options();
   const int64_t nthreads = at::get_num_threads();
-  // per thread: [S+, T+, S-, T-]
-  std::vector<double> tsums(nthreads * 4, 0.0);
+  // per thread: [S+, T+, S-, T-], one 64-byte line each (no false sharing)
+  constexpr int64_t kPad = 8;
+  std::vector<double> tsums(nthreads * kPad, 0.0);
 
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
@@ -129,7 +130,7 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
     std::vector<S> cidx(BP), labj(BP), attj(BP), nkj(BP), colp(BP), coln(BP);
     std::vector<char> anyp(B), anyn(B);  // rows of the tile with a non-zero weight (C >= 0)
     for (int64_t c = 0; c < BP; ++c) cidx[c] = S(c);
-    double* ts = tsums.data() + tid * 4;
+    double* ts = tsums.data() + tid * kPad;
     // accumulators of this thread: acc (2, N, D) [pos, neg] and rs (2, N) in double
     S* ACCP = need_grad ? acc_parts[tid][0].data_ptr<S>() : nullptr;
     S* ACCN = need_grad ? acc_parts[tid][1].data_ptr<S>() : nullptr;
@@ -253,7 +254,7 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& lab, const c10::optional<
     }
   });
   for (int64_t t = 0; t < nthreads; ++t)
-    for (int k = 0; k < 4; ++k) sums[k] += tsums[t * 4 + k];
+    for (int k = 0; k < 4; ++k) sums[k] += tsums[t * kPad + k];
 }
 
 void check_inputs(const at::Tensor& z, const at::Tensor& labels, const c10::optional<at::Tensor>& attention) {
