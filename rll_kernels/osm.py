@@ -40,8 +40,8 @@ def class_aware_attention(logits: torch.Tensor, labels: torch.Tensor, *,
     poster's plain probability.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D (N, C) tensor, got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D (N, C) tensor, got {got}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
     n, c = logits.shape
@@ -185,8 +185,8 @@ class WeightedContrastiveFused(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 attention: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return weighted_contrastive_loss(embeddings, labels, attention, self.alpha, self.sigma, self.imbalance,
-                                         normalize=self.normalize, backend=self.backend)
+        return weighted_contrastive_loss(embeddings, labels, attention, self.alpha, self.sigma,
+                                         self.imbalance, normalize=self.normalize, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, sigma={self.sigma}, imbalance={self.imbalance}, "

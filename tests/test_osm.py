@@ -237,9 +237,10 @@ def test_attention_uses_the_pair_minimum():
     y = torch.tensor([0, 0, 1, 1])
     a = torch.tensor([1.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     d1, d2 = torch.dist(z[0], z[1]).item(), torch.dist(z[2], z[3]).item()
-    w1, w2 = 0.25 * math.exp(-d1**2 / 2), 0.5 * math.exp(-d2**2 / 2)  # min(a_0, a_1), min(a_2, a_3), sigma = 1
-    wn = [min(a[i], a[j]).item() * max(3.0 - torch.dist(z[i], z[j]).item(), 0) for i in (0, 1) for j in (2, 3)]
-    hn = [max(3.0 - torch.dist(z[i], z[j]).item(), 0) for i in (0, 1) for j in (2, 3)]
+    w1, w2 = 0.25 * math.exp(-d1**2 / 2), 0.5 * math.exp(-d2**2 / 2)  # min(a_0, a_1), min(a_2, a_3); sigma 1
+    neg = [(i, j) for i in (0, 1) for j in (2, 3)]
+    hn = [max(3.0 - torch.dist(z[i], z[j]).item(), 0) for i, j in neg]
+    wn = [min(a[i], a[j]).item() * h for (i, j), h in zip(neg, hn)]
     lp = 0.5 * (w1 * d1**2 + w2 * d2**2) / (w1 + w2)
     ln = 0.5 * sum(w * h * h for w, h in zip(wn, hn)) / sum(wn)
     for backend in ("ref", CPP):

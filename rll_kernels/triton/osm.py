@@ -94,7 +94,8 @@ def _osm_rows_kernel(Z, NRM, LAB, ATT, PRM, ROWS, GP, GN, N, D,
             cn = tl.where(dup, zero, wn * h / tl.maximum(d, 1e-30))
             rsp += tl.sum(cp, axis=1)
             rsn += tl.sum(cn, axis=1)
-            zj = tl.load(Z + cols[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            zj = tl.load(Z + cols[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                         other=0.0)
             accp = tl.dot(cp, zj, accp, input_precision="ieee")
             accn = tl.dot(cn, zj, accn, input_precision="ieee")
     if pid_d == 0:
@@ -120,7 +121,8 @@ def _blocks(d: int) -> tuple[int, int, int, int, int]:
 
 @torch.library.custom_op("rll_kernels::osm_triton_fwd", mutates_args=())
 def osm_triton_fwd(z: torch.Tensor, labels: torch.Tensor, attention: Optional[torch.Tensor], alpha: float,
-                   sigma: float, imbalance: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sigma: float, imbalance: float,
+                   need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``rll_kernels::osm_fwd``: (loss (), dL/dz (N, D) or (0,), sums (4,) float64)."""
     if z.dim() != 2 or z.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"osm_triton_fwd: z must be 2-D float32/float64, got {tuple(z.shape)} {z.dtype}")
