@@ -217,6 +217,16 @@ def test_opcheck_cpp_op():
     torch.library.opcheck(torch.ops.rll_kernels.osm_fwd, (z.detach(), y, None, 1.2, 0.8, 0.5, False))
 
 
+@pytest.mark.interpreter
+def test_opcheck_triton_op():
+    from rll_kernels.triton import osm as _tosm  # noqa: F401  (registers the custom op)
+
+    z = F.normalize(torch.randn(18, 5, dtype=torch.float64), dim=1).requires_grad_(True)
+    y = torch.randint(0, 3, (18,))
+    torch.library.opcheck(torch.ops.rll_kernels.osm_triton_fwd, (z, y, rand_att(18, torch.float64), 1.2, 0.8,
+                                                                  0.5, True))
+
+
 # ------------------------------------------------------------------ attention
 @pytest.mark.parametrize("backend", ["ref", CPP, TRITON])
 def test_attention_all_ones_equals_none_and_random_differs(backend):
