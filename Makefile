@@ -1,5 +1,6 @@
 # make test   : create .venv if missing, install torch (CPU build) + test deps + the package, run tests
 # make bench  : same set-up, then the benchmarks against the baselines (QUICK=1 for a 2-minute run)
+# make demo   : same set-up, then train on Fashion-MNIST and print Recall@K / NMI (DEMO_ARGS="--plot x.png")
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -37,6 +38,9 @@ test: $(BUILD)
 bench: $(BUILD)
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+demo: $(BUILD)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) examples/train_fashion_mnist.py $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info rll_kernels/*.so $(BUILD)

@@ -1,8 +1,9 @@
 """rll_kernels: fused kernels for deep-metric-learning losses (Ranked List Loss and siblings)."""
 from . import _ops, reference  # noqa: F401  (_ops loads the C++ extension and registers autograd)
+from . import metrics  # noqa: F401  (recall_at_k, nmi)
 from ._dispatch import available_backends
 from .functional import ranked_list_loss
 from .modules import RLLFused
 
 __version__ = "0.1.0"
-__all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "__version__"]
+__all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "metrics", "__version__"]
