@@ -174,7 +174,7 @@ def recall_at_k(
 
     Args:
         embeddings: (N, D) query embeddings; labels: (N,) integer labels.
-        ks: the cut-offs, positive ints.
+        ks: the cut-offs, positive ints (or a single int).
         ref, ref_labels: optional (M, D) gallery and its (M,) labels, given together.
         query_block, gallery_block: tile sizes (see :func:`nearest_neighbors`).
 
@@ -199,7 +199,7 @@ def recall_at_k(
         if ref.shape[0] == 0:
             raise ValueError("ref is empty (M = 0): recall needs a gallery")
         gallery_labels = _check_labels(ref_labels, ref.shape[0], "ref_labels")
-    ks = tuple(ks)
+    ks = (ks,) if isinstance(ks, int) and not isinstance(ks, bool) else tuple(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
 

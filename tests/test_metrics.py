@@ -130,6 +130,7 @@ def test_recall_perfect_and_tile_invariant():
     e = torch.cat([torch.randn(30, 4) * 0.01 + 5, torch.randn(30, 4) * 0.01 - 5])
     lab = torch.tensor([0] * 30 + [1] * 30)
     assert recall_at_k(e, lab, (1,)) == {1: 1.0}
+    assert recall_at_k(e, lab, 3) == {3: 1.0}
     x, y = torch.randn(300, 6), torch.randint(0, 10, (300,))
     results = [recall_at_k(x, y, (1, 2, 4, 8), query_block=qb, gallery_block=gb)
                for qb, gb in [(7, 5), (64, 33), (256, 4096), (300, 1)]]
