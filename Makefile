@@ -8,6 +8,7 @@ TORCH   := torch==2.13.0
 DEPS    := numpy ninja pytest pytest-benchmark pytorch-metric-learning==2.9.0 scikit-learn tqdm matplotlib triton
 STAMP   := $(VENV)/.deps-stamp
 BUILD   := $(VENV)/.build-stamp
+BENCHDEPS := $(VENV)/.bench-stamp
 SRCS    := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py
 
 .PHONY: test bench build gpu-check demo clean env
@@ -34,7 +35,12 @@ test: $(BUILD)
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
-bench: $(BUILD)
+# pykeops is optional: the benchmark reports "pykeops not installed" when this fails
+$(BENCHDEPS): $(STAMP)
+	$(PIP) install -q pykeops==2.3 || echo "pykeops did not install; the benchmark will say so"
+	touch $@
+
+bench: $(BUILD) $(BENCHDEPS)
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 

@@ -35,6 +35,7 @@ class Config:
     min_reps: int = 3
     max_reps: int = 25
     warmup: int = 1
+    max_call_s: float = 60.0  # a provider slower than this per forward + full call is dropped
 
 
 def quantiles(xs: list[float]) -> list[float]:
@@ -129,6 +130,10 @@ def time_case(case: Case, names: list[str], cfg: Config) -> dict:
             warm = cfg.warmup + (1 if provs[name].family == "compile" else 0)
             for _ in range(warm):
                 cost = _forward(fn, device) + _full(fn, x, device)[0]
+            if cost > cfg.max_call_s:
+                out[name] = {"status": f"too slow ({cost:.0f} s per call)", "cost_s": cost}
+                del fns[name]
+                continue
             reps[name] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s // max(cost, 1e-9))))
         except Exception as e:  # noqa: BLE001  (a failing provider is reported, not fatal)
             out[name] = {"status": f"error: {type(e).__name__}: {e}"[:160]}
@@ -151,6 +156,7 @@ def time_case(case: Case, names: list[str], cfg: Config) -> dict:
     for name, s in samples.items():
         out[name] = {mode: quantiles(v) for mode, v in s.items()}
         out[name]["reps"] = reps[name]
+        out[name]["cost_s"] = out[name]["forward"][1] + out[name]["full"][1]
     return {"providers": out, "gemm": quantiles(g_samples), "gemm_flops": flops}
 
 
@@ -196,16 +202,22 @@ def _reset_hwm() -> bool:
 def memory_case(case: Case, name: str, cfg: Config) -> dict:
     """Peak memory growth (bytes) of one forward + backward of provider ``name`` on ``case``."""
     device = setup_process(cfg)
-    x = make_inputs(case, device)
     p = _providers([name], device)[name]
+    # warm-up initialises the libraries (thread pools, JIT caches) before the baseline; only
+    # torch.compile specialises on the shape, the others warm up on a small case of the same kind
+    small = case if p.family == "compile" else dataclasses.replace(
+        case, N=min(case.N, 64), M=None if case.M is None else min(case.M, 256))
     try:
-        fn = p.build(case, x)
+        xs = make_inputs(small, device)
+        fn = p.build(small, xs)
+        for _ in range(cfg.warmup + (1 if p.family == "compile" else 0)):
+            _forward(fn, device)
+            _full(fn, xs, device)
+        x = xs if small == case else make_inputs(case, device)
+        fn = fn if small == case else p.build(case, x)
     except Unsupported as e:
         return {"status": str(e)}
-    warm = cfg.warmup + (1 if p.family == "compile" else 0)
-    for _ in range(warm):
-        _forward(fn, device)
-        _full(fn, x, device)
+    del xs
     x.emb.grad = None
     gc.collect()
     if device.type == "cuda":

@@ -149,55 +149,49 @@ def _pml(case: Case, x: Inputs) -> LossFn:
 
 
 def _keops(case: Case, x: Inputs) -> LossFn:
-    """RLL with KeOps LazyTensors: symbolic N x M reductions, never materialised.
+    """RLL with KeOps LazyTensors: one symbolic N x M sum reduction, never materialised.
 
-    Per query i: L_N(i) = sum_j w_ij (alpha - d_ij) / sum_j w_ij over negatives with d < alpha,
-    w = exp(Tn (alpha - d) - Tn alpha) (max-subtracted by the upper bound Tn alpha, as d >= 0);
-    L_P(i) = mean of (d - beta) over positives with d > beta (Tp = 0). "paper" computes the
-    weights and the gallery from detached copies (stop-gradient); "pml" differentiates everything
-    and adds PML's M * 1e-5 to the denominators.
+    Per query i, the reduction sums four values over j: w (alpha - d), w, p (d - beta), p, with
+    w = [negative, d < alpha] exp(Tn (alpha - d) - Tn alpha) (max-subtracted by the upper bound
+    Tn alpha, as d >= 0) and p = [positive, d > beta] (Tp = 0). Then L_N = sum w (alpha - d) / sum w
+    and L_P = sum p (d - beta) / sum p. "paper" takes the weights and the gallery from detached
+    copies (stop-gradient); "pml" differentiates everything and adds PML's M * 1e-5 to the
+    denominators. d = sqrt(|q - k|^2 + 1e-12) keeps the gradient finite on the diagonal.
     """
     from pykeops.torch import LazyTensor
 
     import torch.nn.functional as F
 
     beta = ALPHA - MARGIN
-    q = F.normalize(x.emb, dim=1)
     pml = case.semantics == "pml"
-    dtype = x.emb.dtype
+
+    def dist(a, b):
+        return (((a - b) ** 2).sum(-1) + 1e-12).sqrt()
 
     def fn() -> torch.Tensor:
         zq = F.normalize(x.emb, dim=1)
         zk = zq if x.ref_emb is None else F.normalize(x.ref_emb, dim=1)
-        lk = (x.labels if x.ref_labels is None else x.ref_labels).to(dtype)
-        lq = x.labels.to(dtype)
-        m_cols = zk.shape[0]
-        kq = zq if pml else zq
-        kk = zk if pml else zk.detach()
-        Qi, Kj = LazyTensor(kq[:, None, :]), LazyTensor(kk[None, :, :])
-        Li, Lj = LazyTensor(lq[:, None, None]), LazyTensor(lk[None, :, None])
-        d = ((Qi - Kj) ** 2).sum(-1).relu().__add__(1e-12).sqrt()
-        same = 1.0 - (Li - Lj).abs().sign()  # 1 where the labels agree
+        if not pml:
+            zk = zk.detach()
+        lq = x.labels.to(zq.dtype)
+        lk = lq if x.ref_labels is None else x.ref_labels.to(zq.dtype)
+        qi, kj = LazyTensor(zq[:, None, :]), LazyTensor(zk[None, :, :])
+        li, lj = LazyTensor(lq[:, None, None]), LazyTensor(lk[None, :, None])
+        d = dist(qi, kj)
+        dw = d if pml else dist(LazyTensor(zq.detach()[:, None, :]), kj)  # weights: constants
+        same = 1.0 - (li - lj).abs().sign()
+        w = (1.0 - same) * (ALPHA - dw).step() * (-TN * dw).exp()
+        p = same * (dw - beta).step()
+        s = (w * (ALPHA - d)).concat(w).concat(p * (d - beta)).concat(p).sum(dim=1)  # (N, 4)
+        num_n, den_n, num_p, den_p = s.unbind(1)
         if pml:
-            dw = d
-        else:  # weights from detached copies: constants for autograd
-            Wi, Wj = LazyTensor(zq.detach()[:, None, :]), LazyTensor(zk.detach()[None, :, :])
-            dw = ((Wi - Wj) ** 2).sum(-1).relu().__add__(1e-12).sqrt()
-        neg = (1.0 - same) * (ALPHA - dw).step()
-        w = neg * (-TN * dw).exp()  # exp(Tn (alpha - d) - Tn alpha)
-        num_n = (w * (ALPHA - d)).sum(dim=1).squeeze(1)
-        den_n = w.sum(dim=1).squeeze(1)
-        pos = same * (dw - beta).step()  # the diagonal (d ~ 1e-6) is never a positive
-        num_p = (pos * (d - beta)).sum(dim=1).squeeze(1)
-        den_p = pos.sum(dim=1).squeeze(1).detach()
-        if pml:
-            den_n = den_n + m_cols * 1e-5 * torch.exp(torch.tensor(-TN * ALPHA, dtype=dtype))
-            den_p = den_p + m_cols * 1e-5
+            bias = zk.shape[0] * 1e-5
+            den_n = den_n + bias * torch.exp(torch.tensor(-TN * ALPHA, dtype=zq.dtype))
+            den_p = den_p + bias
         ln = torch.where(den_n > 0, num_n / den_n.clamp_min(1e-30), torch.zeros_like(num_n))
         lp = torch.where(den_p > 0, num_p / den_p.clamp_min(1e-30), torch.zeros_like(num_p))
         return (0.5 * lp + 0.5 * ln).mean()
 
-    del q
     return fn
 
 

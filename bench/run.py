@@ -116,6 +116,11 @@ def plan_cases(cases: list[Case], providers: list[Provider], budget: float) -> l
     return plans
 
 
+def series(case: Case) -> tuple:
+    """Cases that differ only in size (N or M) form a series, for extrapolating times."""
+    return case.kind, case.D, case.dtype, case.semantics
+
+
 def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, budget: float,
           memory: bool = True, timeout: float = 600.0,
           progress: Callable[..., Any] = tqdm) -> list[Result]:
@@ -129,13 +134,26 @@ def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, bud
     results: list[Result] = []
     by_key: dict[tuple, Result] = {}
     bar = progress(total=total, desc="bench", unit="task", dynamic_ncols=True)
+    costs: dict[tuple, tuple[Case, float]] = {}  # (provider, series) -> (largest case timed, s/call)
     for plan in plans:
         case = plan.case
+        for name in list(plan.run):  # drop a provider predicted too slow from a smaller case
+            seen = costs.get((name, series(case)))
+            if seen is not None:
+                src, cost = seen
+                pred = cost * (case.N * case.cols) / (src.N * src.cols)
+                if pred > cfg.max_call_s:
+                    plan.run.remove(name)
+                    plan.status[name] = f"skipped: ~{pred:.0f} s per call predicted from {src.label}"
+                    bar.update(1 if memory else 0)
         bar.set_postfix_str(f"{case.label}: time")
         timed = (run_child(ctx, "time_case", (case, plan.run, cfg), timeout) if plan.run
                  else {"providers": {}})
         bar.update(1)
         tstats = timed.get("providers", {})
+        for name, st in tstats.items():
+            if "cost_s" in st:
+                costs[(name, series(case))] = (case, st["cost_s"])
         mem: dict[str, dict] = {}
         for name in plan.run:
             if not memory:
@@ -182,6 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="timing seconds per provider and case (sets repetitions; default 0.5 quick, 6 full)")
     ap.add_argument("--max-reps", type=int, default=None)
     ap.add_argument("--min-reps", type=int, default=3)
+    ap.add_argument("--max-call-s", type=float, default=60.0,
+                    help="drop a provider whose forward + full call takes (or is predicted to take) longer")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory children")
     ap.add_argument("--no-keops", action="store_true", help="leave pykeops out even if installed")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -199,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = measure.Config(
         device=args.device, threads=args.threads,
         budget_s=args.budget_s if args.budget_s is not None else (0.5 if args.quick else 6.0),
-        min_reps=args.min_reps,
+        min_reps=args.min_reps, max_call_s=args.max_call_s,
         max_reps=args.max_reps if args.max_reps is not None else (10 if args.quick else 25))
     budget = memory_budget(args.device, args.memory_frac)
     print(f"rll_kernels bench: {len(cases)} cases x {len(providers)} providers on {args.device}, "
