@@ -152,7 +152,7 @@ def table(results: list[Result]) -> str:
             lines.append(f"| {label} | {name} | {_ms(r.p50('forward'))} | {_ms(r.p50('backward'))} "
                          f"| {_ms(r.p50())} | {mem} | {t_ratio} | {m_ratio} | {f_ratio} |")
         if floor is not None:
-            lines.append(f"| | floor ({floor.gemm_rate / 1e9:.0f} GFLOP/s GEMM) | | | {_ms(floor.p50())} "
+            lines.append(f"| | floor ({floor.gemm_rate / 1e9:.3g} GFLOP/s GEMM) | | | {_ms(floor.p50())} "
                          f"| | | | |")
     for note, mark in footnotes.items():
         lines.append("")

@@ -127,8 +127,9 @@ def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, bud
     """Measure every case; returns one :class:`Result` per (case, provider) plus the GEMM floor."""
     ctx = mp.get_context("forkserver")
     # torch._inductor.compile_fx: inductor's own imports take seconds; pay them once, in the server
+    # (a module that does not import, pykeops when absent, is skipped silently)
     ctx.set_forkserver_preload(["torch", "rll_kernels", "pytorch_metric_learning.losses",
-                                "torch._inductor.compile_fx", "bench.measure"])
+                                "torch._inductor.compile_fx", "pykeops.torch", "bench.measure"])
     plans = plan_cases(cases, providers, budget)
     total = sum(1 + (len(p.run) if memory else 0) for p in plans)
     results: list[Result] = []
@@ -209,6 +210,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
+    # KeOps would print its CUDA probe and every JIT compile in each child, over the progress bar
+    os.environ.setdefault("KEOPS_VERBOSE", "0")
+    os.environ.setdefault("PYKEOPS_VERBOSE", "0")
     device = torch.device(args.device)
     cases = GRIDS[args.grid or ("quick" if args.quick else "full")]()
     cases.sort(key=lambda c: (c.kind, c.N * c.cols, c.D, c.semantics))
@@ -232,7 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     stamp = meta["timestamp"].replace(":", "").replace("-", "")
     csv_path = write_csv(results, meta, args.out / f"rll_{stamp}.csv", args.out / "latest.csv")
     wall = time.perf_counter() - t_start
-    command = "make bench" + (" QUICK=1" if args.quick else "")
+    argv = sys.argv[1:] if argv is None else argv
+    command = ({(): "make bench", ("--quick",): "make bench QUICK=1"}.get(tuple(argv))
+               or "python bench/run.py " + " ".join(argv))
     table = write_table(results, meta, args.out / "latest.md", command=command, wall_s=wall,
                         threads=args.threads)
     try:
