@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import resource
 import time
 from typing import Callable
 
@@ -230,8 +231,6 @@ def memory_case(case: Case, name: str, cfg: Config) -> dict:
         base = _status_kib("VmRSS")
         fn().backward()
         return {"bytes": 1024.0 * max(0, _status_kib("VmHWM") - base), "how": "VmHWM"}
-    import resource
-
     base = _status_kib("VmRSS")  # ru_maxrss cannot be reset: an upper bound when warm-up peaked higher
     fn().backward()
     return {"bytes": 1024.0 * max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base),
@@ -241,7 +240,11 @@ def memory_case(case: Case, name: str, cfg: Config) -> dict:
 def child_main(conn, fn_name: str, args: tuple) -> None:
     """Entry point of a child process: run ``<fn_name>(*args)`` and send the result back."""
     try:
-        conn.send(globals()[fn_name](*args))
+        out = globals()[fn_name](*args)
+        # CPU seconds of this child and its compilers (g++ of inductor, KeOps): load-independent
+        out["cpu_s"] = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                            resource.getrusage(resource.RUSAGE_CHILDREN)))
+        conn.send(out)
     except BaseException as e:  # noqa: BLE001  (MemoryError, RuntimeError...: report, never hang)
         conn.send({"status": f"error: {type(e).__name__}: {e}"[:160]})
     finally:

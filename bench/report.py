@@ -161,13 +161,13 @@ def table(results: list[Result]) -> str:
 
 
 def write_table(results: list[Result], meta: dict, path: Path, command: str, wall_s: float,
-                threads: int) -> str:
+                threads: int, cpu_s: float = 0.0) -> str:
     """Write the table with the machine, command and legend to ``path``; return the text."""
     dtypes = sorted({r.case.dtype for r in results})
     text = "\n".join([
         f"# Ranked List Loss benchmark ({meta['timestamp']})",
         "",
-        f"- command: `{command}` (wall time {wall_s:.0f} s)",
+        f"- command: `{command}` (wall time {wall_s:.0f} s; CPU time of the measuring children {cpu_s:.0f} s)",
         f"- device: {meta['device']}, {threads} torch threads; dtype {', '.join(dtypes)}; commit {meta['commit']}",
         "- times are medians (ms) of interleaved repetitions after warm-up; forward is without grad,",
         "  backward is of a fresh forward graph, full is forward + backward; peak MiB is the peak",
