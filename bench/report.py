@@ -167,8 +167,10 @@ def write_table(results: list[Result], meta: dict, path: Path, command: str, wal
     text = "\n".join([
         f"# Ranked List Loss benchmark ({meta['timestamp']})",
         "",
-        f"- command: `{command}` (wall time {wall_s:.0f} s; CPU time of the measuring children {cpu_s:.0f} s)",
-        f"- device: {meta['device']}, {threads} torch threads; dtype {', '.join(dtypes)}; commit {meta['commit']}",
+        f"- command: `{command}` (wall time {wall_s:.0f} s; "
+        f"CPU time of the measuring children {cpu_s:.0f} s)",
+        f"- device: {meta['device']}, {threads} torch threads; dtype {', '.join(dtypes)}; "
+        f"commit {meta['commit']}",
         "- times are medians (ms) of interleaved repetitions after warm-up; forward is without grad,",
         "  backward is of a fresh forward graph, full is forward + backward; peak MiB is the peak",
         "  memory growth of forward + backward in a child process of its own.",
