@@ -79,11 +79,13 @@ def ranked_list_loss(
                          f"(got ref_emb={'set' if ref_emb is not None else None}, "
                          f"ref_labels={'set' if ref_labels is not None else None})")
     if not in_batch:
-        check_embeddings(ref_emb, "ref_emb")
+        if not isinstance(ref_emb, torch.Tensor):
+            raise ValueError(f"ref_emb must be a torch.Tensor, got {type(ref_emb).__name__}")
         if ref_emb.device != embeddings.device:
             raise ValueError(f"ref_emb must be on the embeddings' device {embeddings.device}, got {ref_emb.device}")
         if ref_emb.dtype != embeddings.dtype:
             raise ValueError(f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}")
+        check_embeddings(ref_emb, "ref_emb")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}")
         ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", embeddings.device)
