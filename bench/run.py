@@ -125,6 +125,17 @@ def series(case: Case) -> tuple:
     return case.kind, case.D, case.dtype, case.semantics
 
 
+def time_alone(ctx, case: Case, names: list[str], cfg: measure.Config, timeout: float) -> dict:
+    """Time each provider in a child of its own (not interleaved): the fallback after a crash."""
+    merged: dict = {"providers": {}}
+    for name in names:
+        r = run_child(ctx, "time_case", (case, [name], cfg), timeout)
+        merged["providers"][name] = r.get("providers", {}).get(name, {"status": r.get("status", "not run")})
+        if "gemm" in r and "gemm" not in merged:
+            merged["gemm"], merged["gemm_flops"] = r["gemm"], r["gemm_flops"]
+    return merged
+
+
 def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, budget: float,
           memory: bool = True, timeout: float = 600.0,
           progress: Callable[..., Any] = tqdm) -> list[Result]:
@@ -155,6 +166,10 @@ def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, bud
         bar.set_postfix_str(f"{case.label}: time")
         timed = (run_child(ctx, "time_case", (case, plan.run, cfg), timeout) if plan.run
                  else {"providers": {}})
+        if "status" in timed and len(plan.run) > 1:
+            # one provider crashed the shared child (e.g. out of memory): time each alone instead
+            bar.set_postfix_str(f"{case.label}: time, one child per provider ({timed['status']})")
+            timed = time_alone(ctx, case, plan.run, cfg, timeout)
         bar.update(1)
         tstats = timed.get("providers", {})
         for name, st in tstats.items():
