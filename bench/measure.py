@@ -36,7 +36,7 @@ class Config:
     min_reps: int = 3
     max_reps: int = 25
     warmup: int = 1
-    max_call_s: float = 60.0  # a provider slower than this per forward + full call is dropped
+    max_call_s: float = 30.0  # a provider slower than this per forward + full call is dropped
 
 
 def quantiles(xs: list[float]) -> list[float]:

@@ -221,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="timing seconds per provider and case (sets repetitions; default 0.5 quick, 6 full)")
     ap.add_argument("--max-reps", type=int, default=None)
     ap.add_argument("--min-reps", type=int, default=3)
-    ap.add_argument("--max-call-s", type=float, default=60.0,
+    ap.add_argument("--max-call-s", type=float, default=30.0,
                     help="drop a provider whose forward + full call takes (or is predicted to take) longer")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory children")
     ap.add_argument("--no-keops", action="store_true", help="leave pykeops out even if installed")
