@@ -374,3 +374,21 @@ def test_launch_config_pruning(cap, kind):
                 assert len(kept) >= 3, (kind, cap, dtype, bd, kept)  # small D: a real choice to tune
             if bd >= 1024 and dtype == torch.float32:
                 assert all(c.kwargs["BLOCK_M" if kind != "bwd_k" else "BLOCK_N"] <= 32 for c in kept)
+
+
+# ------------------------------------------------------------------ make gpu-check, exercised without a GPU
+@pytest.mark.slow
+@pytest.mark.skipif(DEV != "cpu", reason="the dry run is the CPU stand-in; on a GPU run `make gpu-check`")
+def test_gpu_check_dry_run(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--dry-run", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "dry run PASSED" in out and "| 8192 | 512 | pml |" in out
+    # the roofline's FLOP model: pml full = 5 GEMMs of 2 N M D
+    assert mod.fused_flops(8192, 8192, 512, "pml", "full") == 5 * 2 * 8192 * 8192 * 512

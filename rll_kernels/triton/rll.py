@@ -19,9 +19,12 @@ gradients have the input dtype. The ops are opaque ``torch.library.custom_op`` (
 cuda: CPU tensors run through the Triton interpreter, ``TRITON_INTERPRET=1``), with explicit fake
 kernels and autograd, the form that passes ``opcheck`` and ``torch.compile(fullgraph=True)``.
 
-Environment: ``RLL_TRITON_FP32_PRECISION`` = ``tf32x3`` (default; about fp32 accuracy on tensor
-cores), ``ieee`` (exact fp32 FMA, slower) or ``tf32`` (fastest, ~1e-3 relative error in the Gram
-form: not recommended) selects ``tl.dot``'s ``input_precision`` for fp32 operands on GPU.
+Environment: ``RLL_TRITON_FP32_PRECISION`` selects ``tl.dot``'s ``input_precision`` for fp32 operands
+on GPU: ``tf32x3`` (default: three tf32 MMAs per product, about fp32 accuracy), ``ieee`` (fp32 FMA, no
+tensor cores), ``tf32`` (one tf32 MMA: 3x fewer tensor-core operations but ~1e-3 relative error in the
+Gram form, so distances near the set boundaries and duplicates move) or ``mixed`` (Gram tile in
+tf32x3, the gradient GEMMs G Z in tf32: exact sets, gradients with ~5e-4 relative error).
+The interpreter computes every fp32 ``tl.dot`` in fp32 whatever the setting.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ __all__ = ["rll_triton_fwd", "rll_triton_bwd", "INTERPRET"]
 INTERPRET = interpret_mode()
 _HALF = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float32, torch.float64) + _HALF
-_FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+_FP32_PRECISIONS = ("tf32x3", "ieee", "tf32", "mixed")
 
 # Under the interpreter programs run serially in Python: few programs, large blocks.
 _INTERP_BLOCKS = {"fwd": (32, 64), "bwd_q": (32, 64), "bwd_k": (64, 32)}  # (BLOCK_M, BLOCK_N)
@@ -61,11 +64,12 @@ def _fp32_precision() -> str:
 def _dot_flags(dtype: torch.dtype) -> dict:
     """constexpr flags for the two kinds of tl.dot: the Gram tile (input dtype) and G @ Z (acc dtype)."""
     fp32 = _fp32_precision()
+    fp32_gram, fp32_gz = ("tf32x3", "tf32") if fp32 == "mixed" else (fp32, fp32)
     # the interpreter's bf16 tl.dot is wrong (triton 3.9): upcast the operands there (bf16 x bf16
     # products are exact in fp32, so the result is the same as a GPU bf16 MMA with fp32 accumulation)
     upcast = INTERPRET and dtype == torch.bfloat16
-    prec_qk = fp32 if (dtype == torch.float32 or upcast) else "ieee"
-    prec_gz = "ieee" if dtype == torch.float64 else fp32
+    prec_qk = fp32_gram if (dtype == torch.float32 or upcast) else "ieee"
+    prec_gz = "ieee" if dtype == torch.float64 else fp32_gz
     return {"UPCAST_QK": upcast, "PREC_QK": prec_qk, "PREC_GZ": prec_gz}
 
 
