@@ -411,3 +411,31 @@ def test_gpu_check_dry_run(capsys):
     assert "FAIL" not in out and "dry run PASSED" in out and "| 8192 | 512 | pml |" in out
     # the roofline's FLOP model: pml full = 5 GEMMs of 2 N M D
     assert mod.fused_flops(8192, 8192, 512, "pml", "full") == 5 * 2 * 8192 * 8192 * 512
+
+
+# ------------------------------------------------------------------ the GPU compiler, without a GPU
+_AOT_SCRIPT = """
+import sys
+from rll_kernels.triton._rll_aot import compile_kernel, summary
+cases = [("fwd_paper", "fp32", 90), ("fwd_stats", "fp32", 90), ("bwd_q", "fp32", 90), ("bwd_k", "fp32", 90),
+         ("fwd_paper", "fp16", 80), ("bwd_k", "bf16", 80), ("fwd_paper", "fp64", 80)]
+for kind, dt, cap in cases:
+    info = summary(compile_kernel(kind, dt, cap, 32, 32, 64, 4, 2))
+    assert info["mma"] + info["wgmma"] > 0, (kind, dt, cap, info)  # the tile GEMMs reach the tensor cores
+    print(kind, dt, cap, info, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_aot_compile_for_sm80_sm90():
+    # Triton's compiler + bundled ptxas for sm_80/sm_90, no GPU or driver needed: catches kernels that
+    # the interpreter runs but the GPU compiler rejects (it did: a plain float global)
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("{'shared'") == 7
