@@ -115,6 +115,27 @@ def test_many_small_tiles(semantics, monkeypatch):
     assert_close_fp64(_zeros_if_none(grt, ref), _zeros_if_none(grr, ref), "grad ref_emb")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paper_two_pass_path(dtype, monkeypatch):
+    # large D takes the stats pass + detached dq pass instead of the one-pass forward: force it here
+    monkeypatch.setenv("RLL_TRITON_PAPER_ONE_PASS_MAX_D", "0")
+    n, m, d = 37, 52, 24
+    x = torch.randn(n, d, dtype=torch.float64, device=DEV)
+    ref = torch.randn(m, d, dtype=torch.float64, device=DEV)
+    y, ry = _labels(n, 3), _labels(m, 3)
+    w = torch.randn(n, dtype=torch.float64, device=DEV)
+    kw = dict(semantics="paper", reduction="none", Tn=25.0)
+    lt, gxt, _ = _loss_and_grads(_triton, x.to(dtype), y, ref.to(dtype), ry, w.to(dtype), **kw)
+    l64, gx64, _ = _loss_and_grads(reference.ranked_list_loss, x, y, ref, ry, w, **kw)
+    if dtype == torch.float64:
+        assert_close_fp64(lt, l64, "loss")
+        assert_close_fp64(gxt, gx64, "grad embeddings")
+    else:
+        l32, gx32, _ = _loss_and_grads(reference.ranked_list_loss, x.float(), y, ref.float(), ry, w.float(), **kw)
+        assert_close_derived(lt, l32, l64, "loss")
+        assert_close_derived(gxt, gx32, gx64, "grad embeddings")
+
+
 # ------------------------------------------------------------------ edge cases (fp64)
 def _edge_inputs(kind: str):
     n, d = 41, 12

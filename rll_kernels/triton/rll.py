@@ -73,6 +73,22 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST_QK": upcast, "PREC_QK": prec_qk, "PREC_GZ": prec_gz}
 
 
+def _one_pass_max_d() -> int:
+    """Largest D for which "paper" accumulates its query gradient in the forward pass itself.
+
+    The one-pass kernel holds two BLOCK_M x BLOCK_D fp32 accumulators (positives and negatives have
+    their own running max); past this D they no longer fit in registers at a tensor-core-friendly
+    BLOCK_M, and the same gradient comes from a statistics pass plus one dq pass (rll_bwd_q_kernel
+    with detached weights): the same GEMM FLOPs (Gram + Gram + G K vs Gram + G_P K + G_N K) with one
+    accumulator. Env ``RLL_TRITON_PAPER_ONE_PASS_MAX_D`` (default 256) moves the switch.
+    """
+    v = os.environ.get("RLL_TRITON_PAPER_ONE_PASS_MAX_D", "256")
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"RLL_TRITON_PAPER_ONE_PASS_MAX_D must be an integer, got {v!r}") from None
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -220,11 +236,17 @@ def rll_triton_fwd(
     ql, kl = q_labels.contiguous(), k_labels.contiguous()
     qid, kid, has_ids = _ids_args(q_ids, k_ids, ql, kl)
     prm = _params(q, alpha, beta, Tn, Tp, imbalance, den_bias)
-    g_arg = gradq if paper_grad else loss  # placeholder pointer when no gradient is written
+    one_pass = paper_grad and d <= _one_pass_max_d()
+    g_arg = gradq if one_pass else loss  # placeholder pointer when no gradient is written
     args = (q, k, ql, kl, qid, kid, prm, loss, stats, g_arg, n, k.shape[0], d, q.stride(0), k.stride(0),
-            gradq.stride(0) if paper_grad else d)
-    _launch("fwd", n, args, q.device, HAS_IDS=has_ids, HAS_BIAS=den_bias > 0.0, PAPER_GRAD=paper_grad,
-            BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
+            gradq.stride(0) if one_pass else d)
+    flags = dict(HAS_IDS=has_ids, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
+    _launch("fwd", n, args, q.device, HAS_BIAS=den_bias > 0.0, PAPER_GRAD=one_pass, **flags)
+    if paper_grad and not one_pass:
+        # large D: the query gradient of every row (grad_rows = 1) from the saved statistics
+        ones = torch.ones(n, dtype=acc, device=q.device)
+        _launch("bwd_q", n, (ones, q, k, ql, kl, qid, kid, stats, prm, gradq, n, k.shape[0], d, q.stride(0),
+                             k.stride(0), gradq.stride(0)), q.device, ATTACHED=False, **flags)
     return loss, gradq, stats
 
 
