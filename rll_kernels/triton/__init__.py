@@ -29,8 +29,7 @@ def status(device: torch.device | str) -> Optional[str]:
     loaded = sys.modules.get(f"{__name__}.rll")
     interp = loaded.INTERPRET if loaded is not None else interpret_mode()
     if dev == "cuda":
-        if interp:
-            return "TRITON_INTERPRET=1: the Triton kernels were built for the interpreter (CPU tensors)"
+        # (with TRITON_INTERPRET=1 the interpreter also runs CUDA tensors, slowly: copies to the host)
         return None if torch.cuda.is_available() else "CUDA is not available"
     if dev == "cpu":
         if interp:
