@@ -99,10 +99,13 @@ def test_parity_fp32_derived(semantics, case):
 
 
 @pytest.mark.parametrize("semantics", ["paper", "pml"])
-def test_many_small_tiles(semantics, monkeypatch):
-    # 16 x 16 blocks: many gallery tiles per row, so the online max moves between tiles (Tn = 30)
-    monkeypatch.setattr(trl, "_INTERP_BLOCKS", {"fwd": (16, 16), "bwd_q": (16, 16), "bwd_k": (16, 16)})
-    n, m, d = 21, 83, 16
+@pytest.mark.parametrize("k_chunk", [0, 16], ids=["resident", "d_chunks"])
+def test_many_small_tiles(semantics, k_chunk, monkeypatch):
+    # 16 x 16 blocks: many gallery tiles per row, so the online max moves between tiles (Tn = 30);
+    # d_chunks: the Gram tile accumulated over D in chunks of 16 (the large-D GPU configs), D ragged
+    blk = (16, 16, k_chunk)
+    monkeypatch.setattr(trl, "_INTERP_BLOCKS", {"fwd": blk, "bwd_q": blk, "bwd_k": blk})
+    n, m, d = 21, 83, 40
     x = torch.randn(n, d, dtype=torch.float64, device=DEV)
     ref = torch.randn(m, d, dtype=torch.float64, device=DEV)
     y, ry = _labels(n, 3), _labels(m, 3)
@@ -402,8 +405,8 @@ def test_torch_compile_fullgraph():
 def test_launch_config_pruning(cap, kind):
     import triton
 
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in trl._CONFIGS[cap]]
+    configs = [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
+                             num_warps=t[2], num_stages=t[3]) for t in trl._CONFIGS[cap]]
     prune = trl._prune(kind, cap)
     for dtype in (torch.float32, torch.float16, torch.float64):
         for bd in (16, 64, 128, 256, 512, 1024, 2048):
@@ -412,8 +415,11 @@ def test_launch_config_pruning(cap, kind):
             assert len(kept) >= 1
             if bd <= 128 and dtype != torch.float64:
                 assert len(kept) >= 3, (kind, cap, dtype, bd, kept)  # small D: a real choice to tune
-            if bd >= 1024 and dtype == torch.float32:
-                assert all(c.kwargs["BLOCK_M" if kind != "bwd_k" else "BLOCK_N"] <= 32 for c in kept)
+            if bd == 512 and dtype == torch.float32 and kind != "fwd":
+                # large D: the D-chunked configs stay in the race, on sm_90 with wgmma-sized (>= 64-row) tiles
+                rows = 64 if cap == 90 else 16
+                assert any(c.kwargs["K_CHUNK"] > 0 and c.kwargs["BLOCK_M" if kind != "bwd_k" else "BLOCK_N"] >= rows
+                           for c in kept), kept
 
 
 # ------------------------------------------------------------------ make gpu-check, exercised without a GPU
@@ -438,10 +444,10 @@ def test_gpu_check_dry_run(capsys):
 _AOT_SCRIPT = """
 import sys
 from rll_kernels.triton._rll_aot import compile_kernel, summary
-cases = [("fwd_paper", "fp32", 90), ("fwd_stats", "fp32", 90), ("bwd_q", "fp32", 90), ("bwd_k", "fp32", 90),
-         ("fwd_paper", "fp16", 80), ("bwd_k", "bf16", 80), ("fwd_paper", "fp64", 80)]
-for kind, dt, cap in cases:
-    info = summary(compile_kernel(kind, dt, cap, 32, 32, 64, 4, 2))
+cases = [("fwd_paper", "fp32", 90, 0), ("fwd_stats", "fp32", 90, 0), ("bwd_q", "fp32", 90, 32),
+         ("bwd_k", "fp32", 90, 0), ("fwd_paper", "fp16", 80, 32), ("bwd_k", "bf16", 80, 32), ("fwd_paper", "fp64", 80, 0)]
+for kind, dt, cap, kc in cases:
+    info = summary(compile_kernel(kind, dt, cap, 32, 32, 64, 4, 2, k_chunk=kc))
     assert info["mma"] + info["wgmma"] > 0, (kind, dt, cap, info)  # the tile GEMMs reach the tensor cores
     print(kind, dt, cap, info, flush=True)
 """

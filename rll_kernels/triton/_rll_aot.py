@@ -19,7 +19,7 @@ _TRITON_DT = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16
 
 
 def compile_kernel(kind: str, dtype: str, cap: int, block_m: int, block_n: int, block_d: int, num_warps: int,
-                   num_stages: int, fp32_precision: str = "tf32x3"):
+                   num_stages: int, fp32_precision: str = "tf32x3", k_chunk: int = 0):
     """Compile one kernel variant for ``sm_<cap>``; returns the CompiledKernel (``.asm``, ``.metadata``)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (kernels are interpreted otherwise)")
@@ -32,7 +32,7 @@ def compile_kernel(kind: str, dtype: str, cap: int, block_m: int, block_n: int, 
     fn = {"fwd_paper": rll_fwd_kernel, "fwd_stats": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel,
           "bwd_k": rll_bwd_k_kernel}[kind]
     gram, gz = ("tf32x3", "tf32") if fp32_precision == "mixed" else (fp32_precision, fp32_precision)
-    consts = dict(HAS_IDS=True, UPCAST_QK=False, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+    consts = dict(HAS_IDS=True, UPCAST_QK=False, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, K_CHUNK=k_chunk,
                   PREC_QK=gram if dtype == "fp32" else "ieee", PREC_GZ="ieee" if dtype == "fp64" else gz)
     if kind.startswith("fwd"):
         consts.update(HAS_BIAS=kind == "fwd_stats", PAPER_GRAD=kind == "fwd_paper")
@@ -57,19 +57,21 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(_TRITON_DT))
     ap.add_argument("--kind", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--block-d", type=int, default=128)
-    ap.add_argument("--config", nargs="+", default=["64,64,4,3"], help="BLOCK_M,BLOCK_N,num_warps,num_stages")
+    ap.add_argument("--config", nargs="+", default=["64,64,4,3"],
+                    help="BLOCK_M,BLOCK_N,num_warps,num_stages[,K_CHUNK]")
     args = ap.parse_args(argv)
     ok = True
-    print("| sm | dtype | kernel | BLOCK_M,BLOCK_N,warps,stages | BLOCK_D | shared KiB | mma.sync | wgmma | s |")
+    print("| sm | dtype | kernel | BLOCK_M,BLOCK_N,warps,stages[,K_CHUNK] | BLOCK_D | shared KiB | mma.sync | wgmma | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cap in args.cap:
         for dt in args.dtype:
             for kind in args.kind:
                 for cfg in args.config:
-                    bm, bn, w, s = (int(v) for v in cfg.split(","))
+                    bm, bn, w, s, *kc = (int(v) for v in cfg.split(","))
                     t0 = time.time()
                     try:
-                        info = summary(compile_kernel(kind, dt, cap, bm, bn, args.block_d, w, s))
+                        info = summary(compile_kernel(kind, dt, cap, bm, bn, args.block_d, w, s,
+                                                      k_chunk=kc[0] if kc else 0))
                         print(f"| {cap} | {dt} | {kind} | {cfg} | {args.block_d} | {info['shared'] / 1024:.0f} | "
                               f"{info['mma']} | {info['wgmma']} | {time.time() - t0:.0f} |", flush=True)
                     except Exception as e:  # report and go on: the table is the product

@@ -47,7 +47,8 @@ _DTYPES = (torch.float32, torch.float64) + _HALF
 _FP32_PRECISIONS = ("tf32x3", "ieee", "tf32", "mixed")
 
 # Under the interpreter programs run serially in Python: few programs, large blocks.
-_INTERP_BLOCKS = {"fwd": (32, 64), "bwd_q": (32, 64), "bwd_k": (64, 32)}  # (BLOCK_M, BLOCK_N)
+# (BLOCK_M, BLOCK_N[, K_CHUNK]); K_CHUNK = 0 keeps the whole D of a tile resident.
+_INTERP_BLOCKS = {"fwd": (32, 64), "bwd_q": (32, 64), "bwd_k": (64, 32)}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,17 +95,21 @@ def _block_d(d: int) -> int:
 
 
 # ------------------------------------------------------------------ launch configurations (GPU)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). sm_90 (H100: 228 KiB smem/SM) takes deeper pipelines
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, K_CHUNK]). sm_90 (H100: 228 KiB smem/SM) takes deeper pipelines
 # and bigger tiles than sm_80 (A100: 164 KiB). Configs whose accumulators or staged tiles cannot fit
 # are pruned per BLOCK_D and dtype before timing (see _prune); the shared-memory model was checked
 # against Triton's AOT compile for sm_90 (python -m rll_kernels.triton._rll_aot): within +-50%, and a
 # config that still runs out of resources is timed as inf by the autotuner. (16, 32, 4, 2) is the
-# small-footprint fallback: 128 KiB at BLOCK_D = 512 fp32 (compiled for sm_90).
+# small-footprint fallback: 128 KiB at BLOCK_D = 512 fp32 (compiled for sm_90). Configs with a K_CHUNK
+# accumulate the Gram tile over D in chunks, so only chunk tiles are staged: at large D these are the
+# ones that fit tensor-core-sized (wgmma: BLOCK_M >= 64) tiles; they re-read the tiles from L2.
 _CONFIGS = {
     90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 4), (128, 128, 8, 3),
-         (32, 64, 4, 3), (32, 128, 8, 3), (16, 64, 4, 3), (16, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+         (32, 64, 4, 3), (32, 128, 8, 3), (16, 64, 4, 3), (16, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2),
+         (64, 32, 8, 3, 64), (64, 64, 8, 3, 64), (128, 32, 8, 3, 64), (64, 32, 4, 3, 64)],
     80: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3),
-         (32, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+         (32, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2),
+         (64, 32, 8, 3, 64), (64, 64, 8, 2, 64), (64, 32, 4, 3, 64), (32, 64, 8, 2, 64)],
 }
 _SMEM = {90: 227 * 1024, 80: 163 * 1024}
 
@@ -118,15 +123,22 @@ def _prune(kind: str, cap: int):
         elem = args["Q"].element_size()
         acc_bytes = args["PRM"].element_size()
         n_acc = 2 if (kind == "fwd" and args.get("PAPER_GRAD", False)) else 1
+        has_gz = not (kind == "fwd" and not args.get("PAPER_GRAD", False))
         keep, cost = [], []
         for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            bm, bn, kc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("K_CHUNK", 0)
+            if 0 < kc and kc >= bd:
+                continue  # same as K_CHUNK = 0
             rows = bn if kind == "bwd_k" else bm  # rows owned by the program (accumulator rows)
             inner = bm if kind == "bwd_k" else bn  # rows streamed per step
             threads = 32 * c.num_warps
-            # fp32 words per thread held in registers: accumulators + the resident operand tile
-            regs = ((n_acc * acc_bytes + elem) * rows * bd) / (4 * threads)
-            smem = (inner * bd * elem) * c.num_stages + rows * bd * elem
+            if kc == 0:
+                # fp32 words per thread in registers: accumulators + the resident operand tile
+                regs = ((n_acc * acc_bytes + elem) * rows * bd) / (4 * threads)
+                smem = (inner * bd * elem) * c.num_stages + rows * bd * elem
+            else:
+                regs = (n_acc * acc_bytes * rows * bd) / (4 * threads)
+                smem = (rows + inner) * kc * elem * c.num_stages + (inner * bd * acc_bytes if has_gz else 0)
             cost.append((regs, smem, c))
             if regs <= 160 and smem <= _SMEM[cap]:
                 keep.append(c)
@@ -141,7 +153,8 @@ def _prune(kind: str, cap: int):
 def _tuned(kind: str, cap: int):
     fn = {"fwd": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel, "bwd_k": rll_bwd_k_kernel}[kind]
     table = _CONFIGS[90 if cap >= 90 else 80]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+    configs = [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
+                             num_warps=t[2], num_stages=t[3]) for t in table]
     key = ["D", "HAS_IDS"] + (["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"])
     return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": _prune(kind, 90 if cap >= 90 else 80)})(fn)
@@ -151,9 +164,9 @@ def _launch(kind: str, grid_rows: int, args: tuple, device: torch.device, **flag
     """Launch one kernel: fixed blocks under the interpreter, autotuned on a GPU."""
     row_block = "BLOCK_N" if kind == "bwd_k" else "BLOCK_M"
     if INTERPRET or device.type != "cuda":
-        bm, bn = _INTERP_BLOCKS[kind]
+        bm, bn, *kc = _INTERP_BLOCKS[kind]
         fn = {"fwd": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel, "bwd_k": rll_bwd_k_kernel}[kind]
-        blk = {"BLOCK_M": bm, "BLOCK_N": bn}
+        blk = {"BLOCK_M": bm, "BLOCK_N": bn, "K_CHUNK": kc[0] if kc else 0}
         fn[(triton.cdiv(grid_rows, blk[row_block]),)](*args, **flags, **blk, num_warps=4)
         return
     major, minor = torch.cuda.get_device_capability(device)
