@@ -255,7 +255,7 @@ def _with_fp32_precision(prec: str, thunk):
             os.environ["RLL_TRITON_FP32_PRECISION"] = old
 
 
-def _median_ms(fn, grad_to_none=(), quantiles=None, reps=3):
+def _median_ms(fn, grad_to_none=(), return_mode="median", reps=3):
     """Wall-clock median (the --dry-run stand-in for do_bench on CPU)."""
     ts = []
     for _ in range(reps):
@@ -274,11 +274,11 @@ def _bench(fn, x, y):
         do_bench = _median_ms
     res = {}
     xx = x.detach().clone().requires_grad_()
-    res["fwd"] = do_bench(lambda: fn(xx, y), quantiles=[0.5])
+    res["fwd"] = do_bench(lambda: fn(xx, y), return_mode="median")
     out = fn(xx, y)
-    res["bwd"] = do_bench(lambda: out.backward(retain_graph=True), grad_to_none=[xx], quantiles=[0.5])
+    res["bwd"] = do_bench(lambda: out.backward(retain_graph=True), grad_to_none=[xx], return_mode="median")
     del out
-    res["full"] = do_bench(lambda: fn(xx, y).backward(), grad_to_none=[xx], quantiles=[0.5])
+    res["full"] = do_bench(lambda: fn(xx, y).backward(), grad_to_none=[xx], return_mode="median")
     if DEV != "cuda":
         res["peak_MB"] = float("nan")
         return res

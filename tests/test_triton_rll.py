@@ -106,11 +106,13 @@ def test_many_small_tiles(semantics, k_chunk, monkeypatch):
     blk = (16, 16, k_chunk)
     monkeypatch.setattr(trl, "_INTERP_BLOCKS", {"fwd": blk, "bwd_q": blk, "bwd_k": blk})
     n, m, d = 21, 83, 40
-    x = torch.randn(n, d, dtype=torch.float64, device=DEV)
-    ref = torch.randn(m, d, dtype=torch.float64, device=DEV)
+    # unnormalised: F.normalize's backward would project out the radial terms (G 1) z of the gradients
+    x = 0.2 * torch.randn(n, d, dtype=torch.float64, device=DEV)
+    ref = 0.2 * torch.randn(m, d, dtype=torch.float64, device=DEV)
     y, ry = _labels(n, 3), _labels(m, 3)
     w = torch.randn(n, dtype=torch.float64, device=DEV)
-    kw = dict(semantics=semantics, reduction="none", Tn=30.0, Tp=-3.0 if semantics == "pml" else 0.0)
+    kw = dict(semantics=semantics, reduction="none", Tn=30.0, Tp=-3.0 if semantics == "pml" else 0.0,
+              normalize=False, alpha=1.8, margin=0.6)
     lt, gxt, grt = _loss_and_grads(_triton, x, y, ref, ry, w, **kw)
     lr, gxr, grr = _loss_and_grads(reference.ranked_list_loss, x, y, ref, ry, w, **kw)
     assert_close_fp64(lt, lr, "loss")
