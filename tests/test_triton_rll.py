@@ -405,10 +405,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("cap", [80, 90])
 @pytest.mark.parametrize("kind", ["fwd", "bwd_q", "bwd_k"])
 def test_launch_config_pruning(cap, kind):
-    import triton
-
-    configs = [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
-                             num_warps=t[2], num_stages=t[3]) for t in trl._CONFIGS[cap]]
+    configs = trl._configs(cap)
     prune = trl._prune(kind, cap)
     for dtype in (torch.float32, torch.float16, torch.float64):
         for bd in (16, 64, 128, 256, 512, 1024, 2048):
@@ -422,6 +419,18 @@ def test_launch_config_pruning(cap, kind):
                 rows = 64 if cap == 90 else 16
                 assert any(c.kwargs["K_CHUNK"] > 0 and c.kwargs["BLOCK_M" if kind != "bwd_k" else "BLOCK_N"] >= rows
                            for c in kept), kept
+
+
+def test_pick_config_without_timing():
+    # RLL_TRITON_AUTOTUNE=0 (the GPU test run): the first config that fits, from the real argument list
+    q = torch.empty(10, 512)
+    prm = torch.empty(7)
+    args = (q, q, None, None, None, None, prm, None, None, None, 10, 10, 512, 512, 512, 512)
+    c = trl.pick_config("fwd", 90, args, dict(BLOCK_D=512, PAPER_GRAD=False, HAS_IDS=False))
+    assert c.kwargs["K_CHUNK"] > 0 or c.kwargs["BLOCK_M"] <= 32
+    args_bwd = (None, q, q, None, None, None, None, None, prm, None, 10, 10, 64, 64, 64, 64)  # GR first
+    c = trl.pick_config("bwd_q", 80, args_bwd, dict(BLOCK_D=64, HAS_IDS=False, ATTACHED=True))
+    assert c.kwargs["K_CHUNK"] == 0 and c.kwargs["BLOCK_M"] >= 64
 
 
 # ------------------------------------------------------------------ make gpu-check, exercised without a GPU

@@ -46,6 +46,8 @@ _HALF = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float32, torch.float64) + _HALF
 _FP32_PRECISIONS = ("tf32x3", "ieee", "tf32", "mixed")
 
+_KERNELS = {"fwd": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel, "bwd_k": rll_bwd_k_kernel}
+
 # Under the interpreter programs run serially in Python: few programs, large blocks.
 # (BLOCK_M, BLOCK_N[, K_CHUNK]); K_CHUNK = 0 keeps the whole D of a tile resident.
 _INTERP_BLOCKS = {"fwd": (32, 64), "bwd_q": (32, 64), "bwd_k": (64, 32)}
@@ -151,27 +153,46 @@ def _prune(kind: str, cap: int):
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, cap: int):
-    fn = {"fwd": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel, "bwd_k": rll_bwd_k_kernel}[kind]
-    table = _CONFIGS[90 if cap >= 90 else 80]
-    configs = [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
-                             num_warps=t[2], num_stages=t[3]) for t in table]
-    key = ["D", "HAS_IDS"] + (["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"])
+    fn = _KERNELS[kind]
+    configs = _configs(cap)
+    # BLOCK_D (D rounded up to a power of 2) rather than D: one tuning per size class, not per D
+    key = ["BLOCK_D", "HAS_IDS"] + (["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"])
     return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": _prune(kind, 90 if cap >= 90 else 80)})(fn)
 
 
+def _configs(cap: int) -> list:
+    table = _CONFIGS[90 if cap >= 90 else 80]
+    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
+                          num_warps=t[2], num_stages=t[3]) for t in table]
+
+
+def pick_config(kind: str, cap: int, args: tuple, flags: dict):
+    """The first launch configuration that survives pruning (no timing): RLL_TRITON_AUTOTUNE=0."""
+    fn = _KERNELS[kind]
+    named = dict(zip(fn.arg_names, args))
+    return _prune(kind, 90 if cap >= 90 else 80)(_configs(cap), named, **flags)[0]
+
+
 def _launch(kind: str, grid_rows: int, args: tuple, device: torch.device, **flags) -> None:
-    """Launch one kernel: fixed blocks under the interpreter, autotuned on a GPU."""
+    """Launch one kernel: fixed blocks under the interpreter, autotuned on a GPU (RLL_TRITON_AUTOTUNE=0:
+    the first configuration that fits, without timing; what the GPU test run uses)."""
     row_block = "BLOCK_N" if kind == "bwd_k" else "BLOCK_M"
     if INTERPRET or device.type != "cuda":
         bm, bn, *kc = _INTERP_BLOCKS[kind]
-        fn = {"fwd": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel, "bwd_k": rll_bwd_k_kernel}[kind]
+        fn = _KERNELS[kind]
         blk = {"BLOCK_M": bm, "BLOCK_N": bn, "K_CHUNK": kc[0] if kc else 0}
         fn[(triton.cdiv(grid_rows, blk[row_block]),)](*args, **flags, **blk, num_warps=4)
         return
     major, minor = torch.cuda.get_device_capability(device)
-    fn = _tuned(kind, major * 10 + minor)
+    cap = major * 10 + minor
     with torch.cuda.device(device):
+        if os.environ.get("RLL_TRITON_AUTOTUNE", "1") == "0":
+            c = pick_config(kind, cap, args, flags)
+            _KERNELS[kind][(triton.cdiv(grid_rows, c.kwargs[row_block]),)](
+                *args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            return
+        fn = _tuned(kind, cap)
         fn[lambda meta: (triton.cdiv(grid_rows, meta[row_block]),)](*args, **flags)
 
 
