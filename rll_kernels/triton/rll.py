@@ -236,9 +236,16 @@ def _check_params(alpha: float, beta: float, imbalance: float, den_bias: float) 
 
 
 def _params(q: torch.Tensor, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.Tensor:
-    acc = _acc_dtype(q.dtype)
+    return _params_cached(str(q.device), _acc_dtype(q.dtype), float(alpha), float(beta), float(Tn), float(Tp),
+                          float(imbalance), float(den_bias))
+
+
+@functools.lru_cache(maxsize=64)
+def _params_cached(device: str, acc: torch.dtype, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.Tensor:
+    # cached: a host-to-device copy per call would synchronise the stream (pageable memory); the
+    # kernels only read it
     rel = 64.0 * torch.finfo(acc).eps  # duplicate threshold (SPEC): 64 eps of the accumulation type
-    return torch.tensor([alpha, beta, Tn, Tp, imbalance, den_bias, rel], dtype=acc, device=q.device)
+    return torch.tensor([alpha, beta, Tn, Tp, imbalance, den_bias, rel], dtype=acc, device=device)
 
 
 def _ids_args(q_ids, k_ids, q_labels, k_labels):
