@@ -44,5 +44,12 @@ bench: $(BUILD) $(BENCHDEPS)
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
+# gpu-check: on a CUDA machine (a CUDA build of torch in the venv), the Triton tests on the GPU, parity
+# at N up to 16384, timings vs reference / PML / torch.compile and the issue's goal; without CUDA it
+# prints the roofline, says so and exits 0. GPU_CHECK_ARGS="--quick" for a shorter run.
+gpu-check: $(BUILD)
+	$(VPY) -m rll_kernels.env_report
+	$(VPY) bench/gpu_check.py --pytest $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf build *.egg-info rll_kernels/*.so $(BUILD)
