@@ -101,8 +101,12 @@ def ranked_list_loss(
             reduction=reduction, normalize=normalize, ref_emb=ref_emb, ref_labels=ref_labels)
 
     dt = _compute_dtype(embeddings.dtype)
+    # the Triton kernels read fp16/bf16 directly (fp32 accumulation): normalise in fp32, hand over half;
+    # the C++ CPU kernel computes half inputs in fp32
+    half = embeddings.dtype if (name == "triton" and embeddings.dtype in (torch.float16, torch.bfloat16)) else None
     q = embeddings.to(dt)
     q = F.normalize(q, dim=1) if normalize else q
+    q = q.to(half) if half is not None else q
     if in_batch:
         k, k_labels = q, labels
         if query_ids is None:
@@ -111,6 +115,7 @@ def ranked_list_loss(
     else:
         k = ref_emb.to(dt)
         k = F.normalize(k, dim=1) if normalize else k
+        k = k.to(half) if half is not None else k
         k_labels = ref_labels
     if query_ids is not None:
         query_ids = check_labels(query_ids, q.shape[0], "query_ids", q.device)
