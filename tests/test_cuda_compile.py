@@ -150,8 +150,11 @@ def _nvcc(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def kernels_build(tmp_path_factory):
-    obj = tmp_path_factory.mktemp("cuda") / "rll_kernels.o"
-    r = _nvcc(["-c", *BUILD_FLAGS, *GENCODE, "-Xptxas", "-v", "-I", str(ROOT / "csrc"), str(KERNELS), "-o", str(obj)])
+    tmp = tmp_path_factory.mktemp("cuda")
+    obj = tmp / "rll_kernels.o"
+    # -keep leaves the PTX of each virtual arch in tmp (no second compile for the tensor-core check)
+    r = _nvcc(["-c", *BUILD_FLAGS, *GENCODE, "-Xptxas", "-v", "-keep", "-keep-dir", str(tmp),
+               "-I", str(ROOT / "csrc"), str(KERNELS), "-o", str(obj)])
     return r, obj
 
 
@@ -209,6 +212,39 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path):
     defined = {ln.split()[-1] for ln in subprocess.run(["nm", "--defined-only", str(kobj)], capture_output=True,
                                                        text=True).stdout.splitlines() if ln.strip()}
     assert wanted <= defined, f"launchers called by the glue but not defined by the kernels: {wanted - defined}"
+
+
+def ptx_mma_counts(ptx: str) -> dict[str, int]:
+    """Mangled entry name -> number of warp-level MMA instructions (wmma.mma / mma.sync) in its body."""
+    counts: dict[str, int] = {}
+    cur = None
+    for line in ptx.splitlines():
+        m = re.search(r"\.entry\s+(\w+)", line)
+        if m:
+            cur = m.group(1)
+            counts[cur] = 0
+        elif cur is not None and "mma.sync" in line:
+            counts[cur] += 1
+    return counts
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_half_kernels_use_tensor_cores(kernels_build):
+    r, obj = kernels_build
+    assert r.returncode == 0, r.stderr[-3000:]
+    for arch in ("compute_80", "compute_90"):
+        ptx = list(obj.parent.glob(f"*{arch}*.ptx"))
+        assert len(ptx) == 1, f"no PTX kept for {arch}: {sorted(p.name for p in obj.parent.iterdir())}"
+        counts = ptx_mma_counts(ptx[0].read_text())
+        names = dict(zip(counts, _demangle(list(counts))))
+        for mangled, n in counts.items():
+            short = _short(names[mangled])
+            if "sqnorm" in short:
+                continue
+            tensor_core = "__half" in short or "__nv_bfloat16" in short
+            assert (n > 0) == tensor_core, f"{short} [{arch}]: {n} mma.sync instructions"
+        assert sum(1 for n in counts.values() if n > 0) == 6, counts  # 3 kernels x (fp16, bf16)
 
 
 # ------------------------------------------------------------------ setup.py without a CUDA torch
