@@ -69,7 +69,7 @@ def _ext_modules():
         nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"])
         # c++20: torch 2.13 headers; stable ABI of torch 2.10 for the glue (csrc/cuda/rll_cuda_glue.cu)
         nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-DTORCH_TARGET_VERSION=0x020a000000000000",
-                 "-DUSE_CUDA", "--threads", os.environ.get("NVCC_THREADS", "2")]
+                 "-DUSE_CUDA", "--threads", os.environ.get("NVCC_THREADS") or "2"]
         ext = CUDAExtension(
             "rll_kernels._C",
             sources + cuda_sources,

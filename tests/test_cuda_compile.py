@@ -257,3 +257,62 @@ def test_setup_cpu_torch_warns_once_and_builds_cpu_only():
     warn = [ln for ln in r.stderr.splitlines() if "CUDA backend not built" in ln]
     assert len(warn) == 1, f"expected one warning line, got:\n{r.stderr}"
     assert "torch has no CUDA" in warn[0]
+
+
+def _exec_setup_py(monkeypatch, *, cuda: str | None, cuda_home: str | None, gpu: bool, env: dict[str, str]):
+    """Run setup.py's module code with torch's CUDA facts faked and setup()/extensions recorded."""
+    import setuptools
+
+    calls: dict[str, list] = {"cuda": [], "cpp": []}
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(cpp_ext, "CUDA_HOME", cuda_home)
+    monkeypatch.setattr(cpp_ext, "CUDAExtension", lambda name, sources, **kw: calls["cuda"].append((sources, kw)))
+    monkeypatch.setattr(cpp_ext, "CppExtension", lambda name, sources, **kw: calls["cpp"].append((sources, kw)))
+    for key in ("FORCE_CUDA", "USE_CUDA", "TORCH_CUDA_ARCH_LIST", "NVCC_THREADS", "RLL_SKIP_EXT", "DEBUG"):
+        monkeypatch.setenv(key, env.get(key, ""))
+    code = compile((ROOT / "setup.py").read_text(), str(ROOT / "setup.py"), "exec")
+    exec(code, {"__name__": "__main__", "__file__": str(ROOT / "setup.py")})
+    return calls
+
+
+def test_setup_force_cuda_without_gpu_builds_cuda_extension(monkeypatch, capsys):
+    calls = _exec_setup_py(monkeypatch, cuda="12.8", cuda_home="/usr/local/cuda", gpu=False,
+                           env={"FORCE_CUDA": "1", "NVCC_THREADS": "3"})
+    assert not calls["cpp"] and len(calls["cuda"]) == 1
+    sources, kw = calls["cuda"][0]
+    names = {Path(s).as_posix() for s in sources}
+    assert {"csrc/ops.cpp", "csrc/rll_cpu.cpp", "csrc/cuda/rll_kernels.cu", "csrc/cuda/rll_cuda_glue.cu"} <= names
+    nvcc = kw["extra_compile_args"]["nvcc"]
+    assert "-std=c++20" in nvcc and "--expt-relaxed-constexpr" in nvcc
+    assert nvcc[nvcc.index("--threads") + 1] == "3"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"  # default when no GPU can be queried
+    assert "CUDA backend not built" not in capsys.readouterr().err
+
+
+def test_setup_nvcc_threads_default(monkeypatch):
+    calls = _exec_setup_py(monkeypatch, cuda="12.8", cuda_home="/usr/local/cuda", gpu=True, env={})
+    nvcc = calls["cuda"][0][1]["extra_compile_args"]["nvcc"]
+    assert nvcc[nvcc.index("--threads") + 1] == "2"
+
+
+def test_setup_keeps_explicit_arch_list(monkeypatch):
+    calls = _exec_setup_py(monkeypatch, cuda="12.8", cuda_home="/usr/local/cuda", gpu=False,
+                           env={"FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0"})
+    assert len(calls["cuda"]) == 1 and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+@pytest.mark.parametrize("cuda,home,gpu,env,why", [
+    (None, "/usr/local/cuda", True, {"FORCE_CUDA": "1"}, "torch has no CUDA"),
+    ("12.8", None, True, {}, "nvcc not found"),
+    ("12.8", "/usr/local/cuda", False, {}, "no GPU visible; set FORCE_CUDA=1"),
+    ("12.8", "/usr/local/cuda", True, {"USE_CUDA": "0"}, "USE_CUDA=0"),
+])
+def test_setup_without_cuda_warns_once_and_builds_cpu(monkeypatch, capsys, cuda, home, gpu, env, why):
+    calls = _exec_setup_py(monkeypatch, cuda=cuda, cuda_home=home, gpu=gpu, env=env)
+    assert not calls["cuda"] and len(calls["cpp"]) == 1
+    assert not any(s.endswith(".cu") for s in calls["cpp"][0][0])
+    warn = [ln for ln in capsys.readouterr().err.splitlines() if "CUDA backend not built" in ln]
+    assert len(warn) == 1 and why in warn[0], warn
