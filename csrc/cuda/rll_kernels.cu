@@ -16,6 +16,14 @@
 
 #include <type_traits>
 
+// Kernel launch; tests/cuda_emu/ runs the same kernels on the CPU (one host thread per CUDA
+// thread) by defining RLL_CUDA_EMULATION, so their logic is tested without a GPU.
+#ifdef RLL_CUDA_EMULATION
+#define RLL_LAUNCH(kernel, grid, stream, ...) rll_emu::launch(kernel, grid, kThreads, __VA_ARGS__)
+#else
+#define RLL_LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace rll {
 namespace cuda {
 namespace {
@@ -516,11 +524,10 @@ __global__ void __launch_bounds__(kThreads, 2) rll_grad_k_kernel(const Problem<T
 template <class T>
 cudaError_t launch_norms(const Problem<T>& pb, acc_t<T>* norms, cudaStream_t stream) {
   if (pb.N > 0)
-    rll_sqnorm_kernel<T><<<unsigned((pb.N + kWarps - 1) / kWarps), kThreads, 0, stream>>>(pb.q, pb.N, pb.D,
-                                                                                          pb.ldq, norms);
+    RLL_LAUNCH(rll_sqnorm_kernel<T>, unsigned((pb.N + kWarps - 1) / kWarps), stream, pb.q, pb.N, pb.D, pb.ldq, norms);
   if (pb.M > 0)
-    rll_sqnorm_kernel<T><<<unsigned((pb.M + kWarps - 1) / kWarps), kThreads, 0, stream>>>(pb.k, pb.M, pb.D,
-                                                                                          pb.ldk, norms + pb.N);
+    RLL_LAUNCH(rll_sqnorm_kernel<T>, unsigned((pb.M + kWarps - 1) / kWarps), stream, pb.k, pb.M, pb.D, pb.ldk,
+               norms + pb.N);
   return cudaGetLastError();
 }
 
@@ -534,10 +541,10 @@ cudaError_t launch_rll_fwd(const Problem<T>& pb, const Params<acc_t<T>>& prm, ac
   cudaError_t err = launch_norms(pb, norms, stream);
   if (err != cudaSuccess) return err;
   const unsigned qblocks = unsigned((pb.N + C::BQ - 1) / C::BQ);
-  rll_stats_kernel<T><<<qblocks, kThreads, 0, stream>>>(pb, prm, norms, loss, stats);
+  RLL_LAUNCH(rll_stats_kernel<T>, qblocks, stream, pb, prm, norms, loss, stats);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (grad_q != nullptr)  // "paper": weights detached, upstream gradient 1 per row
-    rll_grad_q_kernel<T><<<qblocks, kThreads, 0, stream>>>(pb, prm, norms, stats, nullptr, false, grad_q);
+    RLL_LAUNCH(rll_grad_q_kernel<T>, qblocks, stream, pb, prm, norms, stats, nullptr, false, grad_q);
   return cudaGetLastError();
 }
 
@@ -551,12 +558,12 @@ cudaError_t launch_rll_bwd(const Problem<T>& pb, const Params<acc_t<T>>& prm, co
   if (err != cudaSuccess) return err;
   if (grad_q != nullptr) {
     const unsigned qblocks = unsigned((pb.N + C::BQ - 1) / C::BQ);
-    rll_grad_q_kernel<T><<<qblocks, kThreads, 0, stream>>>(pb, prm, norms, stats, grad_rows, attached, grad_q);
+    RLL_LAUNCH(rll_grad_q_kernel<T>, qblocks, stream, pb, prm, norms, stats, grad_rows, attached, grad_q);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (grad_k != nullptr && pb.M > 0) {
     const unsigned kblocks = unsigned((pb.M + C::BK - 1) / C::BK);
-    rll_grad_k_kernel<T><<<kblocks, kThreads, 0, stream>>>(pb, prm, norms, stats, grad_rows, attached, grad_k);
+    RLL_LAUNCH(rll_grad_k_kernel<T>, kblocks, stream, pb, prm, norms, stats, grad_rows, attached, grad_k);
   }
   return cudaGetLastError();
 }
