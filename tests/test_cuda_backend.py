@@ -5,21 +5,25 @@ Runs only where a CUDA device exists and the extension was built with the CUDA k
 oracle: the two implement the same op, so every output is compared (loss, stats, the "paper"
 query gradient of the forward, both gradients of the backward).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 import rll_kernels
 from rll_kernels import _ops, reference
-from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and _ops.has_kernel("rll_fwd", "cuda")
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and rll_kernels built with its CUDA "
-                       "kernels (FORCE_CUDA=1 pip install ..., docs/cuda.md)"),
+    pytest.mark.skipif(
+        not HAS_CUDA_KERNELS,
+        reason="needs a CUDA device and rll_kernels built with its CUDA "
+        "kernels (FORCE_CUDA=1 pip install ..., docs/cuda.md)",
+    ),
 ]
 
 FWD = torch.ops.rll_kernels.rll_fwd
@@ -41,7 +45,10 @@ def _problem(n, m, d, in_batch, dtype, device="cpu", classes=5):
         k[:3] = q[:3]  # exact duplicates across the two sides
         kl, qid, kid = torch.randint(0, classes, (m,)), None, None
     q, k = q.to(dtype), k.to(dtype)
-    mv = (lambda t: None if t is None else t.to(device))
+
+    def mv(t):
+        return None if t is None else t.to(device)
+
     return mv(q), mv(ql), mv(qid), mv(k), mv(kl), mv(kid)
 
 
@@ -50,8 +57,25 @@ def _run(prob, params, need_grad, grad_rows=None):
     a, b, tn, tp, lam, bias, attached = params
     loss, gq_fwd, stats = FWD(q, ql, qid, k, kl, kid, a, b, tn, tp, lam, bias, attached, need_grad)
     g = grad_rows if grad_rows is not None else torch.ones_like(loss)
-    gq, gk = BWD(g.to(loss.device, loss.dtype), q, ql, qid, k, kl, kid, stats, a, b, tn, tp, lam, bias, attached,
-                 True, attached)
+    gq, gk = BWD(
+        g.to(loss.device, loss.dtype),
+        q,
+        ql,
+        qid,
+        k,
+        kl,
+        kid,
+        stats,
+        a,
+        b,
+        tn,
+        tp,
+        lam,
+        bias,
+        attached,
+        True,
+        attached,
+    )
     return {"loss": loss, "gq_fwd": gq_fwd, "stats": stats, "gq": gq, "gk": gk}
 
 
@@ -109,7 +133,9 @@ def test_half_inputs_tensor_cores(dtype, sem):
         assert got[key].dtype == dtype, key
         scale = ref64[key].abs().max().item()
         err = max_abs(got[key].cpu(), ref64[key])
-        assert err <= 2 * torch.finfo(dtype).eps * max(scale, 1e-12) + 8 * max_abs(ref32[key], ref64[key]), key
+        assert err <= 2 * torch.finfo(dtype).eps * max(scale, 1e-12) + 8 * max_abs(ref32[key], ref64[key]), (
+            key
+        )
 
 
 @pytest.mark.parametrize("sem", ["paper", "pml"])

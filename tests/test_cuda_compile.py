@@ -10,6 +10,7 @@
 
 Without nvcc the compile tests are skipped with a message saying so.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,19 +42,40 @@ def _find_nvcc() -> str | None:
 
 NVCC = _find_nvcc()
 needs_nvcc = pytest.mark.skipif(
-    NVCC is None, reason="nvcc not found (PATH, CUDA_HOME): CUDA compile checks skipped; "
-    "install the CUDA toolkit to run them")
+    NVCC is None,
+    reason="nvcc not found (PATH, CUDA_HOME): CUDA compile checks skipped; "
+    "install the CUDA toolkit to run them",
+)
 
 # What each CI run compiles: the arches of docs/cuda.md's TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX".
-GENCODE = ["-gencode", "arch=compute_80,code=sm_80",
-           "-gencode", "arch=compute_90,code=sm_90",
-           "-gencode", "arch=compute_90,code=compute_90"]
+GENCODE = [
+    "-gencode",
+    "arch=compute_80,code=sm_80",
+    "-gencode",
+    "arch=compute_90,code=sm_90",
+    "-gencode",
+    "arch=compute_90,code=compute_90",
+]
 ARCHES = ("sm_80", "sm_90")
 # Flags of setup.py's nvcc branch (and the ones CUDAExtension always adds).
-BUILD_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *cpp_ext.COMMON_NVCC_FLAGS]
+BUILD_FLAGS = [
+    "-O3",
+    "-std=c++20",
+    "--expt-relaxed-constexpr",
+    "-Xcompiler",
+    "-fPIC",
+    *cpp_ext.COMMON_NVCC_FLAGS,
+]
 HOT_KERNELS = ("rll_stats_kernel", "rll_grad_q_kernel", "rll_grad_k_kernel", "rll_sqnorm_kernel")
 DTYPES = ("float", "double", "__half", "__nv_bfloat16")
-STABLE_ABI = ["-DTORCH_TARGET_VERSION=0x020a000000000000", "-DUSE_CUDA"]
+STABLE_ABI = [
+    "-DTORCH_TARGET_VERSION=0x020a000000000000",
+    "-DUSE_CUDA",
+    # what CUDAExtension defines for every extension source
+    "-DTORCH_API_INCLUDE_EXTENSION_H",
+    "-DTORCH_EXTENSION_NAME=_C",
+    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+]
 
 
 # ------------------------------------------------------------------ ptxas report parsing
@@ -129,7 +151,13 @@ ptxas info    : Used 40 registers, used 0 barriers
 """
     ks = parse_ptxas(text)
     assert [(k.name, k.arch) for k in ks] == [("_Z3fooPf", "sm_80"), ("_Z3barPf", "sm_90")]
-    assert (ks[0].registers, ks[0].stack, ks[0].spill_stores, ks[0].spill_loads, ks[0].smem) == (255, 16, 8, 12, 4096)
+    assert (ks[0].registers, ks[0].stack, ks[0].spill_stores, ks[0].spill_loads, ks[0].smem) == (
+        255,
+        16,
+        8,
+        12,
+        4096,
+    )
     assert (ks[1].registers, ks[1].stack, ks[1].spill_stores, ks[1].spill_loads) == (40, 0, 0, 0)
     assert _clean_problems(ks) == ["_Z3fooPf [sm_80]: stack 16 B, spill stores 8 B, spill loads 12 B"]
 
@@ -138,8 +166,10 @@ def _clean_problems(ks: list[KernelInfo]) -> list[str]:
     bad = []
     for k in ks:
         if k.stack != 0 or k.spill_stores != 0 or k.spill_loads != 0:
-            bad.append(f"{_short(k.name)} [{k.arch}]: stack {k.stack} B, spill stores {k.spill_stores} B, "
-                       f"spill loads {k.spill_loads} B")
+            bad.append(
+                f"{_short(k.name)} [{k.arch}]: stack {k.stack} B, spill stores {k.spill_stores} B, "
+                f"spill loads {k.spill_loads} B"
+            )
     return bad
 
 
@@ -153,8 +183,23 @@ def kernels_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda")
     obj = tmp / "rll_kernels.o"
     # -keep leaves the PTX of each virtual arch in tmp (no second compile for the tensor-core check)
-    r = _nvcc(["-c", *BUILD_FLAGS, *GENCODE, "-Xptxas", "-v", "-keep", "-keep-dir", str(tmp),
-               "-I", str(ROOT / "csrc"), str(KERNELS), "-o", str(obj)])
+    r = _nvcc(
+        [
+            "-c",
+            *BUILD_FLAGS,
+            *GENCODE,
+            "-Xptxas",
+            "-v",
+            "-keep",
+            "-keep-dir",
+            str(tmp),
+            "-I",
+            str(ROOT / "csrc"),
+            str(KERNELS),
+            "-o",
+            str(obj),
+        ]
+    )
     return r, obj
 
 
@@ -179,12 +224,15 @@ def test_kernels_compile_without_spills(kernels_build):
         k.name = dn
     print(f"\n{'kernel':44s} {'arch':6s} {'regs':>4s} {'smem B':>7s} {'stack':>5s} {'spill st/ld':>11s}")
     for k in sorted(ks, key=lambda k: (_short(k.name), k.arch)):
-        print(f"{_short(k.name):44s} {k.arch:6s} {k.registers:4d} {k.smem:7d} {k.stack:5d} "
-              f"{k.spill_stores:5d}/{k.spill_loads:<5d}")
+        print(
+            f"{_short(k.name):44s} {k.arch:6s} {k.registers:4d} {k.smem:7d} {k.stack:5d} "
+            f"{k.spill_stores:5d}/{k.spill_loads:<5d}"
+        )
     # every hot kernel, every dtype, every arch was compiled and reported
     seen = {(_short(k.name), k.arch) for k in ks}
-    missing = [(f"{n}<{t}>", a) for n in HOT_KERNELS for t in DTYPES for a in ARCHES
-               if (f"{n}<{t}>", a) not in seen]
+    missing = [
+        (f"{n}<{t}>", a) for n in HOT_KERNELS for t in DTYPES for a in ARCHES if (f"{n}<{t}>", a) not in seen
+    ]
     assert not missing, f"kernels missing from the ptxas report: {missing}"
     assert all(k.registers > 0 and k.stack >= 0 for k in ks), "unparsed ptxas lines"
     hot = [k for k in ks if any(h in k.name for h in HOT_KERNELS)]
@@ -200,8 +248,21 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path):
     obj = tmp_path / "rll_cuda_glue.o"
     incs = [f"-I{p}" for p in cpp_ext.include_paths()]
     # the glue is host code around launchers: one arch is enough to check it against the headers
-    r = _nvcc(["-c", *BUILD_FLAGS, *STABLE_ABI, *incs, "-gencode", "arch=compute_80,code=sm_80",
-               "-I", str(ROOT / "csrc"), str(GLUE), "-o", str(obj)])
+    r = _nvcc(
+        [
+            "-c",
+            *BUILD_FLAGS,
+            *STABLE_ABI,
+            *incs,
+            "-gencode",
+            "arch=compute_80,code=sm_80",
+            "-I",
+            str(ROOT / "csrc"),
+            str(GLUE),
+            "-o",
+            str(obj),
+        ]
+    )
     assert r.returncode == 0, f"nvcc failed on {GLUE.name} (torch {torch.__version__}):\n{r.stderr[-6000:]}"
     kr, kobj = kernels_build
     if kr.returncode != 0 or not shutil.which("nm"):
@@ -209,9 +270,16 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path):
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True).stdout.split()
     wanted = {s for s in undefined if "launch_rll" in s}
     assert len(wanted) == 8, f"the glue should call launch_rll_fwd/bwd for 4 dtypes, found {sorted(wanted)}"
-    defined = {ln.split()[-1] for ln in subprocess.run(["nm", "--defined-only", str(kobj)], capture_output=True,
-                                                       text=True).stdout.splitlines() if ln.strip()}
-    assert wanted <= defined, f"launchers called by the glue but not defined by the kernels: {wanted - defined}"
+    defined = {
+        ln.split()[-1]
+        for ln in subprocess.run(
+            ["nm", "--defined-only", str(kobj)], capture_output=True, text=True
+        ).stdout.splitlines()
+        if ln.strip()
+    }
+    assert wanted <= defined, (
+        f"launchers called by the glue but not defined by the kernels: {wanted - defined}"
+    )
 
 
 def ptx_mma_counts(ptx: str) -> dict[str, int]:
@@ -251,8 +319,9 @@ def test_half_kernels_use_tensor_cores(kernels_build):
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-torch branch of setup.py")
 def test_setup_cpu_torch_warns_once_and_builds_cpu_only():
     env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX")
-    r = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     warn = [ln for ln in r.stderr.splitlines() if "CUDA backend not built" in ln]
     assert len(warn) == 1, f"expected one warning line, got:\n{r.stderr}"
@@ -269,8 +338,12 @@ def _exec_setup_py(monkeypatch, *, cuda: str | None, cuda_home: str | None, gpu:
     monkeypatch.setattr(torch.version, "cuda", cuda)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setattr(cpp_ext, "CUDA_HOME", cuda_home)
-    monkeypatch.setattr(cpp_ext, "CUDAExtension", lambda name, sources, **kw: calls["cuda"].append((sources, kw)))
-    monkeypatch.setattr(cpp_ext, "CppExtension", lambda name, sources, **kw: calls["cpp"].append((sources, kw)))
+    monkeypatch.setattr(
+        cpp_ext, "CUDAExtension", lambda name, sources, **kw: calls["cuda"].append((sources, kw))
+    )
+    monkeypatch.setattr(
+        cpp_ext, "CppExtension", lambda name, sources, **kw: calls["cpp"].append((sources, kw))
+    )
     for key in ("FORCE_CUDA", "USE_CUDA", "TORCH_CUDA_ARCH_LIST", "NVCC_THREADS", "RLL_SKIP_EXT", "DEBUG"):
         monkeypatch.setenv(key, env.get(key, ""))
     code = compile((ROOT / "setup.py").read_text(), str(ROOT / "setup.py"), "exec")
@@ -279,12 +352,22 @@ def _exec_setup_py(monkeypatch, *, cuda: str | None, cuda_home: str | None, gpu:
 
 
 def test_setup_force_cuda_without_gpu_builds_cuda_extension(monkeypatch, capsys):
-    calls = _exec_setup_py(monkeypatch, cuda="12.8", cuda_home="/usr/local/cuda", gpu=False,
-                           env={"FORCE_CUDA": "1", "NVCC_THREADS": "3"})
+    calls = _exec_setup_py(
+        monkeypatch,
+        cuda="12.8",
+        cuda_home="/usr/local/cuda",
+        gpu=False,
+        env={"FORCE_CUDA": "1", "NVCC_THREADS": "3"},
+    )
     assert not calls["cpp"] and len(calls["cuda"]) == 1
     sources, kw = calls["cuda"][0]
     names = {Path(s).as_posix() for s in sources}
-    assert {"csrc/ops.cpp", "csrc/rll_cpu.cpp", "csrc/cuda/rll_kernels.cu", "csrc/cuda/rll_cuda_glue.cu"} <= names
+    assert {
+        "csrc/ops.cpp",
+        "csrc/rll_cpu.cpp",
+        "csrc/cuda/rll_kernels.cu",
+        "csrc/cuda/rll_cuda_glue.cu",
+    } <= names
     nvcc = kw["extra_compile_args"]["nvcc"]
     assert "-std=c++20" in nvcc and "--expt-relaxed-constexpr" in nvcc
     assert nvcc[nvcc.index("--threads") + 1] == "3"
@@ -299,17 +382,25 @@ def test_setup_nvcc_threads_default(monkeypatch):
 
 
 def test_setup_keeps_explicit_arch_list(monkeypatch):
-    calls = _exec_setup_py(monkeypatch, cuda="12.8", cuda_home="/usr/local/cuda", gpu=False,
-                           env={"FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0"})
+    calls = _exec_setup_py(
+        monkeypatch,
+        cuda="12.8",
+        cuda_home="/usr/local/cuda",
+        gpu=False,
+        env={"FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0"},
+    )
     assert len(calls["cuda"]) == 1 and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
 
 
-@pytest.mark.parametrize("cuda,home,gpu,env,why", [
-    (None, "/usr/local/cuda", True, {"FORCE_CUDA": "1"}, "torch has no CUDA"),
-    ("12.8", None, True, {}, "nvcc not found"),
-    ("12.8", "/usr/local/cuda", False, {}, "no GPU visible; set FORCE_CUDA=1"),
-    ("12.8", "/usr/local/cuda", True, {"USE_CUDA": "0"}, "USE_CUDA=0"),
-])
+@pytest.mark.parametrize(
+    "cuda,home,gpu,env,why",
+    [
+        (None, "/usr/local/cuda", True, {"FORCE_CUDA": "1"}, "torch has no CUDA"),
+        ("12.8", None, True, {}, "nvcc not found"),
+        ("12.8", "/usr/local/cuda", False, {}, "no GPU visible; set FORCE_CUDA=1"),
+        ("12.8", "/usr/local/cuda", True, {"USE_CUDA": "0"}, "USE_CUDA=0"),
+    ],
+)
 def test_setup_without_cuda_warns_once_and_builds_cpu(monkeypatch, capsys, cuda, home, gpu, env, why):
     calls = _exec_setup_py(monkeypatch, cuda=cuda, cuda_home=home, gpu=gpu, env=env)
     assert not calls["cuda"] and len(calls["cpp"]) == 1

@@ -9,6 +9,7 @@ products, and barrier placement around reused shared memory. What it does not: t
 branch (compiled for sm_80+ only; fp16/bf16 run the CUDA-core branch here), the GPU memory model,
 timings. Those need a GPU run (tests/test_cuda_backend.py).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -19,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 import rll_kernels  # noqa: F401  (loads the C++ ops: the CPU kernel is the oracle)
-from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"
@@ -40,8 +41,22 @@ def harness(tmp_path_factory):
     if CXX is None:
         pytest.fail("no host C++ compiler (g++/c++) to build the CUDA emulation harness")
     exe = tmp_path_factory.mktemp("emu") / "harness"
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", f"-I{EMU}", f"-I{ROOT / 'csrc'}", "-x", "c++",
-           str(ROOT / "csrc" / "cuda" / "rll_kernels.cu"), "-x", "none", str(EMU / "harness.cpp"), "-o", str(exe)]
+    cmd = [
+        CXX,
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        f"-I{EMU}",
+        f"-I{ROOT / 'csrc'}",
+        "-x",
+        "c++",
+        str(ROOT / "csrc" / "cuda" / "rll_kernels.cu"),
+        "-x",
+        "none",
+        str(EMU / "harness.cpp"),
+        "-o",
+        str(exe),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"emulation build failed:\n{' '.join(cmd)}\n{r.stderr[-5000:]}"
     return exe
@@ -75,13 +90,31 @@ def _emu(exe, tmp, prob, params, g, dtype: str):
         if t is not None:
             t.numpy().astype(np.int64).tofile(tmp / f"{name}.bin")
     a, b, tn, tp, lam, bias, att = params
-    args = [str(exe), str(tmp), dtype, str(n), str(m), str(d), str(int(qid is not None)), str(int(att)), "1",
-            *(repr(float(v)) for v in (a, b, tn, tp, lam, bias))]
+    args = [
+        str(exe),
+        str(tmp),
+        dtype,
+        str(n),
+        str(m),
+        str(d),
+        str(int(qid is not None)),
+        str(int(att)),
+        "1",
+        *(repr(float(v)) for v in (a, b, tn, tp, lam, bias)),
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rd = (lambda name, *shape: torch.from_numpy(np.fromfile(tmp / f"{name}.bin", dtype=np.float64)).reshape(*shape))
-    return {"loss": rd("loss", n), "stats": rd("stats", n, 4), "gq_fwd": rd("gq_fwd", -1).reshape(-1, d)
-            if not att else rd("gq_fwd", 0), "gq": rd("gq", n, d), "gk": rd("gk", m, d) if att else rd("gk", 0)}
+
+    def rd(name, *shape):
+        return torch.from_numpy(np.fromfile(tmp / f"{name}.bin", dtype=np.float64)).reshape(*shape)
+
+    return {
+        "loss": rd("loss", n),
+        "stats": rd("stats", n, 4),
+        "gq_fwd": rd("gq_fwd", 0) if att else rd("gq_fwd", n, d),  # the CPU op returns (0,) for "pml"
+        "gq": rd("gq", n, d),
+        "gk": rd("gk", m, d) if att else rd("gk", 0),
+    }
 
 
 def _no_inf(st):
