@@ -5,9 +5,9 @@ drives it, and compared with the CPU kernel on the same inputs.
 
 What this covers without a GPU: tiling and edge tiles, Gram distances and duplicates, label/id
 masks, the online softmax across gallery tiles, the gradient coefficients, the owned-row gradient
-products, and barrier placement around reused shared memory. What it does not: the WMMA tensor-core
-branch (compiled for sm_80+ only; fp16/bf16 run the CUDA-core branch here), the GPU memory model,
-timings. Those need a GPU run (tests/test_cuda_backend.py).
+products, barrier placement around reused shared memory, and the tensor-core branch's tile layout
+(tests/cuda_emu/mma.h emulates the nvcuda::wmma calls). What it does not: the MMA units
+themselves, the GPU memory model, timings. Those need a GPU run (tests/test_cuda_backend.py).
 """
 
 from __future__ import annotations
@@ -36,16 +36,16 @@ SEMANTICS = {"paper": (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False), "pml": (1.2, 0.8, 
 SHAPES = [(70, 70, 40, True), (37, 90, 20, False)]
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def _build(tmp: Path, defines: list[str]) -> Path:
     if CXX is None:
         pytest.fail("no host C++ compiler (g++/c++) to build the CUDA emulation harness")
-    exe = tmp_path_factory.mktemp("emu") / "harness"
+    exe = tmp / "harness"
     cmd = [
         CXX,
         "-std=c++20",
         "-O1",
         "-pthread",
+        *defines,
         f"-I{EMU}",
         f"-I{ROOT / 'csrc'}",
         "-x",
@@ -60,6 +60,18 @@ def harness(tmp_path_factory):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"emulation build failed:\n{' '.join(cmd)}\n{r.stderr[-5000:]}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """fp16/bf16 take the CUDA-core branch (as on GPUs older than sm_80)."""
+    return _build(tmp_path_factory.mktemp("emu"), [])
+
+
+@pytest.fixture(scope="module")
+def harness_wmma(tmp_path_factory):
+    """fp16/bf16 take the tensor-core (WMMA) branch, with nvcuda::wmma emulated (tests/cuda_emu/mma.h)."""
+    return _build(tmp_path_factory.mktemp("emu_wmma"), ["-DRLL_EMULATE_WMMA"])
 
 
 def _problem(n, m, d, in_batch, classes=4):
@@ -157,6 +169,21 @@ def test_emulated_half_inputs(harness, tmp_path, dtype):
         ref64 = _cpu(prob, SEMANTICS[sem], g, torch.float64)
         ref32 = _cpu(prob, SEMANTICS[sem], g, torch.float32)
         got = _emu(harness, tmp_path, prob, SEMANTICS[sem], g, str(dtype).split(".")[1])
+        for key in ("loss", "gq_fwd", "gq", "gk"):
+            assert_close_derived(got[key], ref32[key], ref64[key], f"{sem} {key}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_half_inputs_tensor_core_branch(harness_wmma, tmp_path, dtype):
+    shape = (70, 70, 40, True)  # two D-chunks of 32 (one partial), an edge tile in N and M
+    q, ql, qid, k, kl, kid = _problem(*shape)
+    qh = q.to(dtype).double()
+    prob = (qh, ql, qid, qh, kl, kid)
+    g = torch.rand(shape[0], dtype=torch.float64) + 0.5
+    for sem in ("paper", "pml"):
+        ref64 = _cpu(prob, SEMANTICS[sem], g, torch.float64)
+        ref32 = _cpu(prob, SEMANTICS[sem], g, torch.float32)
+        got = _emu(harness_wmma, tmp_path, prob, SEMANTICS[sem], g, str(dtype).split(".")[1])
         for key in ("loss", "gq_fwd", "gq", "gk"):
             assert_close_derived(got[key], ref32[key], ref64[key], f"{sem} {key}")
 

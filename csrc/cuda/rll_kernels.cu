@@ -125,7 +125,7 @@ __device__ void dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t 
   using S = acc_t<T>;
   constexpr int BQ = C::BQ, BK = C::BK, BD = C::BD, LDT = C::LDT;
   constexpr bool kHalf = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(RLL_EMULATE_WMMA)
   if constexpr (kHalf) {
     namespace wmma = nvcuda::wmma;
     static_assert(BQ == 64 && BK == 64 && kWarps == 8, "WMMA layout: 8 warps x (16 x 32)");
