@@ -215,19 +215,29 @@ def test_kernel_file_is_torch_free():
 
 @needs_nvcc
 @pytest.mark.slow
-def test_kernels_compile_without_spills(kernels_build):
+def test_kernels_compile_without_spills(kernels_build, capsys):
     r, obj = kernels_build
     assert r.returncode == 0, f"nvcc failed on {KERNELS.name}:\n{r.stderr[-6000:]}"
     assert obj.exists()
     ks = parse_ptxas(r.stdout + r.stderr)
     for k, dn in zip(ks, _demangle([k.name for k in ks])):
         k.name = dn
-    print(f"\n{'kernel':44s} {'arch':6s} {'regs':>4s} {'smem B':>7s} {'stack':>5s} {'spill st/ld':>11s}")
-    for k in sorted(ks, key=lambda k: (_short(k.name), k.arch)):
-        print(
-            f"{_short(k.name):44s} {k.arch:6s} {k.registers:4d} {k.smem:7d} {k.stack:5d} "
-            f"{k.spill_stores:5d}/{k.spill_loads:<5d}"
-        )
+    # registers per kernel, shown on every run (not only on failure)
+    rows: dict[str, dict[str, KernelInfo]] = {}
+    for k in ks:
+        rows.setdefault(_short(k.name), {})[k.arch] = k
+    lines = [
+        f"{'ptxas (-Xptxas -v)':34s} "
+        + "  ".join(f"{a:>5s} regs" for a in ARCHES)
+        + "   smem B  stack/spills"
+    ]
+    for name in sorted(rows):
+        per = rows[name]
+        regs = "  ".join(f"{per[a].registers:10d}" if a in per else f"{'-':>10s}" for a in ARCHES)
+        worst = max(max(k.stack, k.spill_stores, k.spill_loads) for k in per.values())
+        lines.append(f"{name:34s} {regs} {max(k.smem for k in per.values()):8d}  {worst:4d} B")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
     # every hot kernel, every dtype, every arch was compiled and reported
     seen = {(_short(k.name), k.arch) for k in ks}
     missing = [
