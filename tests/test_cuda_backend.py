@@ -130,7 +130,9 @@ def test_half_inputs_tensor_cores(dtype, sem):
     # loss/stats are fp32 accumulations of exact products: fp32-reference rounding applies
     assert_close_derived(got["loss"].cpu(), ref32["loss"], ref64["loss"], "loss", factor=8.0)
     for key in ("gq_fwd", "gq", "gk"):  # gradients are returned in the input dtype
-        assert got[key].dtype == dtype, key
+        assert got[key].dtype == dtype and got[key].shape == ref64[key].shape, key
+        if ref64[key].numel() == 0:
+            continue
         scale = ref64[key].abs().max().item()
         err = max_abs(got[key].cpu(), ref64[key])
         assert err <= 2 * torch.finfo(dtype).eps * max(scale, 1e-12) + 8 * max_abs(ref32[key], ref64[key]), (

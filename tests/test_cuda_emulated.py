@@ -80,7 +80,8 @@ def _problem(n, m, d, in_batch, classes=4):
     if in_batch:
         return q, ql, torch.arange(n), q, ql, torch.arange(n)
     k = F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1)
-    k[:3] = q[:3]  # exact duplicates across the two sides (d = 0 negatives / positives)
+    r = min(3, n, m)
+    k[:r] = q[:r]  # exact duplicates across the two sides (d = 0 negatives / positives)
     return q, ql, None, k, torch.randint(0, classes, (m,)), None
 
 
@@ -133,7 +134,7 @@ def _no_inf(st):
     return torch.where(torch.isinf(st), torch.zeros_like(st), st)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + [(1, 1, 3, False), (3, 0, 5, False)])
 @pytest.mark.parametrize("sem", sorted(SEMANTICS))
 def test_emulated_fp64_matches_cpu_kernel(harness, tmp_path, shape, sem):
     prob = _problem(*shape)
@@ -145,7 +146,8 @@ def test_emulated_fp64_matches_cpu_kernel(harness, tmp_path, shape, sem):
     for key in ("loss", "gq_fwd", "gq", "gk"):
         assert got[key].shape == want[key].shape, key
         assert_close_fp64(got[key], want[key], key)
-    assert want["loss"].abs().max() > 0 and want["gq"].abs().max() > 0  # a non-trivial case
+    if shape in SHAPES:
+        assert want["loss"].abs().max() > 0 and want["gq"].abs().max() > 0  # a non-trivial case
 
 
 @pytest.mark.parametrize("sem", sorted(SEMANTICS))
