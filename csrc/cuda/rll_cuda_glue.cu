@@ -167,8 +167,11 @@ std::tuple<Tensor, Tensor> rll_bwd_cuda(Tensor grad_rows, Tensor q, Tensor q_lab
                   ", 4)");
   STD_TORCH_CHECK(grad_rows.is_cuda() && stats.is_cuda(), "rll_bwd (cuda): grad_rows and stats must be on CUDA");
   // the kernels read both in the accumulation type, contiguous
-  const Tensor g = torch::stable::contiguous(grad_rows.scalar_type() == acc ? grad_rows : torch::stable::to(grad_rows, acc));
-  const Tensor s = torch::stable::contiguous(stats.scalar_type() == acc ? stats : torch::stable::to(stats, acc));
+  const auto as_acc = [&](const Tensor& t) {
+    return torch::stable::contiguous(t.scalar_type() == acc ? t : torch::stable::to(t, acc));
+  };
+  const Tensor g = as_acc(grad_rows);
+  const Tensor s = as_acc(stats);
   Tensor gq = need_gq ? torch::stable::new_zeros(q, shape({N, D}), acc) : torch::stable::new_empty(q, shape({0}));
   Tensor gk = need_gk ? torch::stable::new_zeros(k, shape({M, D}), acc) : torch::stable::new_empty(k, shape({0}));
   if (N > 0 && (need_gq || need_gk)) {
