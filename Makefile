@@ -53,3 +53,8 @@ gpu-check: $(BUILD)
 
 clean:
 	rm -rf build *.egg-info rll_kernels/*.so $(BUILD)
+
+# CUDA backend without a GPU: nvcc compile checks (skipped without nvcc) + the kernels run on the CPU
+.PHONY: cuda-check
+cuda-check: $(BUILD)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -s tests/test_cuda_compile.py tests/test_cuda_emulated.py
