@@ -391,10 +391,11 @@ def main(argv=None) -> int:
         import subprocess
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        print("\n## tests/test_triton_rll.py on the GPU", flush=True)
+        files = ["tests/test_triton_rll.py"] + (["tests/test_cuda_backend.py"] if "cuda" in backends else [])
+        print(f"\n## {' '.join(files)} on the GPU", flush=True)
         # no autotuning in the tests (many small D): the first configuration that fits
         env = dict(os.environ, RLL_TRITON_AUTOTUNE="0")
-        ok = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_triton_rll.py"], cwd=root,
+        ok = subprocess.run([sys.executable, "-m", "pytest", "-q", *files], cwd=root,
                             env=env).returncode == 0
     par_sizes = [(1024, 128), (4096, 512)] if args.quick else [(1024, 128), (4096, 512), (8192, 512), (16384, 128)]
     ok &= parity(backends, par_sizes, (2048, 256) if args.quick else (4096, 256))
