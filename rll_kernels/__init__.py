@@ -3,6 +3,8 @@ from . import _ops, reference  # noqa: F401  (_ops loads the C++ extension and r
 from ._dispatch import available_backends
 from .functional import ranked_list_loss
 from .modules import RLLFused
+from .softtriple import SoftTripleFused, soft_triple_loss
 
 __version__ = "0.1.0"
 __all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "__version__"]
+__all__ += ["SoftTripleFused", "soft_triple_loss"]
