@@ -1,14 +1,17 @@
 // Fused SoftTriple loss, CPU kernels (SPEC section 2).
 //
-// Inputs are already normalised: x (N, D) and the centers w (D, C*K), column c*K + k = center k of
-// class c. The classes are streamed in tiles of TC classes (TC*K columns). Per tile and block of BR
+// x (N, D) is already normalised; the centers w (D, C*K) (column c*K + k = center k of class c) are
+// the raw parameter: the kernel scales each center column by 1/max(|w_ck|, 1e-12) on the fly (as
+// F.normalize) and returns the gradient of the raw parameter, so no normalised copy of W (which, at
+// D x C*K, is larger than N x C*K in the target case) is ever made. The classes are streamed in tiles of TC classes (TC*K columns). Per tile and block of BR
 // rows, one GEMM gives the transposed logits tile s^T = W_tile^T X_blk^T (TC*K x BR), so that for a
 // fixed center the BR rows lie contiguous and every per-(i, c) step vectorises across rows:
 // the K-softmax S_ic = sum_k softmax_k(s_ick / gamma) s_ick, z_ic = la (S_ic - margin [c = y_i]) and
 // an online log-sum-exp over the classes. Forward keeps only LSE_i (and returns l_i = LSE_i - z_iy).
-// Backward recomputes each tile, overwrites it with G_ick = dL/ds_ick and does two GEMMs:
-// dW[:, tile] = X^T G (each class tile is owned by one thread: no atomics, no per-thread copies)
-// and dX += G W_tile^T (a per-thread partial dX, summed at the end). Memory: O((N + C K) D) plus
+// Backward recomputes each tile, overwrites it with G'_ick = r_ck dL/ds_ick (r = 1/|w|) and does two
+// GEMMs: dW[:, tile] = X^T G' (each class tile is owned by one thread: no atomics, no per-thread
+// copies), then the normalisation's projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck; and
+// dX += G' W_tile^T (a per-thread partial dX, summed at the end). Memory: O((N + C K) D) plus
 // per-thread tiles; no N x C*K tensor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,6 +72,34 @@ inline void segment(const S* sc, int64_t brp, int64_t K, const Vectorized<S>& in
   den = d;
 }
 
+// 1 / max(|w_col|, eps) per center column, and the projection coefficient of F.normalize's
+// gradient (r^2, or 0 where the norm is clamped).
+constexpr double kNormEps = 1e-12;
+template <class S>
+void column_scales(const at::Tensor& w, std::vector<S>& rn, std::vector<S>* q) {
+  const at::Tensor nrm = at::linalg_vector_norm(w, 2, {0}, false, c10::nullopt).contiguous();
+  const S* NR = nrm.data_ptr<S>();
+  const int64_t CK = w.size(1);
+  rn.resize(CK);
+  if (q) q->resize(CK);
+  for (int64_t j = 0; j < CK; ++j) {
+    const S n = NR[j];
+    rn[j] = S(1) / std::max(n, S(kNormEps));
+    if (q) (*q)[j] = n > S(kNormEps) ? rn[j] * rn[j] : S(0);
+  }
+}
+
+// s^T tile rows (centers) times 1/|w|: the logits of the normalised centers.
+template <class S>
+inline void scale_rows(S* sbuf, int64_t tck, int64_t brp, const S* rn) {
+  using V = Vectorized<S>;
+  for (int64_t j = 0; j < tck; ++j) {
+    const V r(rn[j]);
+    S* row = sbuf + j * brp;
+    for (int64_t v = 0; v < brp; v += V::size()) (V::loadu(row + v) * r).store(row + v);
+  }
+}
+
 template <class S>
 void forward_kernel(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w, const Params& p,
                     at::Tensor& loss, at::Tensor& lse_out) {
@@ -87,6 +118,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& labels, const at::Ten
   // per-thread online LSE state per row: running max and sum of exp
   std::vector<S> mstate(nthreads * NP, neg_inf<S>()), lstate(nthreads * NP, S(0));
   std::vector<S> ztarget(N, S(0));
+  std::vector<S> rn;
+  column_scales<S>(w, rn, nullptr);
   const V inv_gamma(S(1.0 / p.gamma)), la(S(p.la)), lam(S(p.la * p.margin));
 
   at::parallel_for(0, t.ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -101,6 +134,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& labels, const at::Ten
         const int64_t br = std::min(t.br, N - i0);
         at::Tensor s_t = at::from_blob(sbuf.data(), {tck, br}, {BRP, 1}, opts);
         at::mm_out(s_t, wT, x.narrow(0, i0, br).t());
+        scale_rows<S>(sbuf.data(), tck, BRP, rn.data() + c0 * K);
         for (int64_t v = 0; v < br; v += W) {
           const V y = V::loadu(yf.data() + i0 + v);
           V tmax(neg_inf<S>());
@@ -166,23 +200,34 @@ void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Te
     gla[i] = G[i] * S(p.la);
   }
   at::Tensor gx_parts = need_gx ? at::zeros({nthreads, N, D}, opts) : at::Tensor();
+  std::vector<S> rn, qn;
+  column_scales<S>(w, rn, &qn);
+  const S* WP = w.data_ptr<S>();
+  S* GW = need_gw ? gw.data_ptr<S>() : nullptr;
   const V inv_gamma(S(1.0 / p.gamma)), la(S(p.la)), lam(S(p.la * p.margin)), one(S(1));
 
   at::parallel_for(0, t.ntiles, 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
-    std::vector<S> sbuf(t.tc * K * BRP, S(0)), ebuf(K * W);
+    std::vector<S> sbuf(t.tc * K * BRP, S(0)), ebuf(K * W), csv(t.tc * K * W), coef(t.tc * K), iota(W);
+    for (int64_t l = 0; l < W; ++l) iota[l] = S(l);
     for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t c0 = tile * t.tc, tc = std::min(t.tc, C - c0), tck = tc * K;
-      const at::Tensor wT = w.narrow(1, c0 * K, tck).t();  // (tck, D)
+      const int64_t c0 = tile * t.tc, tc = std::min(t.tc, C - c0), tck = tc * K, col0 = c0 * K;
+      const at::Tensor wT = w.narrow(1, col0, tck).t();  // (tck, D)
+      const S* rt = rn.data() + col0;
+      std::fill(csv.begin(), csv.end(), S(0));
       for (int64_t i0 = 0; i0 < N; i0 += t.br) {
         const int64_t br = std::min(t.br, N - i0);
         const at::Tensor xI = x.narrow(0, i0, br);
         at::Tensor s_t = at::from_blob(sbuf.data(), {tck, br}, {BRP, 1}, opts);
         at::mm_out(s_t, wT, xI.t());
+        scale_rows<S>(sbuf.data(), tck, BRP, rt);
         for (int64_t v = 0; v < br; v += W) {
           const V y = V::loadu(yf.data() + i0 + v);
           const V l = V::loadu(lsef.data() + i0 + v);
           const V gl = V::loadu(gla.data() + i0 + v);
+          // lanes past the block's rows hold stale values: their coefficient is forced to 0 (a blend,
+          // so even an overflowed exp there cannot leak a NaN into the column sums)
+          const V valid = V::loadu(iota.data()) < V(S(br - v));
           for (int64_t c = 0; c < tc; ++c) {
             S* sc = sbuf.data() + c * K * BRP + v;
             V Sv, den;
@@ -190,17 +235,34 @@ void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Te
             const V is_y = V::blendv(V(S(0)), one, y == V(S(c0 + c)));
             const V z = la * Sv - lam * is_y;
             // dl/dS_ic = g_i la (P_ic - [c = y_i]); dS/ds_k = q_k (1 + (s_k - S)/gamma)
-            const V a = gl * ((z - l).exp() - is_y) / den;
+            const V a = V::blendv(V(S(0)), gl * ((z - l).exp() - is_y) / den, valid);
             for (int64_t k = 0; k < K; ++k) {
               const V s = V::loadu(sc + k * BRP);
               const V e = V::loadu(ebuf.data() + k * W);
-              (a * e * (one + (s - Sv) * inv_gamma)).store(sc + k * BRP);
+              const V g = a * e * (one + (s - Sv) * inv_gamma);  // dL/ds_ick
+              S* cs = csv.data() + (c * K + k) * W;
+              (V::loadu(cs) + g * s).store(cs);
+              (g * V(rt[c * K + k])).store(sc + k * BRP);
             }
           }
         }
-        // s_t now holds G^T (tck x br)
-        if (need_gw) gw.narrow(1, c0 * K, tck).addmm_(xI.t(), s_t.t());
+        // s_t now holds G'^T (tck x br)
+        if (need_gw) gw.narrow(1, col0, tck).addmm_(xI.t(), s_t.t());
         if (need_gx) gx_parts[tid].narrow(0, i0, br).addmm_(s_t.t(), wT);
+      }
+      if (!need_gw) continue;
+      // F.normalize's projection: dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck
+      for (int64_t j = 0; j < tck; ++j) {
+        S cs = 0;
+        for (int64_t l = 0; l < W; ++l) cs += csv[j * W + l];
+        coef[j] = qn[col0 + j] * cs;
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        S* g = GW + d * CK + col0;
+        const S* wr = WP + d * CK + col0;
+        int64_t j = 0;
+        for (; j + W <= tck; j += W) (V::loadu(g + j) - V::loadu(coef.data() + j) * V::loadu(wr + j)).store(g + j);
+        for (; j < tck; ++j) g[j] -= coef[j] * wr[j];
       }
     }
   });

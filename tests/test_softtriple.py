@@ -293,3 +293,16 @@ def test_interpreter_env_is_set_without_gpu():
     # guards the Triton parametrisations above from silently skipping on a CPU-only CI
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_cpp_zero_and_tiny_centers():
+    # F.normalize clamps the norm at 1e-12: a zero center has s = 0 and gradient g / 1e-12
+    e, y, w = _problem(11, 4, 3, 6, all_classes=True)
+    w[:, 2] = 0.0
+    w[:, 7] *= 1e-6
+    lr, ger, gwr = _loss_and_grads(ref_loss, e, y, w, 3)
+    lf, gef, gwf = _loss_and_grads(soft_triple_loss, e, y, w, 3, backend="cpp")
+    assert_close_fp64(lf, lr, "loss")
+    assert_close_fp64(gef, ger, "grad embeddings")
+    assert_close_fp64(gwf, gwr, "grad centers")
+    assert gwf[:, 2].abs().max() > 1e6  # the clamped column really is in the 1/eps regime
