@@ -1,8 +1,10 @@
 """SoftTriple benchmark: fused C++ kernel vs PML 2.9.0 SoftTripleLoss (and the dense reference).
 
 Speed: forward+backward wall time, all providers interleaved in one process on the same inputs,
-median over --reps rounds. Memory: one subprocess per provider; the peak RSS growth (ru_maxrss)
-of one forward+backward over the RSS measured after the inputs, the module and fc.grad exist.
+median over --reps rounds. Memory: one subprocess per provider; the peak RSS growth of one
+forward+backward (after one warm-up step) over the RSS measured just before it. The peak is
+the process's VmHWM, reset (/proc/self/clear_refs) just before the step (ru_maxrss is not usable:
+Linux carries the parent's high-water mark across fork+exec).
 
     python bench/bench_softtriple.py --n 256 --c 11318 --k 10 --d 512 --threads 2
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,14 @@ PROVIDERS = ("pml", "fused", "reference")
 def _rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make(provider: str, a):
@@ -59,9 +68,12 @@ def memory_child(provider: str, a) -> None:
 
     torch.set_num_threads(a.threads)
     step = make(provider, a)
+    step()  # warm-up: one-time costs (code pages, thread pools, MKL buffers) are not the loss's memory
     base = _rss_kib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _hwm_kib()
     print(json.dumps({"provider": provider, "growth_mib": max(0, peak - base) / 1024}))
 
 

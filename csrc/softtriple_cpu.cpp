@@ -9,8 +9,9 @@
 // the K-softmax S_ic = sum_k softmax_k(s_ick / gamma) s_ick, z_ic = la (S_ic - margin [c = y_i]) and
 // an online log-sum-exp over the classes. Forward keeps only LSE_i (and returns l_i = LSE_i - z_iy).
 // Backward recomputes each tile, overwrites it with G'_ick = r_ck dL/ds_ick (r = 1/|w|) and does two
-// GEMMs: dW[:, tile] = X^T G' (each class tile is owned by one thread: no atomics, no per-thread
-// copies), then the normalisation's projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck; and
+// GEMMs: dW[:, tile] = X^T G' into a cache-resident tile buffer, written once to dW with the
+// normalisation's projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck (each class tile is owned by
+// one thread: no atomics, no per-thread copies of dW); and
 // dX += G' W_tile^T (a per-thread partial dX, summed at the end). Memory: O((N + C K) D) plus
 // per-thread tiles; no N x C*K tensor.
 #include <ATen/ATen.h>
@@ -209,6 +210,8 @@ void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Te
   at::parallel_for(0, t.ntiles, 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
     std::vector<S> sbuf(t.tc * K * BRP, S(0)), ebuf(K * W), csv(t.tc * K * W), coef(t.tc * K), iota(W);
+    // this tile's dW (D x tck), accumulated over the row blocks in cache, then written once to gw
+    std::vector<S> wbuf(need_gw ? D * t.tc * K : 0);
     for (int64_t l = 0; l < W; ++l) iota[l] = S(l);
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t c0 = tile * t.tc, tc = std::min(t.tc, C - c0), tck = tc * K, col0 = c0 * K;
@@ -247,7 +250,14 @@ void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Te
           }
         }
         // s_t now holds G'^T (tck x br)
-        if (need_gw) gw.narrow(1, col0, tck).addmm_(xI.t(), s_t.t());
+        if (need_gw) {
+          at::Tensor wb = at::from_blob(wbuf.data(), {D, tck}, opts);
+          if (i0 == 0) {
+            at::mm_out(wb, xI.t(), s_t.t());
+          } else {
+            wb.addmm_(xI.t(), s_t.t());
+          }
+        }
         if (need_gx) gx_parts[tid].narrow(0, i0, br).addmm_(s_t.t(), wT);
       }
       if (!need_gw) continue;
@@ -259,10 +269,11 @@ void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Te
       }
       for (int64_t d = 0; d < D; ++d) {
         S* g = GW + d * CK + col0;
+        const S* b = wbuf.data() + d * tck;
         const S* wr = WP + d * CK + col0;
         int64_t j = 0;
-        for (; j + W <= tck; j += W) (V::loadu(g + j) - V::loadu(coef.data() + j) * V::loadu(wr + j)).store(g + j);
-        for (; j < tck; ++j) g[j] -= coef[j] * wr[j];
+        for (; j + W <= tck; j += W) (V::loadu(b + j) - V::loadu(coef.data() + j) * V::loadu(wr + j)).store(g + j);
+        for (; j < tck; ++j) g[j] = b[j] - coef[j] * wr[j];
       }
     }
   });
@@ -323,8 +334,12 @@ std::tuple<at::Tensor, at::Tensor> softtriple_bwd_cpu(const at::Tensor& grad_row
                 t->sizes(), " ", t->scalar_type());
   }
   at::Tensor gx = need_gx ? at::zeros_like(x) : at::empty({0}, x.options());
-  at::Tensor gw = need_gw ? at::zeros_like(w) : at::empty({0}, w.options());
-  if (N == 0 || (!need_gx && !need_gw)) return {gx, gw};
+  // every column of gw is written exactly once by the thread owning its class tile
+  at::Tensor gw = need_gw ? at::empty_like(w) : at::empty({0}, w.options());
+  if (N == 0 || (!need_gx && !need_gw)) {
+    if (need_gw) gw.zero_();
+    return {gx, gw};
+  }
   const at::Tensor xd = x.detach(), wd = w.detach();
   const at::Tensor gd = grad_rows.detach().contiguous(), ld = lse.detach().contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_bwd_cpu", [&] {

@@ -197,6 +197,20 @@ def test_opcheck_cpp_ops():
                           (torch.rand_like(rows), x.detach(), y, wn.detach(), lse, 3, 20.0, 0.1, 0.01, True, True))
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed / TRITON_INTERPRET not set")
+def test_opcheck_triton_ops():
+    from rll_kernels.triton import softtriple as tst
+
+    e, y, w = _problem(9, 5, 3, 6)
+    x = F.normalize(e, dim=1).requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(tst.softtriple_triton_fwd, (x, y, w, 3, 20.0, 0.1, 0.01))
+    rows, lse = tst.softtriple_triton_fwd(x.detach(), y, w.detach(), 3, 20.0, 0.1, 0.01)
+    torch.library.opcheck(tst.softtriple_triton_bwd,
+                          (torch.rand_like(rows), x.detach(), y, w.detach(), lse, 3, 20.0, 0.1, 0.01, True, True))
+
+
 # ---------------------------------------------------------------- module, dtypes, PML interop
 def test_module_equals_pml_and_loads_its_state_dict():
     c, d, k = 9, 16, 4
