@@ -77,6 +77,39 @@ def memory_child(provider: str, a) -> None:
     print(json.dumps({"provider": provider, "growth_mib": max(0, peak - base) / 1024}))
 
 
+def op_ratios(a) -> None:
+    """The C++ ops alone against one torch.mm of the same size (GEMM units), interleaved medians."""
+    import torch
+    import torch.nn.functional as F
+
+    import rll_kernels  # noqa: F401  (loads the ops)
+
+    torch.manual_seed(0)
+    w = torch.empty(a.d, a.c * a.k)
+    torch.nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+    x = F.normalize(torch.randn(a.n, a.d), dim=1)
+    y = torch.randint(0, a.c, (a.n,))
+    g = torch.full((a.n,), 1.0 / a.n)
+    ops = torch.ops.rll_kernels
+    _, lse = ops.softtriple_fwd(x, y, w, a.k, 20.0, 0.1, 0.01)
+    fns = {
+        "torch.mm(x, W)": lambda: torch.mm(x, w),
+        "softtriple_fwd": lambda: ops.softtriple_fwd(x, y, w, a.k, 20.0, 0.1, 0.01),
+        "softtriple_bwd": lambda: ops.softtriple_bwd(g, x, y, w, lse, a.k, 20.0, 0.1, 0.01, True, True),
+    }
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(a.reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["torch.mm(x, W)"])
+    for k, v in times.items():
+        print(f"{k:<16} {1e3 * statistics.median(v):>9.1f} ms  {statistics.median(v) / base:.2f}x torch.mm")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=256)
@@ -87,12 +120,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--providers", default="pml,fused")
+    p.add_argument("--ops", action="store_true", help="op-level times in units of one torch.mm")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.memory_child:
         memory_child(a.memory_child, a)
         return
     import torch
+
+    if a.ops:
+        torch.set_num_threads(a.threads)
+        op_ratios(a)
+        return
 
     torch.set_num_threads(a.threads)
     provs = a.providers.split(",")
