@@ -147,15 +147,15 @@ def main() -> None:
     del steps
     mem = {}
     for pv in provs:
-        cmd = [sys.executable, __file__, "--memory-child", pv] + [f"--{k}={v}" for k, v in
-                                                                    (("n", a.n), ("c", a.c), ("k", a.k), ("d", a.d),
-                                                                     ("tau", a.tau), ("threads", a.threads))]
+        opts = (("n", a.n), ("c", a.c), ("k", a.k), ("d", a.d), ("tau", a.tau), ("threads", a.threads))
+        cmd = [sys.executable, __file__, "--memory-child", pv] + [f"--{k}={v}" for k, v in opts]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         mem[pv] = json.loads(out)["growth_mib"]
     print(f"N={a.n} C={a.c} K={a.k} D={a.d} float32, {a.threads} threads, fwd+bwd, median of {a.reps}")
     print(f"{'provider':<10} {'median ms':>10} {'min ms':>8} {'peak RSS growth MiB':>20}")
     for pv in provs:
-        print(f"{pv:<10} {1e3 * statistics.median(times[pv]):>10.1f} {1e3 * min(times[pv]):>8.1f} {mem[pv]:>20.1f}")
+        med, best = 1e3 * statistics.median(times[pv]), 1e3 * min(times[pv])
+        print(f"{pv:<10} {med:>10.1f} {best:>8.1f} {mem[pv]:>20.1f}")
     if "pml" in provs and "fused" in provs:
         sp = statistics.median(times["pml"]) / statistics.median(times["fused"])
         paired = statistics.median(p / f for p, f in zip(times["pml"], times["fused"]))

@@ -1,19 +1,22 @@
 // Fused SoftTriple loss, CPU kernels (SPEC section 2).
 //
-// x (N, D) is already normalised; the centers w (D, C*K) (column c*K + k = center k of class c) are
-// the raw parameter: the kernel scales each center column by 1/max(|w_ck|, 1e-12) on the fly (as
-// F.normalize) and returns the gradient of the raw parameter, so no normalised copy of W (which, at
-// D x C*K, is larger than N x C*K in the target case) is ever made. The classes are streamed in tiles of TC classes (TC*K columns). Per tile and block of BR
-// rows, one GEMM gives the transposed logits tile s^T = W_tile^T X_blk^T (TC*K x BR), so that for a
-// fixed center the BR rows lie contiguous and every per-(i, c) step vectorises across rows:
-// the K-softmax S_ic = sum_k softmax_k(s_ick / gamma) s_ick, z_ic = la (S_ic - margin [c = y_i]) and
-// an online log-sum-exp over the classes. Forward keeps only LSE_i (and returns l_i = LSE_i - z_iy).
-// Backward recomputes each tile, overwrites it with G'_ick = r_ck dL/ds_ick (r = 1/|w|) and does two
-// GEMMs: dW[:, tile] = X^T G' into a cache-resident tile buffer, written once to dW with the
-// normalisation's projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck (each class tile is owned by
-// one thread: no atomics, no per-thread copies of dW); and
-// dX += G' W_tile^T (a per-thread partial dX, summed at the end). Memory: O((N + C K) D) plus
-// per-thread tiles; no N x C*K tensor.
+// x (N, D) is already normalised; the centers w (D, C*K) (column c*K + k = center k of class c)
+// are the raw parameter: the kernel scales each center column by 1/max(|w_ck|, 1e-12) on the fly
+// (as F.normalize) and returns the gradient of the raw parameter, so no normalised copy of W
+// (which, at D x C*K, is larger than N x C*K in the target case) is ever made.
+//
+// The classes are streamed in tiles of TC classes (TC*K columns). Per tile and block of BR rows,
+// one GEMM gives the transposed logits tile s^T = W_tile^T X_blk^T (TC*K x BR), so that for a
+// fixed center the BR rows lie contiguous and every per-(i, c) step vectorises across rows: the
+// K-softmax S_ic = sum_k softmax_k(s_ick / gamma) s_ick, z_ic = la (S_ic - margin [c = y_i]) and
+// an online log-sum-exp over the classes. Forward keeps only LSE_i (and returns
+// l_i = LSE_i - z_iy).
+//
+// Backward recomputes each tile, overwrites it with G'_ick = r_ck dL/ds_ick (r = 1/|w|) and does
+// two GEMMs: dW[:, tile] = X^T G' into a cache-resident tile buffer, written once to dW with the
+// normalisation's projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck (each class tile is owned
+// by one thread: no atomics, no per-thread copies of dW); and dX += G' W_tile^T (a per-thread
+// partial dX, summed at the end). Memory: O((N + C K) D) plus per-thread tiles; no N x C*K tensor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

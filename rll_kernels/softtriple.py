@@ -75,28 +75,37 @@ def _triton_status(device: torch.device) -> Optional[str]:
     return "Triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)"
 
 
+def _cpp_status(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return "the cpp backend runs on CPU tensors only"
+    if not _ops.has_kernel("softtriple_fwd", "cpu"):
+        return f"C++ extension not built ({_ops.C_IMPORT_ERROR})"
+    return None
+
+
+_STATUS = {"reference": lambda dev: None, "cpp": _cpp_status, "triton": _triton_status}
+
+
 def available_backends(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:
     """SoftTriple backends: name -> None if usable on ``device``, else the reason it is not."""
     dev = torch.device(device)
-    cpp_ok = dev.type == "cpu" and _ops.has_kernel("softtriple_fwd", "cpu")
-    cpp_why = ("the cpp backend runs on CPU tensors only" if dev.type != "cpu"
-               else f"C++ extension not built ({_ops.C_IMPORT_ERROR})")
-    return {"reference": None, "cpp": None if cpp_ok else cpp_why, "triton": _triton_status(dev)}
+    return {name: status(dev) for name, status in _STATUS.items()}
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     check_choice(backend, "backend", BACKENDS)
-    avail = available_backends(device)
     if backend != "auto":
-        why = avail[backend]
+        why = _STATUS[backend](device)
         if why is not None:
-            raise RuntimeError(f"rll_kernels: SoftTriple backend {backend!r} is not available on {device}: {why}")
+            raise RuntimeError(
+                f"rll_kernels: SoftTriple backend {backend!r} is not available on {device}: {why}")
         return backend
     name = "cpp" if device.type == "cpu" else "triton"
-    if avail[name] is None:
+    why = _STATUS[name](device)  # probe only the backend "auto" wants (no triton import on CPU)
+    if why is None:
         return name
     warn_once(f"softtriple-fallback-{device.type}",
-              f"rll_kernels: no fused SoftTriple backend for {device.type} tensors ({name}: {avail[name]}); "
+              f"rll_kernels: no fused SoftTriple backend for {device.type} tensors ({name}: {why}); "
               "falling back to the dense reference (materialises N x C*K)")
     return "reference"
 
@@ -191,7 +200,8 @@ class _SparseCentersRaw(torch.autograd.Function):
         return out, None, None
 
 
-def sparse_centers_raw(centers: torch.Tensor, centers_per_class: int, *, reg_eps: float = REG_EPS) -> torch.Tensor:
+def sparse_centers_raw(centers: torch.Tensor, centers_per_class: int, *,
+                       reg_eps: float = REG_EPS) -> torch.Tensor:
     """SoftTriple's regulariser R from the raw (D, C*K) centers, without a normalised copy of them.
 
     Per class, the K x K Gram of the raw centers divided by the outer product of their norms (the
@@ -277,7 +287,8 @@ class SoftTripleFused(torch.nn.Module):
     """
 
     def __init__(self, num_classes: int, embedding_size: int, centers_per_class: int = 10, la: float = 20.0,
-                 gamma: float = 0.1, margin: float = 0.01, tau: float = 0.2, *, backend: str = "auto") -> None:
+                 gamma: float = 0.1, margin: float = 0.01, tau: float = 0.2, *,
+                 backend: str = "auto") -> None:
         super().__init__()
         for nm, v in (("num_classes", num_classes), ("embedding_size", embedding_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -208,7 +208,8 @@ def _check(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, k: int) -> No
     torch._check(x.shape[1] == w.shape[0], lambda: "softtriple_triton: x and w embedding sizes differ")
     torch._check(k >= 1 and w.shape[1] % k == 0, lambda: "softtriple_triton: w columns not a multiple of K")
     torch._check(x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64),
-                 lambda: f"softtriple_triton: x and w must both be float32 or float64, got {x.dtype}, {w.dtype}")
+                 lambda: f"softtriple_triton: x and w must both be float32 or float64, got {x.dtype}, "
+                         f"{w.dtype}")
     torch._check(labels.dtype == torch.int64 and labels.shape == (x.shape[0],),
                  lambda: "softtriple_triton: labels must be int64 of shape (N,)")
 
