@@ -75,10 +75,14 @@ def _triton_status(device: torch.device) -> Optional[str]:
     return "Triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)"
 
 
+# probed once at import (the dispatcher query cannot be traced by torch.compile)
+_CPP_REGISTERED = _ops.HAS_C and _ops.has_kernel("softtriple_fwd", "cpu")
+
+
 def _cpp_status(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return "the cpp backend runs on CPU tensors only"
-    if not _ops.has_kernel("softtriple_fwd", "cpu"):
+    if not _CPP_REGISTERED:
         return f"C++ extension not built ({_ops.C_IMPORT_ERROR})"
     return None
 

@@ -297,7 +297,7 @@ def test_named_unavailable_backend_raises(monkeypatch):
 
 
 def test_fallback_to_reference_warns_once(monkeypatch):
-    monkeypatch.setattr(st._ops, "has_kernel", lambda op, dev: False)
+    monkeypatch.setattr(st, "_CPP_REGISTERED", False)
     monkeypatch.setattr(rll_kernels._dispatch, "_warned", set())
     e, y, w = _problem(6, 5, 2, 4)
     with pytest.warns(RuntimeWarning, match="falling back to the dense reference"):
@@ -327,3 +327,15 @@ def test_cpp_zero_and_tiny_centers():
     assert_close_fp64(gef, ger, "grad embeddings")
     assert_close_fp64(gwf, gwr, "grad centers")
     assert gwf[:, 2].abs().max() > 1e6  # the clamped column really is in the 1/eps regime
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_cpp():
+    # the C++ ops (fake kernels + registered autograd) and the regulariser trace without graph breaks
+    e, y, w = _problem(13, 5, 3, 8)
+    fn = torch.compile(lambda a, b: soft_triple_loss(a, y, b, 3, backend="cpp"), fullgraph=True)
+    lc, gec, gwc = _loss_and_grads(lambda a, _y, b: fn(a, b), e, y, w)
+    lr, ger, gwr = _loss_and_grads(ref_loss, e, y, w, 3)
+    assert_close_fp64(lc, lr, "loss")
+    assert_close_fp64(gec, ger, "grad embeddings")
+    assert_close_fp64(gwc, gwr, "grad centers")
