@@ -58,6 +58,11 @@ demo: $(BUILD)
 clean:
 	rm -rf build *.egg-info rll_kernels/*.so $(BUILD)
 
+# SoftTriple (issue 7): fused C++ vs PML at SOP scale (N=256, C=11318, K=10, D=512, fp32, 2 threads)
+.PHONY: bench-softtriple
+bench-softtriple: $(BUILD)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/bench_softtriple.py $(BENCH_ARGS)
+
 # CUDA backend without a GPU: nvcc compile checks (skipped without nvcc) + the kernels run on the CPU
 .PHONY: cuda-check
 cuda-check: $(BUILD)

@@ -4,6 +4,9 @@ from . import metrics  # noqa: F401  (recall_at_k, nmi)
 from ._dispatch import available_backends
 from .functional import ranked_list_loss
 from .modules import RLLFused
+from .softtriple import SoftTripleFused, soft_triple_loss
 
 __version__ = "0.1.0"
-__all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "metrics", "__version__"]
+__all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "__version__"]
+__all__ += ["SoftTripleFused", "soft_triple_loss"]
+__all__ += ["metrics"]

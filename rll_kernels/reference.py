@@ -126,3 +126,4 @@ def ranked_list_loss(
     if reduction == "sum":
         return rows.sum()
     return rows
+from ._reference_softtriple import soft_triple_loss  # noqa: E402,F401
