@@ -1,21 +1,42 @@
 """Build the rll_kernels C++ extension.
 
-Always builds the CPU kernels (csrc/*.cpp) with ninja. CUDA sources (csrc/cuda/*.cu) are added
-only when torch was built with CUDA and nvcc is present (or FORCE_CUDA=1 with a CUDA torch, for
-GPU-less build machines: set TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0+PTX"). Otherwise one warning line.
+Always builds the CPU kernels (csrc/*.cpp) with ninja. The CUDA kernels (csrc/cuda/*.cu) are added
+when torch was built with CUDA, nvcc is found (CUDA_HOME) and a GPU is visible; FORCE_CUDA=1 builds
+them on a GPU-less machine (TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX"). Otherwise one warning line
+and a CPU-only extension. USE_CUDA=0 never builds them.
 
 Env: RLL_SKIP_EXT=1 (pure-Python install: reference + Triton), DEBUG=1 (-O0 -g),
-MAX_JOBS (parallel compile jobs), NVCC_THREADS (default 2).
+MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads per job, default 2).
 """
 import glob
 import os
 import platform
-import shutil
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # Ampere and Hopper cubins + PTX for newer GPUs
+
+
+def _cuda_wanted(torch, cuda_sources):
+    """(build the CUDA kernels?, why not). Needs a CUDA torch and nvcc (CUDA_HOME), and a GPU or
+    FORCE_CUDA=1 (GPU-less build machines, with TORCH_CUDA_ARCH_LIST)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if not cuda_sources:
+        return False, "no csrc/cuda sources"
+    if os.environ.get("USE_CUDA", "1") == "0":
+        return False, "USE_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "torch has no CUDA"
+    if CUDA_HOME is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    if not (torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"):
+        return False, "no GPU visible; set FORCE_CUDA=1 to build anyway"
+    return True, ""
 
 
 def _ext_modules():
@@ -35,17 +56,20 @@ def _ext_modules():
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    has_cuda_torch = torch.version.cuda is not None
-    has_nvcc = shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME")
-    force = os.environ.get("FORCE_CUDA", "0") == "1"
-    use_cuda = bool(cuda_sources) and has_cuda_torch and (has_nvcc or force)
+    use_cuda, why = _cuda_wanted(torch, cuda_sources)
     if cuda_sources and not use_cuda:
-        why = "torch has no CUDA" if not has_cuda_torch else "nvcc not found"
         print(f"rll_kernels: warning: CUDA backend not built ({why}); CPU and Triton backends only",
               file=sys.stderr)
     if use_cuda:
-        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
-                "--threads", os.environ.get("NVCC_THREADS", "2")]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # no GPU to query: cpp_extension would fail on an empty arch list
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(f"rll_kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}",
+                  file=sys.stderr)
+        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"])
+        # c++20: torch 2.13 headers; stable ABI of torch 2.10 for the glue (csrc/cuda/rll_cuda_glue.cu)
+        nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-DTORCH_TARGET_VERSION=0x020a000000000000",
+                 "-DUSE_CUDA", "--threads", os.environ.get("NVCC_THREADS") or "2"]
         ext = CUDAExtension(
             "rll_kernels._C",
             sources + cuda_sources,

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <utility>
 #include <vector>
 
 namespace rll {
@@ -47,6 +49,12 @@ inline S hmax(const Vectorized<S>& v) {
                                     v);
 }
 
+// True when no lane of a comparison mask is set (all lanes zero bits).
+template <class S>
+inline bool none_set(const Vectorized<S>& mask) {
+  return mask.zero_mask() == (1 << Vectorized<S>::size()) - 1;
+}
+
 // Tile sizes: a K tile of BK x D stays in L2 (2 MiB here); BQ x BK tiles stay in L1/L2.
 struct Tiling {
   int64_t bq, bk;
@@ -60,31 +68,92 @@ inline Tiling choose_tiling(int64_t N, int64_t D) {
   return {bq, bk};
 }
 
-// Per-row, per-tile label/exclusion masks (1 or 0 in the value type, so they load as vectors).
-// Pads columns [bk, bk_pad) with 0 so vector tails are inert. Branch-free so it vectorises.
+// Labels as values of the kernel's type S, so a label comparison is one SIMD compare. Exact:
+// labels are cast when they fit the mantissa, else replaced by their dense rank.
 template <class S>
-inline void row_masks(int64_t i, int64_t j0, int64_t bk, int64_t bk_pad, const int64_t* ql, const int64_t* qid,
-                      const int64_t* kl, const int64_t* kid, S* same, S* diff) {
-  const int64_t li = ql[i];
-  const int64_t* klj = kl + j0;
-  if (qid == nullptr) {
-    for (int64_t c = 0; c < bk; ++c) {
-      const S s = klj[c] == li ? S(1) : S(0);
-      same[c] = s;
-      diff[c] = S(1) - s;
-    }
-  } else {
-    const int64_t idi = qid[i];
-    const int64_t* kidj = kid + j0;
-    for (int64_t c = 0; c < bk; ++c) {
-      const S valid = kidj[c] != idi ? S(1) : S(0);
-      const S s = klj[c] == li ? S(1) : S(0);
-      same[c] = valid * s;
-      diff[c] = valid * (S(1) - s);
-    }
-  }
-  for (int64_t c = bk; c < bk_pad; ++c) same[c] = diff[c] = S(0);
+at::Tensor labels_as(const at::Tensor& ql, const at::Tensor& kl) {
+  const int64_t lim = int64_t(1) << std::numeric_limits<S>::digits;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+  at::Tensor both = at::cat({ql, kl});
+  if (both.numel() == 0 || (both.min().item<int64_t>() > -lim && both.max().item<int64_t>() < lim))
+    return both.to(opts);
+  at::Tensor inverse = std::get<1>(at::_unique(both, /*sorted=*/true, /*return_inverse=*/true));
+  return inverse.to(opts);
 }
+
+// Excluded pairs (q_ids[i] == k_ids[j]) as per-row sorted column lists (CSR).
+struct Exclusions {
+  std::vector<int64_t> offsets, cols;
+  bool empty() const { return cols.empty(); }
+};
+inline Exclusions build_exclusions(const int64_t* qid, const int64_t* kid, int64_t N, int64_t M) {
+  Exclusions ex;
+  if (qid == nullptr) return ex;
+  std::vector<std::pair<int64_t, int64_t>> kv(M);
+  for (int64_t j = 0; j < M; ++j) kv[j] = {kid[j], j};
+  std::sort(kv.begin(), kv.end());
+  ex.offsets.resize(N + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    auto lo = std::lower_bound(kv.begin(), kv.end(), std::make_pair(qid[i], std::numeric_limits<int64_t>::min()));
+    for (auto it = lo; it != kv.end() && it->first == qid[i]; ++it) ex.cols.push_back(it->second);
+    ex.offsets[i + 1] = static_cast<int64_t>(ex.cols.size());
+  }
+  return ex;
+}
+
+// Calls f(c) for every excluded column c of row i inside the tile [j0, j0 + bk).
+template <class F>
+inline void for_excluded(const Exclusions& ex, int64_t i, int64_t j0, int64_t bk, F&& f) {
+  if (ex.empty()) return;
+  const int64_t* b = ex.cols.data() + ex.offsets[i];
+  const int64_t* e = ex.cols.data() + ex.offsets[i + 1];
+  for (const int64_t* it = std::lower_bound(b, e, j0); it != e && *it < j0 + bk; ++it) f(*it - j0);
+}
+
+// Per-tile gallery data, padded to whole vectors: squared norms and labels (NaN labels in the
+// padding match nothing, so the tail lanes are in no set).
+template <class S>
+inline void load_tile(const S* NK, const S* KLF, int64_t j0, int64_t bk, int64_t bk_pad, S* nkp, S* klp) {
+  std::copy(NK + j0, NK + j0 + bk, nkp);
+  std::copy(KLF + j0, KLF + j0 + bk, klp);
+  std::fill(nkp + bk, nkp + bk_pad, S(0));
+  std::fill(klp + bk, klp + bk_pad, std::numeric_limits<S>::quiet_NaN());
+}
+
+// Same-label and other-label masks of one vector of gallery labels against the query's label.
+template <class S>
+inline void label_masks(const Vectorized<S>& kl, const Vectorized<S>& li, Vectorized<S>& same,
+                        Vectorized<S>& diff) {
+  same = kl == li;
+  diff = (kl < li) | (kl > li);  // both false for the NaN padding
+}
+
+// Shared set-up of both kernels: norms, labels as S, exclusions, tiling.
+template <class S>
+struct Prep {
+  at::Tensor nq_t, nk_t, lab_t;
+  const S *NQ, *NK, *QLF, *KLF;
+  Exclusions ex;
+  int64_t N, M, D, BQ, BK, BKP, nblocks;
+  Prep(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid_t, const at::Tensor& k,
+       const at::Tensor& kl, const c10::optional<at::Tensor>& kid_t) {
+    N = q.size(0), M = k.size(0), D = q.size(1);
+    nq_t = (q * q).sum(1);
+    nk_t = (k * k).sum(1);
+    lab_t = labels_as<S>(ql, kl);
+    NQ = nq_t.data_ptr<S>();
+    NK = nk_t.data_ptr<S>();
+    QLF = lab_t.data_ptr<S>();
+    KLF = QLF + N;
+    ex = build_exclusions(qid_t.has_value() ? qid_t->data_ptr<int64_t>() : nullptr,
+                          kid_t.has_value() ? kid_t->data_ptr<int64_t>() : nullptr, N, M);
+    const Tiling tl = choose_tiling(N, D);
+    BQ = tl.bq, BK = tl.bk;
+    const int64_t W = Vectorized<S>::size();
+    BKP = (BK + W - 1) / W * W;
+    nblocks = (N + BQ - 1) / BQ;
+  }
+};
 
 template <class S>
 void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid_t,
@@ -92,39 +161,26 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
                         const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gradq,
                         at::Tensor& stats) {
   using V = Vectorized<S>;
-  const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
+  const Prep<S> P(q, ql, qid_t, k, kl, kid_t);
+  const int64_t N = P.N, M = P.M, D = P.D, BQ = P.BQ, BK = P.BK, BKP = P.BKP;
+  const int64_t W = V::size();
   const S* Q = q.data_ptr<S>();
-  const int64_t* QL = ql.data_ptr<int64_t>();
-  const int64_t* KL = kl.data_ptr<int64_t>();
-  const int64_t* QID = qid_t.has_value() ? qid_t->data_ptr<int64_t>() : nullptr;
-  const int64_t* KID = kid_t.has_value() ? kid_t->data_ptr<int64_t>() : nullptr;
   S* LOSS = loss.data_ptr<S>();
   S* STATS = stats.data_ptr<S>();
   S* GQ = paper_grad ? gradq.data_ptr<S>() : nullptr;
-  const at::Tensor nq_t = (q * q).sum(1);
-  const at::Tensor nk_t = (k * k).sum(1);
-  const S* NQ = nq_t.data_ptr<S>();
-  const S* NK = nk_t.data_ptr<S>();
   const S rel = dup_rel<S>();
-
-  const Tiling tl = choose_tiling(N, D);
-  const int64_t BQ = tl.bq, BK = tl.bk;
-  const int64_t W = V::size();
-  const int64_t BKP = (BK + W - 1) / W * W;
-  const int64_t nblocks = (N + BQ - 1) / BQ;
+  const S ninf = neg_inf<S>();
   const auto opts = q.options();
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, P.nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<S> sbuf(BQ * BK), cp(BQ * BK), cn(BQ * BK);
-    std::vector<S> same(BKP), diff(BKP), sp(BKP), sn(BKP), vp(BKP), vn(BKP), inv(BKP), nkp(BKP);
+    std::vector<S> sp(BKP), sn(BKP), vp(BKP), vn(BKP), inv(BKP), nkp(BKP), klp(BKP);
     std::vector<char> has_pos(BQ);
     std::vector<OnlineRow<S>> rp(BQ), rn(BQ);
     std::vector<S> csp(BQ), csn(BQ);
-    at::Tensor accp, accn;
-    if (paper_grad) {
-      accp = at::empty({BQ, D}, opts);
-      accn = at::empty({BQ, D}, opts);
-    }
+    std::vector<S> accp(paper_grad ? BQ * D : 0), accn(paper_grad ? BQ * D : 0);
+    at::Tensor accp_t = paper_grad ? at::from_blob(accp.data(), {BQ, D}, opts) : at::Tensor();
+    at::Tensor accn_t = paper_grad ? at::from_blob(accn.data(), {BQ, D}, opts) : at::Tensor();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * BQ, bq = std::min(BQ, N - i0);
       const at::Tensor qI = q.narrow(0, i0, bq);
@@ -132,33 +188,29 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
       std::fill(rn.begin(), rn.end(), OnlineRow<S>{});
       std::fill(csp.begin(), csp.end(), S(0));
       std::fill(csn.begin(), csn.end(), S(0));
-      if (paper_grad) {
-        accp.zero_();
-        accn.zero_();
-      }
+      std::fill(accp.begin(), accp.end(), S(0));
+      std::fill(accn.begin(), accn.end(), S(0));
       for (int64_t j0 = 0; j0 < M; j0 += BK) {
         const int64_t bk = std::min(BK, M - j0);
         const at::Tensor kJ = k.narrow(0, j0, bk);
         at::Tensor s_t = at::from_blob(sbuf.data(), {bq, bk}, opts);
         at::mm_out(s_t, qI, kJ.t());
-        std::copy(NK + j0, NK + j0 + bk, nkp.begin());
-        std::fill(nkp.begin() + bk, nkp.end(), S(0));
+        load_tile(P.NK, P.KLF, j0, bk, BKP, nkp.data(), klp.data());
         int64_t tile_pos = 0;
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t i = i0 + r;
-          row_masks<S>(i, j0, bk, BKP, QL, QID, KL, KID, same.data(), diff.data());
           const S* srow = sbuf.data() + r * bk;
-          const V nqi(NQ[i]);
-          V mxp(neg_inf<S>()), mxn(neg_inf<S>());
+          const V nqi(P.NQ[i]), li(P.QLF[i]);
+          V mxp(ninf), mxn(ninf);
           for (int64_t c = 0; c < BKP; c += W) {
             const int64_t cnt = std::min(W, bk - c);
-            const V dot = cnt > 0 ? V::loadu(srow + c, cnt) : V(S(0));
+            const V dot = cnt >= W ? V::loadu(srow + c) : V::loadu(srow + c, std::max<int64_t>(cnt, 0));
             const V nk = V::loadu(nkp.data() + c);
             const V d2 = gram_d2(dot, nqi, nk);
             const auto dup = is_dup(d2, nqi, nk, rel);
             const V d = pair_dist(d2, dup);
-            const V sm = V::loadu(same.data() + c) != V(S(0));
-            const V df = V::loadu(diff.data() + c) != V(S(0));
+            V sm, df;
+            label_masks(V::loadu(klp.data() + c), li, sm, df);
             const V pos = in_pos(sm, d, prm), neg = in_neg(df, d, prm);
             const V vpv = pos_value(d, prm), vnv = neg_value(d, prm);
             const V spv = masked_logit(pos, vpv, prm.Tp), snv = masked_logit(neg, vnv, prm.Tn);
@@ -166,34 +218,50 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
             snv.store(sn.data() + c);
             vpv.store(vp.data() + c);
             vnv.store(vn.data() + c);
-            pair_inv_dist(d, dup).store(inv.data() + c);
+            if (paper_grad) pair_inv_dist(d, dup).store(inv.data() + c);
             mxp = at::vec::maximum(mxp, spv);
             mxn = at::vec::maximum(mxn, snv);
           }
+          S tmp = hmax(mxp), tmn = hmax(mxn);
+          // excluded pairs (the pair i = i in-batch) are in no set; re-take the max if one held it
+          bool rescan = false;
+          for_excluded(P.ex, i, j0, bk, [&](int64_t c) {
+            rescan |= (sp[c] == tmp && tmp != ninf) || (sn[c] == tmn && tmn != ninf);
+            sp[c] = sn[c] = ninf;
+          });
+          if (rescan) {
+            tmp = *std::max_element(sp.begin(), sp.end());
+            tmn = *std::max_element(sn.begin(), sn.end());
+          }
           S* cprow = cp.data() + r * bk;
           S* cnrow = cn.data() + r * bk;
-          // one set at a time: (online state, its logits, values, coefficient row, coef sum, accumulator)
-          auto run_set = [&](OnlineRow<S>& st, const S* lg, const S* val, S* crow, S& csum, at::Tensor* acc,
+          // one set: fold the tile into the online state (and the gradient coefficients)
+          auto run_set = [&](OnlineRow<S>& st, const S* lg, const S* val, S* crow, S& csum, S* acc,
                              S tile_max) -> bool {
-            if (tile_max == neg_inf<S>()) {
+            if (tile_max == ninf) {
               if (paper_grad) std::fill(crow, crow + bk, S(0));
               return false;
             }
             const S f = online_begin_tile(st, tile_max);
             if (paper_grad && f != S(1)) {
               csum *= f;
-              S* a = acc->data_ptr<S>() + r * D;
+              S* a = acc + r * D;
               for (int64_t e = 0; e < D; ++e) a[e] *= f;
             }
             V lsum(S(0)), asum(S(0)), csv(S(0));
             for (int64_t c = 0; c < BKP; c += W) {
-              const V w = online_weight(V::loadu(lg + c), st);
+              const int64_t cnt = std::min(W, bk - c);
+              const V lv = V::loadu(lg + c);
+              if (none_set(lv != V(ninf))) {  // most vectors hold no member: skip the exp
+                if (paper_grad && cnt > 0) V(S(0)).store(crow + c, cnt);
+                continue;
+              }
+              const V w = online_weight(lv, st);
               lsum = lsum + w;
               asum = asum + w * V::loadu(val + c);
               if (paper_grad) {
                 const V cc = w * V::loadu(inv.data() + c);
                 csv = csv + cc;
-                const int64_t cnt = std::min(W, bk - c);
                 if (cnt > 0) cc.store(crow + c, cnt);
               }
             }
@@ -202,8 +270,8 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
             csum += hsum(csv);
             return true;
           };
-          const bool hp = run_set(rp[r], sp.data(), vp.data(), cprow, csp[r], &accp, hmax(mxp));
-          run_set(rn[r], sn.data(), vn.data(), cnrow, csn[r], &accn, hmax(mxn));
+          const bool hp = run_set(rp[r], sp.data(), vp.data(), cprow, csp[r], accp.data(), tmp);
+          run_set(rn[r], sn.data(), vn.data(), cnrow, csn[r], accn.data(), tmn);
           has_pos[r] = hp;
           if (hp && paper_grad) {
             for (int64_t c = 0; c < bk; ++c) tile_pos += cprow[c] != S(0);
@@ -211,21 +279,20 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
         }
         if (paper_grad) {
           const at::Tensor cn_t = at::from_blob(cn.data(), {bq, bk}, opts);
-          accn.narrow(0, 0, bq).addmm_(cn_t, kJ);
+          accn_t.narrow(0, 0, bq).addmm_(cn_t, kJ);
           // positives are few in typical P x K batches: sparse row updates unless the tile is dense
           if (tile_pos * 8 > bq * bk) {
             const at::Tensor cp_t = at::from_blob(cp.data(), {bq, bk}, opts);
-            accp.narrow(0, 0, bq).addmm_(cp_t, kJ);
+            accp_t.narrow(0, 0, bq).addmm_(cp_t, kJ);
           } else if (tile_pos > 0) {
-            S* AP = accp.data_ptr<S>();
             const S* KJ = kJ.data_ptr<S>();
             for (int64_t r = 0; r < bq; ++r) {
               if (!has_pos[r]) continue;
               const S* cprow = cp.data() + r * bk;
+              S* a = accp.data() + r * D;
               for (int64_t c = 0; c < bk; ++c) {
                 const S w = cprow[c];
                 if (w == S(0)) continue;
-                S* a = AP + r * D;
                 const S* kr = KJ + c * D;
                 for (int64_t e = 0; e < D; ++e) a[e] += w * kr[e];
               }
@@ -234,8 +301,6 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
         }
       }
       // finish the rows of this block
-      const S* AP = paper_grad ? accp.data_ptr<S>() : nullptr;
-      const S* AN = paper_grad ? accn.data_ptr<S>() : nullptr;
       for (int64_t r = 0; r < bq; ++r) {
         const int64_t i = i0 + r;
         const SetStats<S> stp = online_finish(rp[r], prm.den_bias);
@@ -248,11 +313,11 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::op
         st[3] = stn.L;
         if (!paper_grad) continue;
         // dL/dz_i = sum_set sign * lam_set / den_set * (csum z_i - acc_i); weights in units of e^m
-        const S fp = stp.logden == neg_inf<S>() ? S(0) : (S(1) - prm.lam) * rll_exp(rp[r].m - stp.logden);
-        const S fn = stn.logden == neg_inf<S>() ? S(0) : -prm.lam * rll_exp(rn[r].m - stn.logden);
+        const S fp = stp.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(rp[r].m - stp.logden);
+        const S fn = stn.logden == ninf ? S(0) : -prm.lam * rll_exp(rn[r].m - stn.logden);
         const S* zi = Q + i * D;
-        const S* ap = AP + r * D;
-        const S* an = AN + r * D;
+        const S* ap = accp.data() + r * D;
+        const S* an = accn.data() + r * D;
         S* g = GQ + i * D;
         const S cz = fp * csp[r] + fn * csn[r];
         for (int64_t e = 0; e < D; ++e) g[e] = cz * zi[e] - fp * ap[e] - fn * an[e];
@@ -267,34 +332,23 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
                          const c10::optional<at::Tensor>& kid_t, const at::Tensor& stats, const Params<S> prm,
                          bool attached, bool need_gq, bool need_gk, at::Tensor& gq, at::Tensor& gk) {
   using V = Vectorized<S>;
-  const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
-  const int64_t* QL = ql.data_ptr<int64_t>();
-  const int64_t* KL = kl.data_ptr<int64_t>();
-  const int64_t* QID = qid_t.has_value() ? qid_t->data_ptr<int64_t>() : nullptr;
-  const int64_t* KID = kid_t.has_value() ? kid_t->data_ptr<int64_t>() : nullptr;
+  const Prep<S> P(q, ql, qid_t, k, kl, kid_t);
+  const int64_t N = P.N, M = P.M, D = P.D, BQ = P.BQ, BK = P.BK, BKP = P.BKP;
+  const int64_t W = V::size();
   const S* G = grad_rows.data_ptr<S>();
   const S* STATS = stats.data_ptr<S>();
-  const at::Tensor nq_t = (q * q).sum(1);
-  const at::Tensor nk_t = (k * k).sum(1);
-  const S* NQ = nq_t.data_ptr<S>();
-  const S* NK = nk_t.data_ptr<S>();
   const S rel = dup_rel<S>();
-
-  const Tiling tl = choose_tiling(N, D);
-  const int64_t BQ = tl.bq, BK = tl.bk;
-  const int64_t W = V::size();
-  const int64_t BKP = (BK + W - 1) / W * W;
-  const int64_t nblocks = (N + BQ - 1) / BQ;
+  const S ninf = neg_inf<S>();
   const auto opts = q.options();
   const int64_t nthreads = at::get_num_threads();
   // Gallery gradients of different query blocks hit the same rows: one buffer per thread, summed.
   at::Tensor gk_parts = need_gk ? at::zeros({nthreads, M, D}, opts) : at::Tensor();
   at::Tensor colsum_parts = need_gk ? at::zeros({nthreads, M}, opts) : at::Tensor();
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, P.nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t tid = at::get_thread_num();
     std::vector<S> sbuf(BQ * BK), gbuf(BQ * BK);
-    std::vector<S> same(BKP), diff(BKP), nkp(BKP), rowsum(BQ);
+    std::vector<S> nkp(BKP), klp(BKP), rowsum(BQ);
     S* CS = need_gk ? colsum_parts[tid].data_ptr<S>() : nullptr;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * BQ, bq = std::min(BQ, N - i0);
@@ -305,50 +359,59 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
         const at::Tensor kJ = k.narrow(0, j0, bk);
         at::Tensor s_t = at::from_blob(sbuf.data(), {bq, bk}, opts);
         at::mm_out(s_t, qI, kJ.t());
-        std::copy(NK + j0, NK + j0 + bk, nkp.begin());
-        std::fill(nkp.begin() + bk, nkp.end(), S(0));
+        load_tile(P.NK, P.KLF, j0, bk, BKP, nkp.data(), klp.data());
         bool any = false;
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t i = i0 + r;
           const S* st = STATS + i * 4;
           const S lgp = st[0], Lp = st[1], lgn = st[2], Ln = st[3];
-          const bool hasp = lgp != neg_inf<S>(), hasn = lgn != neg_inf<S>();
+          const bool hasp = lgp != ninf, hasn = lgn != ninf;
           S* grow = gbuf.data() + r * bk;
           if ((!hasp && !hasn) || G[i] == S(0)) {
             std::fill(grow, grow + bk, S(0));
             continue;
           }
-          row_masks<S>(i, j0, bk, BKP, QL, QID, KL, KID, same.data(), diff.data());
           const S* srow = sbuf.data() + r * bk;
-          const V nqi(NQ[i]);
+          const V nqi(P.NQ[i]), li(P.QLF[i]);
           const S wp = (S(1) - prm.lam) * G[i], wn = prm.lam * G[i];
           V rs(S(0));
           for (int64_t c = 0; c < BKP; c += W) {
             const int64_t cnt = std::min(W, bk - c);
             if (cnt <= 0) break;
-            const V dot = V::loadu(srow + c, cnt);
+            const V dot = cnt >= W ? V::loadu(srow + c) : V::loadu(srow + c, cnt);
             const V nk = V::loadu(nkp.data() + c);
             const V d2 = gram_d2(dot, nqi, nk);
             const auto dup = is_dup(d2, nqi, nk, rel);
             const V d = pair_dist(d2, dup);
+            V sm, df;
+            label_masks(V::loadu(klp.data() + c), li, sm, df);
             V coef(S(0));
             if (hasp) {
-              const V pos = in_pos(V::loadu(same.data() + c) != V(S(0)), d, prm);
-              const V v = pos_value(d, prm);
-              const V p = final_weight(masked_logit(pos, v, prm.Tp), lgp);
-              coef = coef + V(wp) * pos_coef(p, v, Lp, prm.Tp, attached);
+              const V pos = in_pos(sm, d, prm);
+              if (!none_set(pos)) {
+                const V v = pos_value(d, prm);
+                const V p = final_weight(masked_logit(pos, v, prm.Tp), lgp);
+                coef = coef + V(wp) * pos_coef(p, v, Lp, prm.Tp, attached);
+              }
             }
             if (hasn) {
-              const V neg = in_neg(V::loadu(diff.data() + c) != V(S(0)), d, prm);
-              const V v = neg_value(d, prm);
-              const V p = final_weight(masked_logit(neg, v, prm.Tn), lgn);
-              coef = coef + V(wn) * neg_coef(p, v, Ln, prm.Tn, attached);
+              const V neg = in_neg(df, d, prm);
+              if (!none_set(neg)) {
+                const V v = neg_value(d, prm);
+                const V p = final_weight(masked_logit(neg, v, prm.Tn), lgn);
+                coef = coef + V(wn) * neg_coef(p, v, Ln, prm.Tn, attached);
+              }
             }
             const V gv = coef * pair_inv_dist(d, dup);
             rs = rs + gv;
             gv.store(grow + c, cnt);
           }
-          rowsum[r] += hsum(rs);
+          S rsum = hsum(rs);
+          for_excluded(P.ex, i, j0, bk, [&](int64_t c) {
+            rsum -= grow[c];
+            grow[c] = S(0);
+          });
+          rowsum[r] += rsum;
           any = true;
         }
         if (!any) continue;
@@ -370,6 +433,125 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
     gk.copy_(gk_parts.sum(0));
     gk.addcmul_(k, colsum_parts.sum(0).unsqueeze(1));
   }
+}
+
+// In-batch "pml" backward (q is k): the pair (i, j) and the pair (j, i) share d, labels and
+// exclusion, so each unordered tile pair (I <= J) is computed once. With
+// H_ij = G_ij + G_ji the gradient is dz_i += sum_j H_ij (z_i - z_j) for both ends, i.e. one S GEMM
+// and two gradient GEMMs per unordered pair instead of three GEMMs per ordered pair.
+template <class S>
+void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& zl,
+                            const c10::optional<at::Tensor>& ids, const at::Tensor& stats, const Params<S> prm,
+                            bool attached, at::Tensor& gz) {
+  using V = Vectorized<S>;
+  const Prep<S> P(z, zl, ids, z, zl, ids);
+  const int64_t N = P.N, D = P.D;
+  const int64_t W = V::size();
+  const int64_t B = 256, BP = (B + W - 1) / W * W;
+  const int64_t nb = (N + B - 1) / B;
+  const S* G = grad_rows.data_ptr<S>();
+  const S* STATS = stats.data_ptr<S>();
+  const S rel = dup_rel<S>();
+  const S ninf = neg_inf<S>();
+  const auto opts = z.options();
+  // per-row constants: set weights (0 for an empty set or a zero grad) and finite log-denominators
+  std::vector<S> WPr(N), WNr(N), LGP(N), LGN(N), LPr(N), LNr(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const S* st = STATS + i * 4;
+    WPr[i] = st[0] == ninf ? S(0) : (S(1) - prm.lam) * G[i];
+    WNr[i] = st[2] == ninf ? S(0) : prm.lam * G[i];
+    LGP[i] = st[0] == ninf ? S(0) : st[0];
+    LGN[i] = st[2] == ninf ? S(0) : st[2];
+    LPr[i] = st[1];
+    LNr[i] = st[3];
+  }
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t I = 0; I < nb; ++I)
+    for (int64_t J = I; J < nb; ++J) pairs.emplace_back(I, J);
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor gz_parts = at::zeros({nthreads, N, D}, opts);
+  at::Tensor rs_parts = at::zeros({nthreads, N}, opts);
+
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t tid = at::get_thread_num();
+    std::vector<S> sbuf(B * B), hbuf(B * B);
+    std::vector<S> nkp(BP), klp(BP), wpc(BP), wnc(BP), lgpc(BP), lgnc(BP), lpc(BP), lnc(BP), colsum(BP);
+    S* RS = rs_parts[tid].data_ptr<S>();
+    at::Tensor gzt = gz_parts[tid];
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const auto [I, J] = pairs[pi];
+      const int64_t i0 = I * B, bi = std::min(B, N - i0);
+      const int64_t j0 = J * B, bj = std::min(B, N - j0);
+      const at::Tensor zI = z.narrow(0, i0, bi), zJ = z.narrow(0, j0, bj);
+      at::Tensor s_t = at::from_blob(sbuf.data(), {bi, bj}, opts);
+      at::mm_out(s_t, zI, zJ.t());
+      load_tile(P.NK, P.KLF, j0, bj, BP, nkp.data(), klp.data());
+      auto col = [&](const std::vector<S>& src, std::vector<S>& dst) {
+        std::copy(src.begin() + j0, src.begin() + j0 + bj, dst.begin());
+        std::fill(dst.begin() + bj, dst.end(), S(0));
+      };
+      col(WPr, wpc), col(WNr, wnc), col(LGP, lgpc), col(LGN, lgnc), col(LPr, lpc), col(LNr, lnc);
+      std::fill(colsum.begin(), colsum.end(), S(0));
+      for (int64_t r = 0; r < bi; ++r) {
+        const int64_t i = i0 + r;
+        const S* srow = sbuf.data() + r * bj;
+        S* hrow = hbuf.data() + r * bj;
+        const V nqi(P.NQ[i]), li(P.QLF[i]);
+        const S wpi = WPr[i], wni = WNr[i];
+        V rs(S(0));
+        for (int64_t c = 0; c < BP; c += W) {
+          const int64_t cnt = std::min(W, bj - c);
+          if (cnt <= 0) break;
+          const V dot = cnt >= W ? V::loadu(srow + c) : V::loadu(srow + c, cnt);
+          const V nk = V::loadu(nkp.data() + c);
+          const V d2 = gram_d2(dot, nqi, nk);
+          const auto dup = is_dup(d2, nqi, nk, rel);
+          const V d = pair_dist(d2, dup);
+          V sm, df;
+          label_masks(V::loadu(klp.data() + c), li, sm, df);
+          V coef(S(0));
+          const V pos = in_pos(sm, d, prm);
+          if (!none_set(pos)) {
+            const V v = pos_value(d, prm);
+            const V lg = masked_logit(pos, v, prm.Tp);
+            // row i's view (scalar stats) + row j's view (per-lane stats) of the same pair
+            coef = coef + V(wpi) * pos_coef(final_weight(lg, LGP[i]), v, LPr[i], prm.Tp, attached);
+            coef = coef + V::loadu(wpc.data() + c) *
+                              pos_coef(final_weight(lg, V::loadu(lgpc.data() + c)), v, V::loadu(lpc.data() + c),
+                                       V(prm.Tp), attached);
+          }
+          const V neg = in_neg(df, d, prm);
+          if (!none_set(neg)) {
+            const V v = neg_value(d, prm);
+            const V lg = masked_logit(neg, v, prm.Tn);
+            coef = coef + V(wni) * neg_coef(final_weight(lg, LGN[i]), v, LNr[i], prm.Tn, attached);
+            coef = coef + V::loadu(wnc.data() + c) *
+                              neg_coef(final_weight(lg, V::loadu(lgnc.data() + c)), v, V::loadu(lnc.data() + c),
+                                       V(prm.Tn), attached);
+          }
+          const V h = coef * pair_inv_dist(d, dup);
+          rs = rs + h;
+          h.store(hrow + c, cnt);
+        }
+        S rsum = hsum(rs);
+        for_excluded(P.ex, i, j0, bj, [&](int64_t c) {
+          rsum -= hrow[c];
+          hrow[c] = S(0);
+        });
+        RS[i] += rsum;
+        if (I != J)
+          for (int64_t c = 0; c < bj; ++c) colsum[c] += hrow[c];
+      }
+      const at::Tensor h_t = at::from_blob(hbuf.data(), {bi, bj}, opts);
+      gzt.narrow(0, i0, bi).addmm_(h_t, zJ, S(1), S(-1));
+      if (I != J) {  // the diagonal tile already holds both orders of each pair in its rows
+        gzt.narrow(0, j0, bj).addmm_(h_t.t(), zI, S(1), S(-1));
+        for (int64_t c = 0; c < bj; ++c) RS[j0 + c] += colsum[c];
+      }
+    }
+  });
+  gz.copy_(gz_parts.sum(0));
+  gz.addcmul_(z, rs_parts.sum(0).unsqueeze(1));
 }
 
 // ---------------------------------------------------------------- argument checks
@@ -454,9 +636,17 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, cons
   at::Tensor gq = need_gq ? at::zeros_like(q) : at::empty({0}, q.options());
   at::Tensor gk = need_gk ? at::zeros_like(k) : at::empty({0}, k.options());
   if (N == 0 || (!need_gq && !need_gk)) return {gq, gk};
+  // in-batch (the same tensor as queries and gallery, same ids): symmetric kernel; the whole gradient
+  // is returned as grad q (grad k is zero), and autograd sums the two for the shared input
+  const bool same_ids = q_ids.has_value() ? (k_ids.has_value() && q_ids->is_same(*k_ids)) : !k_ids.has_value();
+  const bool symmetric = need_gq && need_gk && q.is_same(k) && q_labels.is_same(k_labels) && same_ids;
   const at::Tensor qd = q.detach(), kd = k.detach(), gd = g.detach(), sd = st.detach();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rll_bwd_cpu", [&] {
     const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, den_bias);
+    if (symmetric) {
+      rll_backward_symmetric<scalar_t>(gd, qd, q_labels, q_ids, sd, prm, attached, gq);
+      return;
+    }
     rll_backward_kernel<scalar_t>(gd, qd, q_labels, q_ids, kd, k_labels, k_ids, sd, prm, attached, need_gq,
                                   need_gk, gq, gk);
   });

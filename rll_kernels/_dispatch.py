@@ -20,9 +20,20 @@ def warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+# Filled once per device type (outside any torch.compile trace: see the warm-up at the bottom), so
+# compiled code reads a constant instead of tracing dispatcher queries.
+_AVAILABLE: dict[str, dict[str, str | None]] = {}
+
+
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
     """Map backend name -> None if usable on ``device``, else the reason it is not."""
     dev = torch.device(device).type
+    if dev not in _AVAILABLE:
+        _AVAILABLE[dev] = _probe(dev)
+    return dict(_AVAILABLE[dev])
+
+
+def _probe(dev: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {"reference": None}
     if dev == "cpu":
         out["cpp"] = None if _ops.has_kernel("rll_fwd", "cpu") else f"C++ extension not built ({_ops.C_IMPORT_ERROR})"
@@ -32,7 +43,7 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
                    else "CUDA kernels not built or tensor not on CUDA")
     from . import triton as _triton
 
-    out["triton"] = _triton.status(device)
+    out["triton"] = _triton.status(torch.device(dev))
     return out
 
 
@@ -65,3 +76,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
               f"rll_kernels: no fused backend for {device.type} tensors ({reasons}); "
               "falling back to the dense O(N*M) reference")
     return "reference"
+
+
+available_backends("cpu")
+if torch.cuda.is_available():
+    available_backends("cuda")

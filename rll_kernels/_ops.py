@@ -33,8 +33,10 @@ if HAS_C:
         torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rll_fwd: q and k must be 2-D")
         torch._check(q.shape[1] == k.shape[1], lambda: "rll_fwd: q and k embedding sizes differ")
         n, d = q.shape
+        # loss and row statistics are accumulated in fp32 for half inputs (fp64 stays fp64)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad = q.new_empty(n, d) if (need_grad and not attached) else q.new_empty(0)
-        return q.new_empty(n), grad, q.new_empty(n, 4)
+        return q.new_empty(n, dtype=acc), grad, q.new_empty(n, 4, dtype=acc)
 
     @torch.library.register_fake("rll_kernels::rll_bwd")
     def _rll_bwd_fake(grad_rows, q, q_labels, q_ids, k, k_labels, k_ids, stats, alpha, beta, Tn, Tp,

@@ -79,11 +79,13 @@ def ranked_list_loss(
                          f"(got ref_emb={'set' if ref_emb is not None else None}, "
                          f"ref_labels={'set' if ref_labels is not None else None})")
     if not in_batch:
-        check_embeddings(ref_emb, "ref_emb")
+        if not isinstance(ref_emb, torch.Tensor):
+            raise ValueError(f"ref_emb must be a torch.Tensor, got {type(ref_emb).__name__}")
         if ref_emb.device != embeddings.device:
             raise ValueError(f"ref_emb must be on the embeddings' device {embeddings.device}, got {ref_emb.device}")
         if ref_emb.dtype != embeddings.dtype:
             raise ValueError(f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}")
+        check_embeddings(ref_emb, "ref_emb")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}")
         ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", embeddings.device)
@@ -99,8 +101,12 @@ def ranked_list_loss(
             reduction=reduction, normalize=normalize, ref_emb=ref_emb, ref_labels=ref_labels)
 
     dt = _compute_dtype(embeddings.dtype)
+    # the Triton kernels read fp16/bf16 directly (fp32 accumulation): normalise in fp32, hand over half;
+    # the C++ CPU kernel computes half inputs in fp32
+    half = embeddings.dtype if (name == "triton" and embeddings.dtype in (torch.float16, torch.bfloat16)) else None
     q = embeddings.to(dt)
     q = F.normalize(q, dim=1) if normalize else q
+    q = q.to(half) if half is not None else q
     if in_batch:
         k, k_labels = q, labels
         if query_ids is None:
@@ -109,6 +115,7 @@ def ranked_list_loss(
     else:
         k = ref_emb.to(dt)
         k = F.normalize(k, dim=1) if normalize else k
+        k = k.to(half) if half is not None else k
         k_labels = ref_labels
     if query_ids is not None:
         query_ids = check_labels(query_ids, q.shape[0], "query_ids", q.device)

@@ -126,4 +126,5 @@ def ranked_list_loss(
     if reduction == "sum":
         return rows.sum()
     return rows
+from ._reference_softtriple import soft_triple_loss  # noqa: E402,F401
 from ._reference_osm import weighted_contrastive_loss  # noqa: E402,F401

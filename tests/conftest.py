@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # a fresh but reproducible seed per test (derived from its name), printed on failure
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    # a distinct, reproducible seed per test (from its id); RLL_TEST_SEED shifts all of them, so a
+    # run with a new value draws fresh inputs everywhere
+    seed = (zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("RLL_TEST_SEED", "0"))) % (2**31)
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield

@@ -4,16 +4,35 @@ Submodules import triton lazily so that `import rll_kernels` never needs it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from typing import Optional
 
 import torch
 
 
-def status(device: torch.device | str) -> Optional[str]:
-    """None if the Triton backend can run on ``device``, else why not."""
-    return "Triton backend not implemented yet"
-
-
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def status(device: torch.device | str) -> Optional[str]:
+    """None if the Triton backend can run on ``device``, else why not.
+
+    Usable on a CUDA tensor when triton is importable, and on a CPU tensor when triton is
+    importable and the interpreter is on (``TRITON_INTERPRET=1`` set before the kernels were
+    imported: Triton reads it when a kernel is decorated).
+    """
+    dev = torch.device(device).type
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    loaded = sys.modules.get(f"{__name__}.rll")
+    interp = loaded.INTERPRET if loaded is not None else interpret_mode()
+    if dev == "cuda":
+        # (with TRITON_INTERPRET=1 the interpreter also runs CUDA tensors, slowly: copies to the host)
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if dev == "cpu":
+        if interp:
+            return None
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing rll_kernels)"
+    return f"no Triton backend for {dev} tensors"

@@ -1,0 +1,583 @@
+// Fused Ranked List Loss, CUDA kernels and launchers (torch-free; see rll_kernels.cuh).
+//
+// Tiles: a block of 256 threads (8 warps) owns BQ query rows (or BK gallery rows) and streams the
+// other side in tiles. Per tile:
+//   1. the distance tile S = Q_I K_J^T (BQ x BK) is built in shared memory from D-chunks of Q_I and
+//      K_J staged in shared memory (WMMA tensor cores for fp16/bf16, register-tiled FMAs else);
+//   2. each warp takes BQ/8 rows, each lane BK/32 columns, and applies the per-pair math of
+//      rll_pair.h (Gram distance, duplicates, sets, logits, online softmax or gradient coefficients);
+//      row reductions are warp shuffles, so a row's online state needs no block barrier;
+//   3. gradient kernels turn the tile into G (in place) and add -G K_J (or -G^T Q_I) to the rows
+//      the block owns, with a second register-tiled product through shared memory.
+// Every output row is written by exactly one block: no atomics, deterministic results.
+#include "rll_kernels.cuh"
+
+#include <mma.h>
+
+#include <type_traits>
+
+// Kernel launch; tests/cuda_emu/ runs the same kernels on the CPU (one host thread per CUDA
+// thread) by defining RLL_CUDA_EMULATION, so their logic is tested without a GPU.
+#ifdef RLL_CUDA_EMULATION
+#define RLL_LAUNCH(kernel, grid, stream, ...) rll_emu::launch(kernel, grid, kThreads, __VA_ARGS__)
+#else
+#define RLL_LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
+
+namespace rll {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <class T>
+struct TileCfg {  // fp32: 64 x 64 tiles, D staged 16 at a time
+  static constexpr int BQ = 64, BK = 64, BD = 16, DC = 64, LDT = BD + 1;
+};
+template <>
+struct TileCfg<double> {  // fp64: 32 x 32 tiles keep the static shared memory under 48 KiB
+  static constexpr int BQ = 32, BK = 32, BD = 16, DC = 32, LDT = BD + 1;
+};
+template <>
+struct TileCfg<__half> {  // WMMA: 8 warps x (16 x 32) = 64 x 64, k-steps of 16, ldm multiple of 8
+  static constexpr int BQ = 64, BK = 64, BD = 32, DC = 64, LDT = BD + 8;
+};
+template <>
+struct TileCfg<__nv_bfloat16> : TileCfg<__half> {};
+
+template <class T>
+__device__ __forceinline__ acc_t<T> to_acc(T x) {
+  return static_cast<acc_t<T>>(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <class T>
+__device__ __forceinline__ T zero_of() {
+  return T(0);
+}
+template <>
+__device__ __forceinline__ __half zero_of<__half>() {
+  return __float2half(0.f);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
+  return __float2bfloat16(0.f);
+}
+
+template <class S>
+__device__ __forceinline__ S warp_sum(S v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <class S>
+__device__ __forceinline__ S warp_max(S v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = rll_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Shared memory of every kernel. `tile` holds S = Q_I K_J^T, then G in place.
+template <class T>
+struct Smem {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  static constexpr int LDS = C::BK + 4;  // multiple of 4: WMMA store of fp32
+  static constexpr int XR = C::BQ > C::BK ? C::BQ : C::BK;
+  alignas(128) S tile[C::BQ][LDS];
+  union U {
+    struct Dot {
+      alignas(128) T a[C::BQ][C::LDT];
+      alignas(128) T b[C::BK][C::LDT];
+    } dot;
+    alignas(128) S x[XR][C::DC + 1];  // operand chunk of the gradient product
+  };
+  alignas(128) U u;
+  S nq[C::BQ], nk[C::BK];
+  int64_t ql[C::BQ], kl[C::BK], qid[C::BQ], kid[C::BK];
+  S rst[C::BQ][6];  // per row: online state (m, l, a) x 2, or stats (logden_P, L_P, logden_N, L_N, g)
+  S rsum[C::BQ];    // row sums of G
+  S csum[C::BK];    // column sums of G
+};
+
+// Stage rows [r0, r0 + R) x columns [d0, d0 + BD) of X in shared memory, zero-padded.
+template <class T, int R, int BD, int LDT>
+__device__ __forceinline__ void stage_rows(T (*dst)[LDT], const T* __restrict__ X, int64_t ldx, int64_t r0,
+                                           int64_t nrows, int64_t d0, int64_t D) {
+  for (int idx = threadIdx.x; idx < R * BD; idx += kThreads) {
+    const int r = idx / BD, c = idx % BD;
+    const int64_t gr = r0 + r, gd = d0 + c;
+    dst[r][c] = (gr < nrows && gd < D) ? X[gr * ldx + gd] : zero_of<T>();
+  }
+}
+
+// tile = Q[i0:i0+BQ] K[j0:j0+BK]^T over the full embedding. Called by all threads; ends synced.
+template <class T>
+__device__ void dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t j0) {
+  using C = TileCfg<T>;
+  using S = acc_t<T>;
+  constexpr int BQ = C::BQ, BK = C::BK, BD = C::BD, LDT = C::LDT;
+  constexpr bool kHalf = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(RLL_EMULATE_WMMA)
+  if constexpr (kHalf) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(BQ == 64 && BK == 64 && kWarps == 8, "WMMA layout: 8 warps x (16 x 32)");
+    const int warp = threadIdx.x / 32;
+    const int r0 = (warp % 4) * 16, c0 = (warp / 4) * 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
+    wmma::fill_fragment(acc0, 0.f);
+    wmma::fill_fragment(acc1, 0.f);
+    for (int64_t d0 = 0; d0 < pb.D; d0 += BD) {
+      stage_rows<T, BQ, BD, LDT>(sm.u.dot.a, pb.q, pb.ldq, i0, pb.N, d0, pb.D);
+      stage_rows<T, BK, BD, LDT>(sm.u.dot.b, pb.k, pb.ldk, j0, pb.M, d0, pb.D);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BD; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb0, fb1;
+        wmma::load_matrix_sync(fa, &sm.u.dot.a[r0][kk], LDT);
+        // B(d, c) = K[c][d]: column-major with leading dimension LDT
+        wmma::load_matrix_sync(fb0, &sm.u.dot.b[c0][kk], LDT);
+        wmma::load_matrix_sync(fb1, &sm.u.dot.b[c0 + 16][kk], LDT);
+        wmma::mma_sync(acc0, fa, fb0, acc0);
+        wmma::mma_sync(acc1, fa, fb1, acc1);
+      }
+      __syncthreads();
+    }
+    wmma::store_matrix_sync(&sm.tile[r0][c0], acc0, Smem<T>::LDS, wmma::mem_row_major);
+    wmma::store_matrix_sync(&sm.tile[r0][c0 + 16], acc1, Smem<T>::LDS, wmma::mem_row_major);
+    __syncthreads();
+    return;
+  }
+#endif
+  (void)kHalf;
+  // CUDA cores: a 16 x 16 thread grid, each thread (BQ/16) x (BK/16) outputs, strided by 16
+  constexpr int RA = BQ / 16, RB = BK / 16;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  S acc[RA][RB];
+#pragma unroll
+  for (int a = 0; a < RA; ++a)
+#pragma unroll
+    for (int b = 0; b < RB; ++b) acc[a][b] = S(0);
+  for (int64_t d0 = 0; d0 < pb.D; d0 += BD) {
+    stage_rows<T, BQ, BD, LDT>(sm.u.dot.a, pb.q, pb.ldq, i0, pb.N, d0, pb.D);
+    stage_rows<T, BK, BD, LDT>(sm.u.dot.b, pb.k, pb.ldk, j0, pb.M, d0, pb.D);
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < BD; ++kk) {
+      S av[RA], bv[RB];
+#pragma unroll
+      for (int a = 0; a < RA; ++a) av[a] = to_acc(sm.u.dot.a[ty + 16 * a][kk]);
+#pragma unroll
+      for (int b = 0; b < RB; ++b) bv[b] = to_acc(sm.u.dot.b[tx + 16 * b][kk]);
+#pragma unroll
+      for (int a = 0; a < RA; ++a)
+#pragma unroll
+        for (int b = 0; b < RB; ++b) acc[a][b] += av[a] * bv[b];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < RA; ++a)
+#pragma unroll
+    for (int b = 0; b < RB; ++b) sm.tile[ty + 16 * a][tx + 16 * b] = acc[a][b];
+  __syncthreads();
+}
+
+// Row-side and column-side information of a tile in shared memory.
+template <class T>
+__device__ __forceinline__ void load_rows(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* norms, int64_t i0) {
+  for (int r = threadIdx.x; r < TileCfg<T>::BQ; r += kThreads) {
+    const int64_t i = i0 + r;
+    const bool ok = i < pb.N;
+    sm.nq[r] = ok ? norms[i] : acc_t<T>(0);
+    sm.ql[r] = ok ? pb.q_labels[i] : 0;
+    sm.qid[r] = (ok && pb.q_ids) ? pb.q_ids[i] : 0;
+  }
+}
+template <class T>
+__device__ __forceinline__ void load_cols(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* norms, int64_t j0) {
+  for (int c = threadIdx.x; c < TileCfg<T>::BK; c += kThreads) {
+    const int64_t j = j0 + c;
+    const bool ok = j < pb.M;
+    sm.nk[c] = ok ? norms[pb.N + j] : acc_t<T>(0);
+    sm.kl[c] = ok ? pb.k_labels[j] : 0;
+    sm.kid[c] = (ok && pb.k_ids) ? pb.k_ids[j] : 0;
+  }
+}
+// Row stats for the gradient kernels: rst[r] = (logden_P, L_P, logden_N, L_N, upstream grad).
+template <class T>
+__device__ __forceinline__ void load_row_stats(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* stats,
+                                               const acc_t<T>* grad_rows, int64_t i0) {
+  using S = acc_t<T>;
+  for (int r = threadIdx.x; r < TileCfg<T>::BQ; r += kThreads) {
+    const int64_t i = i0 + r;
+    const bool ok = i < pb.N;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) sm.rst[r][s] = ok ? stats[i * 4 + s] : neg_inf<S>();
+    sm.rst[r][4] = ok ? (grad_rows ? grad_rows[i] : S(1)) : S(0);
+  }
+}
+
+// Per-pair quantities of tile entry (r, c), all from rll_pair.h.
+template <class S>
+struct PairVals {
+  S d, inv;
+  bool same, diff;
+};
+template <class T>
+__device__ __forceinline__ PairVals<acc_t<T>> pair_at(const Smem<T>& sm, const Problem<T>& pb, int r, int c,
+                                                      int64_t j, acc_t<T> rel) {
+  using S = acc_t<T>;
+  const S nqi = sm.nq[r], nkj = sm.nk[c];
+  const S d2 = gram_d2(sm.tile[r][c], nqi, nkj);
+  const bool dup = is_dup(d2, nqi, nkj, rel);
+  PairVals<S> pv;
+  pv.d = pair_dist(d2, dup);
+  pv.inv = pair_inv_dist(pv.d, dup);
+  const bool valid = j < pb.M && (pb.q_ids == nullptr || sm.kid[c] != sm.qid[r]);
+  const bool lab = sm.kl[c] == sm.ql[r];
+  pv.same = valid && lab;
+  pv.diff = valid && !lab;
+  return pv;
+}
+
+// One online-softmax step of one row and set, by a whole warp (state in shared memory).
+template <class S, int CPL>
+__device__ __forceinline__ void online_step(S* st, S tile_max, const S (&lg)[CPL], const S (&val)[CPL]) {
+  if (tile_max == neg_inf<S>()) return;  // warp-uniform: no member in this tile
+  OnlineRow<S> row;
+  row.m = st[0];
+  row.l = st[1];
+  row.a = st[2];
+  online_begin_tile(row, tile_max);
+  S l = S(0), a = S(0);
+#pragma unroll
+  for (int t = 0; t < CPL; ++t) {
+    const S w = online_weight(lg[t], row);
+    l += w;
+    a += w * val[t];
+  }
+  l = warp_sum(l);
+  a = warp_sum(a);
+  __syncwarp();
+  if ((threadIdx.x & 31) == 0) {
+    st[0] = row.m;
+    st[1] = row.l + l;
+    st[2] = row.a + a;
+  }
+  __syncwarp();
+}
+
+// G_ij = dL_i/dd_ij / d_ij (times the upstream gradient) for the rows of tile, in place.
+// Row sums are added to sm.rsum when with_rowsum. Called by all threads; no barrier inside.
+template <class T, bool with_rowsum>
+__device__ __forceinline__ void g_tile(Smem<T>& sm, const Problem<T>& pb, const Params<acc_t<T>>& prm,
+                                       bool attached, int64_t i0, int64_t j0) {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  constexpr int RPW = C::BQ / kWarps, CPL = C::BK / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const S rel = dup_rel<S>();
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int r = warp * RPW + rr;
+    const S lgp = sm.rst[r][0], Lp = sm.rst[r][1], lgn = sm.rst[r][2], Ln = sm.rst[r][3], g = sm.rst[r][4];
+    const bool hasp = lgp != neg_inf<S>(), hasn = lgn != neg_inf<S>();
+    const bool live = i0 + r < pb.N && (hasp || hasn) && g != S(0);  // warp-uniform
+    const S wp = (S(1) - prm.lam) * g, wn = prm.lam * g;
+    S rs = S(0);
+#pragma unroll
+    for (int t = 0; t < CPL; ++t) {
+      const int c = lane + 32 * t;
+      S gv = S(0);
+      if (live) {
+        const PairVals<S> pv = pair_at(sm, pb, r, c, j0 + c, rel);
+        S coef = S(0);
+        if (hasp) {
+          const S v = pos_value(pv.d, prm);
+          const S p = final_weight(masked_logit(in_pos(pv.same, pv.d, prm), v, prm.Tp), lgp);
+          coef += wp * pos_coef(p, v, Lp, prm.Tp, attached);
+        }
+        if (hasn) {
+          const S v = neg_value(pv.d, prm);
+          const S p = final_weight(masked_logit(in_neg(pv.diff, pv.d, prm), v, prm.Tn), lgn);
+          coef += wn * neg_coef(p, v, Ln, prm.Tn, attached);
+        }
+        gv = coef * pv.inv;
+      }
+      sm.tile[r][c] = gv;
+      rs += gv;
+    }
+    if (with_rowsum) {
+      rs = warp_sum(rs);
+      if (lane == 0) sm.rsum[r] += rs;
+    }
+  }
+}
+
+// out[o][e] -= sum_k G(o, k) X[x0 + k][e] for o < R, all e < D, with G(o, k) = tile[o][k]
+// (query side: R = BQ, inner BK) or tile[k][o] (gallery side, TRANS: R = BK, inner BQ).
+// out points at the block's first owned row (row stride ldo); rows >= nout are not written.
+template <class T, bool TRANS>
+__device__ void sub_g_times_x(Smem<T>& sm, const T* __restrict__ X, int64_t ldx, int64_t x0, int64_t nx,
+                              acc_t<T>* __restrict__ out, int64_t ldo, int64_t nout, int64_t D) {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  constexpr int R = TRANS ? C::BK : C::BQ, KI = TRANS ? C::BQ : C::BK, DC = C::DC;
+  constexpr int RA = R / 16, RB = DC / 16;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  for (int64_t e0 = 0; e0 < D; e0 += DC) {
+    for (int idx = threadIdx.x; idx < KI * DC; idx += kThreads) {
+      const int kq = idx / DC, e = idx % DC;
+      const int64_t gx = x0 + kq, ge = e0 + e;
+      sm.u.x[kq][e] = (gx < nx && ge < D) ? to_acc(X[gx * ldx + ge]) : S(0);
+    }
+    __syncthreads();
+    S acc[RA][RB];
+#pragma unroll
+    for (int a = 0; a < RA; ++a)
+#pragma unroll
+      for (int b = 0; b < RB; ++b) acc[a][b] = S(0);
+#pragma unroll 4
+    for (int kq = 0; kq < KI; ++kq) {
+      S gv[RA], xv[RB];
+#pragma unroll
+      for (int a = 0; a < RA; ++a) gv[a] = TRANS ? sm.tile[kq][ty + 16 * a] : sm.tile[ty + 16 * a][kq];
+#pragma unroll
+      for (int b = 0; b < RB; ++b) xv[b] = sm.u.x[kq][tx + 16 * b];
+#pragma unroll
+      for (int a = 0; a < RA; ++a)
+#pragma unroll
+        for (int b = 0; b < RB; ++b) acc[a][b] += gv[a] * xv[b];
+    }
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+      const int o = ty + 16 * a;
+      if (o >= nout) continue;
+#pragma unroll
+      for (int b = 0; b < RB; ++b) {
+        const int64_t e = e0 + tx + 16 * b;
+        if (e < D) out[o * ldo + e] -= acc[a][b];
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites sm.u.x
+  }
+}
+
+// out[o][e] += rowsum[o] * X[x0 + o][e] for the block's rows (after all tiles).
+template <class T>
+__device__ __forceinline__ void add_diag(const acc_t<T>* sums, const T* __restrict__ X, int64_t ldx, int64_t x0,
+                                         int rows, acc_t<T>* __restrict__ out, int64_t D) {
+  for (int o = threadIdx.x / 32; o < rows; o += kWarps) {
+    const acc_t<T> s = sums[o];
+    if (s == acc_t<T>(0)) continue;
+    for (int64_t e = threadIdx.x & 31; e < D; e += 32) out[o * D + e] += s * to_acc(X[(x0 + o) * ldx + e]);
+  }
+}
+
+// ---------------------------------------------------------------- kernels
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2) rll_sqnorm_kernel(const T* __restrict__ x, int64_t rows, int64_t D,
+                                                              int64_t ld, acc_t<T>* __restrict__ out) {
+  using S = acc_t<T>;
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  S s = S(0);
+  for (int64_t e = threadIdx.x & 31; e < D; e += 32) {
+    const S v = to_acc(x[r * ld + e]);
+    s += v * v;
+  }
+  s = warp_sum(s);
+  if ((threadIdx.x & 31) == 0) out[r] = s;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2) rll_stats_kernel(const Problem<T> pb, const Params<acc_t<T>> prm,
+                                                             const acc_t<T>* __restrict__ norms,
+                                                             acc_t<T>* __restrict__ loss,
+                                                             acc_t<T>* __restrict__ stats) {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  constexpr int RPW = C::BQ / kWarps, CPL = C::BK / 32;
+  __shared__ Smem<T> sm;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int64_t i0 = int64_t(blockIdx.x) * C::BQ;
+  const S rel = dup_rel<S>();
+  load_rows(sm, pb, norms, i0);
+  for (int r = threadIdx.x; r < C::BQ; r += kThreads) {
+    sm.rst[r][0] = sm.rst[r][3] = neg_inf<S>();
+    sm.rst[r][1] = sm.rst[r][2] = sm.rst[r][4] = sm.rst[r][5] = S(0);
+  }
+  for (int64_t j0 = 0; j0 < pb.M; j0 += C::BK) {
+    __syncthreads();  // the previous tile is consumed
+    load_cols(sm, pb, norms, j0);
+    dot_tile(sm, pb, i0, j0);
+    for (int rr = 0; rr < RPW; ++rr) {
+      const int r = warp * RPW + rr;
+      if (i0 + r >= pb.N) break;  // warp-uniform
+      S lp[CPL], vp[CPL], ln[CPL], vn[CPL];
+      S mp = neg_inf<S>(), mn = neg_inf<S>();
+#pragma unroll
+      for (int t = 0; t < CPL; ++t) {
+        const int c = lane + 32 * t;
+        const PairVals<S> pv = pair_at(sm, pb, r, c, j0 + c, rel);
+        vp[t] = pos_value(pv.d, prm);
+        vn[t] = neg_value(pv.d, prm);
+        lp[t] = masked_logit(in_pos(pv.same, pv.d, prm), vp[t], prm.Tp);
+        ln[t] = masked_logit(in_neg(pv.diff, pv.d, prm), vn[t], prm.Tn);
+        mp = rll_max(mp, lp[t]);
+        mn = rll_max(mn, ln[t]);
+      }
+      mp = warp_max(mp);
+      mn = warp_max(mn);
+      // rst[r] = (m_P, l_P, a_P, m_N, l_N, a_N)
+      online_step<S, CPL>(&sm.rst[r][0], mp, lp, vp);
+      online_step<S, CPL>(&sm.rst[r][3], mn, ln, vn);
+    }
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < C::BQ; r += kThreads) {
+    const int64_t i = i0 + r;
+    if (i >= pb.N) continue;
+    OnlineRow<S> p, n;
+    p.m = sm.rst[r][0];
+    p.l = sm.rst[r][1];
+    p.a = sm.rst[r][2];
+    n.m = sm.rst[r][3];
+    n.l = sm.rst[r][4];
+    n.a = sm.rst[r][5];
+    const SetStats<S> sp = online_finish(p, prm.den_bias), sn = online_finish(n, prm.den_bias);
+    loss[i] = row_loss(sp.L, sn.L, prm);
+    stats[i * 4 + 0] = sp.logden;
+    stats[i * 4 + 1] = sp.L;
+    stats[i * 4 + 2] = sn.logden;
+    stats[i * 4 + 3] = sn.L;
+  }
+}
+
+// dL/dq for the block's BQ query rows; grad_rows == nullptr means 1 ("paper" grad in forward).
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2) rll_grad_q_kernel(const Problem<T> pb, const Params<acc_t<T>> prm,
+                                                              const acc_t<T>* __restrict__ norms,
+                                                              const acc_t<T>* __restrict__ stats,
+                                                              const acc_t<T>* __restrict__ grad_rows,
+                                                              bool attached, acc_t<T>* __restrict__ gq) {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  __shared__ Smem<T> sm;
+  const int64_t i0 = int64_t(blockIdx.x) * C::BQ;
+  const int rows = int(pb.N - i0 < C::BQ ? pb.N - i0 : C::BQ);
+  load_rows(sm, pb, norms, i0);
+  load_row_stats(sm, pb, stats, grad_rows, i0);
+  for (int r = threadIdx.x; r < C::BQ; r += kThreads) sm.rsum[r] = S(0);
+  for (int64_t j0 = 0; j0 < pb.M; j0 += C::BK) {
+    __syncthreads();
+    load_cols(sm, pb, norms, j0);
+    dot_tile(sm, pb, i0, j0);
+    g_tile<T, true>(sm, pb, prm, attached, i0, j0);
+    __syncthreads();
+    sub_g_times_x<T, false>(sm, pb.k, pb.ldk, j0, pb.M, gq + i0 * pb.D, pb.D, rows, pb.D);
+  }
+  __syncthreads();
+  add_diag(sm.rsum, pb.q, pb.ldq, i0, rows, gq + i0 * pb.D, pb.D);
+}
+
+// dL/dk for the block's BK gallery rows, streaming every query tile.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2) rll_grad_k_kernel(const Problem<T> pb, const Params<acc_t<T>> prm,
+                                                              const acc_t<T>* __restrict__ norms,
+                                                              const acc_t<T>* __restrict__ stats,
+                                                              const acc_t<T>* __restrict__ grad_rows,
+                                                              bool attached, acc_t<T>* __restrict__ gk) {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  __shared__ Smem<T> sm;
+  const int64_t j0 = int64_t(blockIdx.x) * C::BK;
+  const int cols = int(pb.M - j0 < C::BK ? pb.M - j0 : C::BK);
+  load_cols(sm, pb, norms, j0);
+  for (int c = threadIdx.x; c < C::BK; c += kThreads) sm.csum[c] = S(0);
+  for (int64_t i0 = 0; i0 < pb.N; i0 += C::BQ) {
+    __syncthreads();
+    load_rows(sm, pb, norms, i0);
+    load_row_stats(sm, pb, stats, grad_rows, i0);
+    dot_tile(sm, pb, i0, j0);
+    g_tile<T, false>(sm, pb, prm, attached, i0, j0);
+    __syncthreads();
+    for (int c = threadIdx.x; c < C::BK; c += kThreads) {  // one owner per column
+      S s = S(0);
+      for (int r = 0; r < C::BQ; ++r) s += sm.tile[r][c];
+      sm.csum[c] += s;
+    }
+    sub_g_times_x<T, true>(sm, pb.q, pb.ldq, i0, pb.N, gk + j0 * pb.D, pb.D, cols, pb.D);
+  }
+  __syncthreads();
+  add_diag(sm.csum, pb.k, pb.ldk, j0, cols, gk + j0 * pb.D, pb.D);
+}
+
+template <class T>
+cudaError_t launch_norms(const Problem<T>& pb, acc_t<T>* norms, cudaStream_t stream) {
+  if (pb.N > 0)
+    RLL_LAUNCH(rll_sqnorm_kernel<T>, unsigned((pb.N + kWarps - 1) / kWarps), stream, pb.q, pb.N, pb.D, pb.ldq, norms);
+  if (pb.M > 0)
+    RLL_LAUNCH(rll_sqnorm_kernel<T>, unsigned((pb.M + kWarps - 1) / kWarps), stream, pb.k, pb.M, pb.D, pb.ldk,
+               norms + pb.N);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t launch_rll_fwd(const Problem<T>& pb, const Params<acc_t<T>>& prm, acc_t<T>* loss, acc_t<T>* stats,
+                           acc_t<T>* grad_q, acc_t<T>* norms, cudaStream_t stream) {
+  using C = TileCfg<T>;
+  if (pb.N == 0) return cudaSuccess;
+  cudaError_t err = launch_norms(pb, norms, stream);
+  if (err != cudaSuccess) return err;
+  const unsigned qblocks = unsigned((pb.N + C::BQ - 1) / C::BQ);
+  RLL_LAUNCH(rll_stats_kernel<T>, qblocks, stream, pb, prm, norms, loss, stats);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (grad_q != nullptr)  // "paper": weights detached, upstream gradient 1 per row
+    RLL_LAUNCH(rll_grad_q_kernel<T>, qblocks, stream, pb, prm, norms, stats, nullptr, false, grad_q);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_rll_bwd(const Problem<T>& pb, const Params<acc_t<T>>& prm, const acc_t<T>* grad_rows,
+                           const acc_t<T>* stats, bool attached, acc_t<T>* grad_q, acc_t<T>* grad_k,
+                           acc_t<T>* norms, cudaStream_t stream) {
+  using C = TileCfg<T>;
+  if (pb.N == 0 || (grad_q == nullptr && grad_k == nullptr)) return cudaSuccess;
+  cudaError_t err = launch_norms(pb, norms, stream);
+  if (err != cudaSuccess) return err;
+  if (grad_q != nullptr) {
+    const unsigned qblocks = unsigned((pb.N + C::BQ - 1) / C::BQ);
+    RLL_LAUNCH(rll_grad_q_kernel<T>, qblocks, stream, pb, prm, norms, stats, grad_rows, attached, grad_q);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (grad_k != nullptr && pb.M > 0) {
+    const unsigned kblocks = unsigned((pb.M + C::BK - 1) / C::BK);
+    RLL_LAUNCH(rll_grad_k_kernel<T>, kblocks, stream, pb, prm, norms, stats, grad_rows, attached, grad_k);
+  }
+  return cudaGetLastError();
+}
+
+#define RLL_INSTANTIATE(T)                                                                                    \
+  template cudaError_t launch_rll_fwd<T>(const Problem<T>&, const Params<acc_t<T>>&, acc_t<T>*, acc_t<T>*,    \
+                                         acc_t<T>*, acc_t<T>*, cudaStream_t);                                 \
+  template cudaError_t launch_rll_bwd<T>(const Problem<T>&, const Params<acc_t<T>>&, const acc_t<T>*,         \
+                                         const acc_t<T>*, bool, acc_t<T>*, acc_t<T>*, acc_t<T>*, cudaStream_t);
+RLL_INSTANTIATE(float)
+RLL_INSTANTIATE(double)
+RLL_INSTANTIATE(__half)
+RLL_INSTANTIATE(__nv_bfloat16)
+#undef RLL_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace rll

@@ -1,0 +1,301 @@
+"""Fused SoftTriple loss in Triton (SPEC section 2): custom ops ``rll_kernels::softtriple_triton_fwd``
+and ``softtriple_triton_bwd``, same contract as the C++ ``softtriple_fwd`` / ``softtriple_bwd``.
+
+x (N, D) is normalised; w (D, C*K) is the raw center parameter, normalised per column on the fly
+(r_ck = 1 / max(|w_ck|, 1e-12)). A tile holds BC classes x KP center slots (KP = next power of 2 of
+K, the slots k >= K masked), so the logits tile of a row block is one GEMM (loop over D chunks),
+reshaped to (BM, BC, KP) for the segmented K-softmax.
+
+- forward, one program per row block: streams all class tiles with an online log-sum-exp and writes
+  l_i = LSE_i - z_{i, y_i} and LSE_i; nothing N x C*K is stored.
+- backward, two kernels that recompute the tiles: dX (one program per row block and class split,
+  partial sums per split, reduced in PyTorch: deterministic, no atomics) and dW (one program per
+  class tile, which owns its columns of dW over all row blocks, then applies F.normalize's
+  projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck).
+
+The launches are wrapped in opaque ``torch.library.custom_op`` s with ``register_fake`` and
+``register_autograd``, so they also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests) and
+pass ``opcheck``. GEMMs use ``input_precision="ieee"`` (no TF32) so float32 matches the reference
+to the derived tolerance.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["softtriple_triton_fwd", "softtriple_triton_bwd"]
+
+NORM_EPS = 1e-12
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
+                 BM: tl.constexpr, BCKP: tl.constexpr, BD: tl.constexpr):
+    """s[m, j] = x_m . w_col(j) / |w_col(j)| for a row block and a class tile (0 where masked)."""
+    acc = tl.zeros((BM, BCKP), dtype=x_ptr.dtype.element_ty)  # float32 or float64
+    for d0 in range(0, D, BD):
+        offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
+        mask_d = offs_d < D
+        xb = tl.load(x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        wb = tl.load(w_ptr + offs_d[:, None] * stride_wd + col[None, :],
+                     mask=mask_d[:, None] & valid_j[None, :], other=0.0)
+        acc += tl.dot(xb, wb, input_precision="ieee")
+    rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
+    return acc * rn[None, :]
+
+
+@triton.jit
+def _class_sims(s, valid_j, inv_gamma, BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
+    """Segmented K-softmax of a logits tile: (S (BM, BC), e (BM, BC, KP), den (BM, BC))."""
+    s3 = tl.reshape(s, (BM, BC, KP))
+    v3 = tl.reshape(valid_j, (1, BC, KP))
+    t = tl.where(v3, s3 * inv_gamma, -1.0e30)
+    mx = tl.max(t, axis=2)
+    e = tl.where(v3, tl.exp(t - mx[:, :, None]), 0.0)
+    den = tl.sum(e, axis=2)
+    den = tl.where(den > 0, den, 1.0)  # classes past C: no valid slot
+    num = tl.sum(e * s3, axis=2)
+    return num / den, e, den
+
+
+@triton.jit
+def _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin,
+               BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
+    """G[m, j] = dL/ds for a tile: g_i la (P_ic - [c = y_i]) q_ick (1 + (s_ick - S_ic)/gamma)."""
+    S, e, den = _class_sims(s, valid_j, inv_gamma, BM, BC, KP)
+    cls = c0 + tl.arange(0, BC)
+    is_y = (cls[None, :] == y[:, None]).to(S.dtype)
+    z = la * S - la_margin * is_y
+    p = tl.exp(z - lse[:, None])
+    # rows past N and classes past C get exactly 0 (a select: an overflowed p there cannot leak)
+    a = tl.where(mask_m[:, None] & (cls[None, :] < C), g_row[:, None] * la * (p - is_y) / den, 0.0)
+    s3 = tl.reshape(s, (BM, BC, KP))
+    g3 = a[:, :, None] * e * (1.0 + (s3 - S[:, :, None]) * inv_gamma)
+    return tl.reshape(g3, (BM, BC * KP))
+
+
+@triton.jit
+def _tile_columns(c0, C, K, BC: tl.constexpr, KP: tl.constexpr):
+    j = tl.arange(0, BC * KP)
+    cls = c0 + j // KP
+    kk = j % KP
+    valid_j = (kk < K) & (cls < C)
+    col = tl.where(valid_j, cls.to(tl.int64) * K + kk, 0)
+    return col, valid_j
+
+
+@triton.jit
+def _st_fwd_kernel(x_ptr, y_ptr, w_ptr, rn_ptr, loss_ptr, lse_ptr, N, D, C, K, stride_xn, stride_wd,
+                   inv_gamma, la, la_margin,
+                   BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BM + tl.arange(0, BM)
+    mask_m = offs_m < N
+    y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
+    dt = loss_ptr.dtype.element_ty
+    m_i = tl.full((BM,), -1.0e30, dtype=dt)
+    l_i = tl.zeros((BM,), dtype=dt)
+    zt = tl.zeros((BM,), dtype=dt)
+    for c0 in range(0, C, BC):
+        col, valid_j = _tile_columns(c0, C, K, BC, KP)
+        s = _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
+                         BM, BC * KP, BD)
+        S, e, den = _class_sims(s, valid_j, inv_gamma, BM, BC, KP)
+        cls = c0 + tl.arange(0, BC)
+        is_y = cls[None, :] == y[:, None]
+        z = la * S - la_margin * is_y.to(S.dtype)
+        z = tl.where(cls[None, :] < C, z, -1.0e30)
+        zt += tl.sum(tl.where(is_y, z, 0.0), axis=1)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    tl.store(lse_ptr + offs_m, lse, mask=mask_m)
+    tl.store(loss_ptr + offs_m, lse - zt, mask=mask_m)
+
+
+@triton.jit
+def _st_bwd_dx_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, lse_ptr, gxp_ptr, N, D, C, K, stride_xn, stride_wd,
+                      inv_gamma, la, la_margin, SPLIT,
+                      BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    offs_m = pid * BM + tl.arange(0, BM)
+    mask_m = offs_m < N
+    y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    g_row = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    part = gxp_ptr + split * N * D  # this program's rows of this split: owned, no atomics
+    for c0 in range(split * BC, C, SPLIT * BC):
+        col, valid_j = _tile_columns(c0, C, K, BC, KP)
+        s = _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
+                         BM, BC * KP, BD)
+        g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin, BM, BC, KP)
+        rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
+        g = g * rn[None, :]
+        for d0 in range(0, D, BD):
+            offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
+            mask_d = offs_d < D
+            wb = tl.load(w_ptr + offs_d[:, None] * stride_wd + col[None, :],
+                         mask=mask_d[:, None] & valid_j[None, :], other=0.0)
+            ptrs = part + offs_m[:, None] * D + offs_d[None, :]
+            msk = mask_m[:, None] & mask_d[None, :]
+            cur = tl.load(ptrs, mask=msk, other=0.0)
+            tl.store(ptrs, cur + tl.dot(g, tl.trans(wb), input_precision="ieee"), mask=msk)
+
+
+@triton.jit
+def _st_bwd_dw_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, q_ptr, lse_ptr, gw_ptr, N, D, C, K, stride_xn,
+                      stride_wd, inv_gamma, la, la_margin,
+                      BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    c0 = pid * BC
+    col, valid_j = _tile_columns(c0, C, K, BC, KP)
+    rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
+    cs = tl.zeros((BC * KP,), dtype=gw_ptr.dtype.element_ty)
+    for i0 in range(0, N, BM):
+        offs_m = (i0 + tl.arange(0, BM)).to(tl.int64)
+        mask_m = offs_m < N
+        y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
+        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+        g_row = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+        s = _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
+                         BM, BC * KP, BD)
+        g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin, BM, BC, KP)
+        cs += tl.sum(g * s, axis=0)
+        g = g * rn[None, :]
+        for d0 in range(0, D, BD):
+            offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
+            mask_d = offs_d < D
+            xb = tl.load(x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            ptrs = gw_ptr + offs_d[:, None] * stride_wd + col[None, :]
+            msk = mask_d[:, None] & valid_j[None, :]
+            cur = tl.load(ptrs, mask=msk, other=0.0)
+            tl.store(ptrs, cur + tl.dot(tl.trans(xb), g, input_precision="ieee"), mask=msk)
+    # F.normalize's projection on this tile's columns (owned by this program)
+    coef = tl.load(q_ptr + col, mask=valid_j, other=0.0) * cs
+    for d0 in range(0, D, BD):
+        offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
+        mask_d = offs_d < D
+        msk = mask_d[:, None] & valid_j[None, :]
+        wb = tl.load(w_ptr + offs_d[:, None] * stride_wd + col[None, :], mask=msk, other=0.0)
+        ptrs = gw_ptr + offs_d[:, None] * stride_wd + col[None, :]
+        cur = tl.load(ptrs, mask=msk, other=0.0)
+        tl.store(ptrs, cur - coef[None, :] * wb, mask=msk)
+
+
+# ---------------------------------------------------------------- launch helpers
+def _blocks(n: int, d: int, k: int) -> tuple[int, int, int, int]:
+    kp = triton.next_power_of_2(k)
+    bc = max(1, 64 // kp)  # BC * KP >= 64 columns per tile (>= 16 for tl.dot)
+    bm = 16 if n <= 16 else (32 if n <= 64 else 64)
+    bd = min(64, max(16, triton.next_power_of_2(d)))
+    return bm, bc, kp, bd
+
+
+def _column_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nrm = torch.linalg.vector_norm(w, dim=0)
+    rn = 1.0 / nrm.clamp_min(NORM_EPS)
+    q = torch.where(nrm > NORM_EPS, rn * rn, torch.zeros_like(rn))
+    return rn.contiguous(), q.contiguous()
+
+
+def _check(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, k: int) -> None:
+    torch._check(x.dim() == 2 and w.dim() == 2, lambda: "softtriple_triton: x and w must be 2-D")
+    torch._check(x.shape[1] == w.shape[0], lambda: "softtriple_triton: x and w embedding sizes differ")
+    torch._check(k >= 1 and w.shape[1] % k == 0, lambda: "softtriple_triton: w columns not a multiple of K")
+    torch._check(x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64),
+                 lambda: f"softtriple_triton: x and w must both be float32 or float64, got {x.dtype}, "
+                         f"{w.dtype}")
+    torch._check(labels.dtype == torch.int64 and labels.shape == (x.shape[0],),
+                 lambda: "softtriple_triton: labels must be int64 of shape (N,)")
+
+
+@torch.library.custom_op("rll_kernels::softtriple_triton_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def softtriple_triton_fwd(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, centers_per_class: int,
+                          la: float, gamma: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row cross-entropy l_i (N,), LSE_i (N,)) of SoftTriple on normalised x and raw centers w."""
+    _check(x, labels, w, centers_per_class)
+    x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
+    n, d = x.shape
+    k = centers_per_class
+    c = w.shape[1] // k
+    loss = torch.empty(n, device=x.device, dtype=x.dtype)
+    lse = torch.empty_like(loss)
+    if n == 0:
+        return loss, lse
+    rn, _ = _column_scales(w)
+    bm, bc, kp, bd = _blocks(n, d, k)
+    _st_fwd_kernel[(triton.cdiv(n, bm),)](
+        x, labels, w, rn, loss, lse, n, d, c, k, x.stride(0), w.stride(0),
+        1.0 / gamma, float(la), float(la * margin), BM=bm, BC=bc, KP=kp, BD=bd)
+    return loss, lse
+
+
+@softtriple_triton_fwd.register_fake
+def _(x, labels, w, centers_per_class, la, gamma, margin):
+    _check(x, labels, w, centers_per_class)
+    n = x.shape[0]
+    return x.new_empty(n), x.new_empty(n)
+
+
+@torch.library.custom_op("rll_kernels::softtriple_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def softtriple_triton_bwd(grad_rows: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
+                          lse: torch.Tensor, centers_per_class: int, la: float, gamma: float, margin: float,
+                          need_gx: bool, need_gw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad x (N, D) or (0,), grad of the raw centers w (D, C*K) or (0,)) from the saved LSE."""
+    _check(x, labels, w, centers_per_class)
+    x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
+    g, lse = grad_rows.contiguous().to(x.dtype), lse.contiguous()
+    n, d = x.shape
+    k = centers_per_class
+    c = w.shape[1] // k
+    gx = x.new_zeros(0)
+    gw = w.new_zeros(0)
+    if n == 0:
+        return (torch.zeros_like(x) if need_gx else gx), (torch.zeros_like(w) if need_gw else gw)
+    rn, q = _column_scales(w)
+    bm, bc, kp, bd = _blocks(n, d, k)
+    args = (n, d, c, k, x.stride(0), w.stride(0), 1.0 / gamma, float(la), float(la * margin))
+    if need_gx:
+        ntiles = triton.cdiv(c, bc)
+        nblk = triton.cdiv(n, bm)
+        # enough programs to fill a GPU; one split under the interpreter (CPU tensors)
+        split = 1 if x.device.type == "cpu" else max(1, min(ntiles, 264 // nblk))
+        parts = x.new_zeros(split, n, d)
+        _st_bwd_dx_kernel[(nblk, split)](g, x, labels, w, rn, lse, parts, *args, split,
+                                          BM=bm, BC=bc, KP=kp, BD=bd)
+        gx = parts.sum(0) if split > 1 else parts[0]
+    if need_gw:
+        gw = torch.zeros_like(w)
+        _st_bwd_dw_kernel[(triton.cdiv(c, bc),)](g, x, labels, w, rn, q, lse, gw, *args,
+                                                 BM=bm, BC=bc, KP=kp, BD=bd)
+    return gx, gw
+
+
+@softtriple_triton_bwd.register_fake
+def _(grad_rows, x, labels, w, lse, centers_per_class, la, gamma, margin, need_gx, need_gw):
+    gx = torch.empty_like(x) if need_gx else x.new_empty(0)
+    gw = torch.empty_like(w) if need_gw else w.new_empty(0)
+    return gx, gw
+
+
+def _setup_context(ctx, inputs, output):
+    x, labels, w, k, la, gamma, margin = inputs
+    _, lse = output
+    ctx.params = (k, la, gamma, margin)
+    ctx.save_for_backward(x, labels, w, lse)
+
+
+def _backward(ctx, g_rows, _g_lse):
+    # LSE is a saved statistic: its gradient is not propagated (it is never used by the API)
+    x, labels, w, lse = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    gx, gw = softtriple_triton_bwd(g_rows, x, labels, w, lse, *ctx.params, need_x, need_w)
+    return (gx if need_x else None, None, gw if need_w else None, None, None, None, None)
+
+
+softtriple_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
