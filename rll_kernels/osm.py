@@ -72,16 +72,22 @@ def _triton_status(device: torch.device) -> Optional[str]:
     return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
+# Probed once per device type (the dispatcher query cannot be traced by torch.compile).
+_AVAILABLE: dict[str, dict[str, Optional[str]]] = {}
+
+
 def osm_available_backends(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:
     """Map OSM backend name -> None if usable on ``device``, else the reason it is not."""
     dev = torch.device(device)
-    if dev.type != "cpu":
-        cpp = "the cpp backend runs on CPU tensors only"
-    elif not _ops.has_kernel("osm_fwd", "cpu"):
-        cpp = f"C++ extension not built or without osm_fwd ({_ops.C_IMPORT_ERROR})"
-    else:
-        cpp = None
-    return {"reference": None, "cpp": cpp, "triton": _triton_status(dev)}
+    if dev.type not in _AVAILABLE:
+        if dev.type != "cpu":
+            cpp = "the cpp backend runs on CPU tensors only"
+        elif not _ops.has_kernel("osm_fwd", "cpu"):
+            cpp = f"C++ extension not built or without osm_fwd ({_ops.C_IMPORT_ERROR})"
+        else:
+            cpp = None
+        _AVAILABLE[dev.type] = {"reference": None, "cpp": cpp, "triton": _triton_status(dev)}
+    return dict(_AVAILABLE[dev.type])
 
 
 def _resolve(backend: str, device: torch.device) -> str:
@@ -220,3 +226,6 @@ def osm_backward(ctx, g_loss, _g_grad, _g_sums):
 if _ops.HAS_C and hasattr(torch.ops.rll_kernels, "osm_fwd"):
     torch.library.register_fake("rll_kernels::osm_fwd")(osm_fake)
     torch.library.register_autograd("rll_kernels::osm_fwd", osm_backward, setup_context=osm_setup_context)
+
+
+osm_available_backends("cpu")
