@@ -406,3 +406,17 @@ def test_backend_resolution(monkeypatch):
     assert l1.item() == l2.item()
     with pytest.raises(ValueError, match="backend"):
         rll_kernels.weighted_contrastive_loss(x, y, backend="cuda")
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_cpp():
+    x = torch.randn(40, 9, requires_grad=True)
+    y = torch.randint(0, 4, (40,))
+    a = rand_att(40, torch.float32)
+    f = torch.compile(lambda x, y, a: rll_kernels.weighted_contrastive_loss(x, y, a, backend="cpp"),
+                      fullgraph=True)
+    (g_c,) = torch.autograd.grad(f(x, y, a), x)
+    l_e, g_e = run(CPP, x, y, a)
+    l_64, g_64 = run("ref", x.double(), y, a.double())
+    assert_close_derived(f(x, y, a).detach(), l_e, l_64, "loss")
+    assert_close_derived(g_c, g_e, g_64, "grad")
