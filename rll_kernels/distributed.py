@@ -128,8 +128,8 @@ class DistributedLossWrapper(nn.Module):
                                    differentiable)
         g_labels = _all_gather_rows(labels, sizes, self.group, False)
         if n_local == 0:
-            # nothing to rank here, but "pml" backward must still join the gather's collective
-            return gallery.sum() * 0.0
+            # nothing to rank here; in "pml" the backward must still join the gather's collective
+            return (embeddings.sum() + gallery.sum()) * 0.0
         offset = sum(sizes[:rank])
         q_ids = torch.arange(offset, offset + n_local, device=dev)
         g_ids = torch.arange(n_total, device=dev)

@@ -76,7 +76,7 @@ def test_three_steps_match_dense_oracle(semantics, with_indices):
     for step in range(3):
         if with_indices:
             idx = torch.randint(0, 12, (9,))
-            e0, y = data[idx] + 0.01 * torch.randn(9, D, dtype=torch.float64), data_y[idx]
+            e0, y = data[idx] + 0.7 * torch.randn(9, D, dtype=torch.float64), data_y[idx]
             ids = idx
         else:
             (e0, y), idx = batch(9), None
