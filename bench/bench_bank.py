@@ -81,8 +81,8 @@ def make_providers(q, ql, bank, bl, semantics: str, chunk: int):
         # difference to "fused" is the functional API's O(M D) finiteness check and normalisation)
         qq = q.detach().requires_grad_()
         z = torch.nn.functional.normalize(qq, dim=1)
-        rows, gq, _ = torch.ops.rll_kernels.rll_fwd(z, ql, None, bank_n, bl, None, alpha, alpha - 0.4, 10.0, 0.0,
-                                                    0.5, 0.0, False, True)
+        rows, gq, _ = torch.ops.rll_kernels.rll_fwd(z, ql, None, bank_n, bl, None, alpha, alpha - 0.4,
+                                                    10.0, 0.0, 0.5, 0.0, False, True)
         z.backward(gq / n)
         return qq.grad
 

@@ -108,7 +108,8 @@ class DistributedLossWrapper(nn.Module):
         if indices_tuple is not None:
             raise ValueError("indices_tuple is not supported for this loss function (RLL mines its own sets)")
         if self.loss.reduction != "mean":
-            raise ValueError(f"DistributedLossWrapper: loss.reduction must be 'mean', got {self.loss.reduction!r}")
+            raise ValueError("DistributedLossWrapper: loss.reduction must be 'mean', "
+                             f"got {self.loss.reduction!r}")
         world, rank = self._world()
         check_embeddings(embeddings, "embeddings", allow_empty=True)
         dev = embeddings.device
@@ -118,7 +119,8 @@ class DistributedLossWrapper(nn.Module):
         sizes = _gather_sizes(n_local, dev, self.group)
         dims = _gather_sizes(embeddings.shape[1], dev, self.group)
         if len(set(dims)) != 1:
-            raise ValueError(f"DistributedLossWrapper: every rank must have the same embedding size, got {dims}")
+            raise ValueError("DistributedLossWrapper: every rank must have the same embedding size, "
+                             f"got {dims}")
         n_total = sum(sizes)
         if n_total == 0:
             raise ValueError("DistributedLossWrapper: the global batch is empty on every rank")

@@ -129,7 +129,8 @@ class CrossBatchMemory(nn.Module):
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         """Write detached rows into the ring buffer (only the last ``memory_size`` if more)."""
-        e, lab, ids = embeddings.detach()[-self.memory_size:], labels[-self.memory_size:], ids[-self.memory_size:]
+        keep = slice(max(embeddings.shape[0] - self.memory_size, 0), None)
+        e, lab, ids = embeddings.detach()[keep], labels[keep], ids[keep]
         n = e.shape[0]
         slots = (int(self.queue_idx) + torch.arange(n, device=e.device)) % self.memory_size
         self.embedding_memory[slots] = e

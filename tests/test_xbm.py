@@ -33,7 +33,8 @@ def dense_oracle(q, ql, qid, g, gl, gid, semantics, margin=0.4, Tn=10.0, lam=0.5
     if not pml:
         sp, sn = sp.detach(), sn.detach()
     bias = g.shape[0] * 1e-5 if pml else 0.0
-    rows = (1 - lam) * reference._weighted_mean(sp, vp, pos, bias) + lam * reference._weighted_mean(sn, vn, neg, bias)
+    wm = reference._weighted_mean
+    rows = (1 - lam) * wm(sp, vp, pos, bias) + lam * wm(sn, vn, neg, bias)
     return rows.mean()
 
 
