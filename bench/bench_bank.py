@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     floor_cpu = med_cpu["GEMM floor (2 GEMMs)"]
     gflop = 4 * n * m * d / 1e9
 
-    cmd = "python bench/bench_bank.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    cmd = f"{env} python bench/bench_bank.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"### Bank: N={n} queries vs M={m} bank rows, D={d}, float32, semantics={args.semantics!r}, "
         f"forward + backward",
