@@ -102,19 +102,26 @@ HYPER = dict(margin=0.4, Tn=10.0, imbalance=0.5, Tp=0.0)
 HYPER_TP = dict(margin=0.5, Tn=4.0, imbalance=0.3, Tp=2.0, normalize=False)
 
 
-def run(world, cases):
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(worker, args=(world, free_port(), cases, out_dir), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = TIMEOUT_S * 3
-        t0 = time.monotonic()
-        while not ctx.join(timeout=5):
-            if time.monotonic() - t0 > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                pytest.fail(f"distributed workers did not finish within {deadline} s")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+def run(world, cases, attempts=2):
+    """Spawn ``world`` gloo workers; retry once on a fresh port if another process took ours."""
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.start_processes(worker, args=(world, free_port(), cases, out_dir), nprocs=world,
+                                     join=False, start_method="spawn")
+            deadline = TIMEOUT_S * 3
+            t0 = time.monotonic()
+            try:
+                while not ctx.join(timeout=5):
+                    if time.monotonic() - t0 > deadline:
+                        for p in ctx.processes:
+                            if p.is_alive():
+                                p.terminate()
+                        pytest.fail(f"distributed workers did not finish within {deadline} s")
+            except mp.ProcessRaisedException as e:
+                if attempt + 1 < attempts and "address already in use" in str(e).lower():
+                    continue
+                raise
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
 @pytest.mark.slow
