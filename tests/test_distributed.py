@@ -5,7 +5,6 @@ DDP-averaged gradients, equal the loss and gradient of one process on the concat
 """
 import datetime
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -19,12 +18,6 @@ from rll_kernels import DistributedLossWrapper, RLLFused
 
 D_IN, D = 6, 5
 TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data(sizes, seed=1234):
@@ -54,11 +47,13 @@ def flat_grad(module):
     return torch.cat([p.grad.reshape(-1) for p in module.parameters()])
 
 
-def worker(rank, world, port, cases, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+def worker(rank, world, cases, out_dir):
+    # rendezvous through a file in this test's temporary directory (no listening port to race for
+    # with other jobs on the machine); gloo then connects the ranks over the loopback interface
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     errs = {}
     try:
         for name, sizes, semantics, hyper in cases:
@@ -102,12 +97,17 @@ HYPER = dict(margin=0.4, Tn=10.0, imbalance=0.5, Tp=0.0)
 HYPER_TP = dict(margin=0.5, Tn=4.0, imbalance=0.3, Tp=2.0, normalize=False)
 
 
+# worker failures that come from the machine (rendezvous, sockets), not from the code under test
+TRANSIENT = ("address already in use", "connection reset", "connection refused", "connection closed",
+             "broken pipe", "timed out")
+
+
 def run(world, cases, attempts=2):
-    """Spawn ``world`` gloo workers; retry once on a fresh port if another process took ours."""
+    """Spawn ``world`` gloo workers and return their error dicts; one retry on a transient failure."""
     for attempt in range(attempts):
         with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.start_processes(worker, args=(world, free_port(), cases, out_dir), nprocs=world,
-                                     join=False, start_method="spawn")
+            ctx = mp.start_processes(worker, args=(world, cases, out_dir), nprocs=world, join=False,
+                                     start_method="spawn")
             deadline = TIMEOUT_S * 3
             t0 = time.monotonic()
             try:
@@ -118,7 +118,7 @@ def run(world, cases, attempts=2):
                                 p.terminate()
                         pytest.fail(f"distributed workers did not finish within {deadline} s")
             except mp.ProcessRaisedException as e:
-                if attempt + 1 < attempts and "address already in use" in str(e).lower():
+                if attempt + 1 < attempts and any(m in str(e).lower() for m in TRANSIENT):
                     continue
                 raise
             return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
