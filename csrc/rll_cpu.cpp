@@ -128,6 +128,21 @@ inline void label_masks(const Vectorized<S>& kl, const Vectorized<S>& li, Vector
   diff = (kl < li) | (kl > li);  // both false for the NaN padding
 }
 
+// Squared row norms without an N x D temporary (the gallery can be a 10^5-row bank).
+template <class S>
+at::Tensor row_sq_norms(const at::Tensor& x) {
+  const int64_t R = x.size(0), D = x.size(1);
+  at::Tensor out = at::empty({R}, x.options());
+  const S* X = x.data_ptr<S>();
+  S* O = out.data_ptr<S>();
+  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      O[r] = at::vec::map_reduce_all<S>([](Vectorized<S> v) { return v * v; },
+                                        [](Vectorized<S> a, Vectorized<S> b) { return a + b; }, X + r * D, D);
+  });
+  return out;
+}
+
 // Shared set-up of both kernels: norms, labels as S, exclusions, tiling.
 template <class S>
 struct Prep {
@@ -138,8 +153,8 @@ struct Prep {
   Prep(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid_t, const at::Tensor& k,
        const at::Tensor& kl, const c10::optional<at::Tensor>& kid_t) {
     N = q.size(0), M = k.size(0), D = q.size(1);
-    nq_t = (q * q).sum(1);
-    nk_t = (k * k).sum(1);
+    nq_t = row_sq_norms<S>(q);
+    nk_t = row_sq_norms<S>(k);
     lab_t = labels_as<S>(ql, kl);
     NQ = nq_t.data_ptr<S>();
     NK = nk_t.data_ptr<S>();
