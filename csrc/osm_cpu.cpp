@@ -18,31 +18,13 @@
 // Memory: O(threads N D) plus per-thread tiles; no N x N matrix.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-namespace rll {
-// Vector overloads of the primitives rll_pair.h is written against (as in rll_cpu.cpp; these are
-// inline templates, so the two translation units may both define them).
-using at::vec::Vectorized;
-template <class S>
-inline Vectorized<S> rll_select(const Vectorized<S>& m, const Vectorized<S>& a, const Vectorized<S>& b) {
-  return Vectorized<S>::blendv(b, a, m);
-}
-template <class S>
-inline Vectorized<S> rll_max(const Vectorized<S>& a, const Vectorized<S>& b) { return at::vec::maximum(a, b); }
-template <class S>
-inline Vectorized<S> rll_sqrt(const Vectorized<S>& x) { return x.sqrt(); }
-template <class S>
-inline Vectorized<S> rll_exp(const Vectorized<S>& x) { return x.exp(); }
-}  // namespace rll
-
-#include "rll_pair.h"
+#include "rll_cpu_vec.h"
 
 namespace rll {
 namespace osm {

@@ -10,8 +10,6 @@
 // saved row statistics and writes both the query and the gallery gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,41 +17,10 @@
 #include <utility>
 #include <vector>
 
-namespace rll {
-using at::vec::Vectorized;
-// Vector overloads of the primitives rll_pair.h is written against.
-template <class S>
-inline Vectorized<S> rll_select(const Vectorized<S>& m, const Vectorized<S>& a, const Vectorized<S>& b) {
-  return Vectorized<S>::blendv(b, a, m);
-}
-template <class S>
-inline Vectorized<S> rll_max(const Vectorized<S>& a, const Vectorized<S>& b) { return at::vec::maximum(a, b); }
-template <class S>
-inline Vectorized<S> rll_sqrt(const Vectorized<S>& x) { return x.sqrt(); }
-template <class S>
-inline Vectorized<S> rll_exp(const Vectorized<S>& x) { return x.exp(); }
-}  // namespace rll
-
-#include "rll_pair.h"
+#include "rll_cpu_vec.h"
 
 namespace rll {
 namespace {
-
-template <class S>
-inline S hsum(const Vectorized<S>& v) {
-  return at::vec::vec_reduce_all<S>([](Vectorized<S>& a, Vectorized<S>& b) { return a + b; }, v);
-}
-template <class S>
-inline S hmax(const Vectorized<S>& v) {
-  return at::vec::vec_reduce_all<S>([](Vectorized<S>& a, Vectorized<S>& b) { return at::vec::maximum(a, b); },
-                                    v);
-}
-
-// True when no lane of a comparison mask is set (all lanes zero bits).
-template <class S>
-inline bool none_set(const Vectorized<S>& mask) {
-  return mask.zero_mask() == (1 << Vectorized<S>::size()) - 1;
-}
 
 // Tile sizes: a K tile of BK x D stays in L2 (2 MiB here); BQ x BK tiles stay in L1/L2.
 struct Tiling {
