@@ -11,6 +11,7 @@ MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads per job, default 
 import glob
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import setup
@@ -43,6 +44,13 @@ def _ext_modules():
     if os.environ.get("RLL_SKIP_EXT", "0") == "1":
         print("rll_kernels: RLL_SKIP_EXT=1, building no C++ extension", file=sys.stderr)
         return [], {}
+    # nvcc reached through a symlink (e.g. /usr/local/bin/nvcc): point CUDA_HOME at the real toolkit,
+    # or torch would look for libcudart next to the link
+    nvcc_path = shutil.which("nvcc")
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and nvcc_path:
+        toolkit = os.path.dirname(os.path.dirname(os.path.realpath(nvcc_path)))
+        if os.path.isdir(os.path.join(toolkit, "lib64")):
+            os.environ["CUDA_HOME"] = toolkit
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 

@@ -218,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--memory-frac", type=float, default=0.75,
                     help="skip a provider predicted to need more than this fraction of RAM/GPU memory")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="timing seconds per provider and case (sets repetitions; default 0.5 quick, 6 full)")
+                    help="timing seconds per provider and case (sets repetitions; default 0.5 quick, 4 full)")
     ap.add_argument("--max-reps", type=int, default=None)
     ap.add_argument("--min-reps", type=int, default=3)
     ap.add_argument("--max-call-s", type=float, default=30.0,
@@ -242,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         providers = [p for p in providers if p.name in keep]
     cfg = measure.Config(
         device=args.device, threads=args.threads,
-        budget_s=args.budget_s if args.budget_s is not None else (0.5 if args.quick else 6.0),
+        budget_s=args.budget_s if args.budget_s is not None else (0.5 if args.quick else 4.0),
         min_reps=args.min_reps, max_call_s=args.max_call_s,
         max_reps=args.max_reps if args.max_reps is not None else (10 if args.quick else 25))
     budget = memory_budget(args.device, args.memory_frac)
