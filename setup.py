@@ -44,13 +44,19 @@ def _ext_modules():
     if os.environ.get("RLL_SKIP_EXT", "0") == "1":
         print("rll_kernels: RLL_SKIP_EXT=1, building no C++ extension", file=sys.stderr)
         return [], {}
-    # nvcc reached through a symlink (e.g. /usr/local/bin/nvcc): point CUDA_HOME at the real toolkit,
-    # or torch would look for libcudart next to the link
+    # torch takes CUDA_HOME from the nvcc on PATH; when that nvcc lives outside the toolkit (a link or
+    # wrapper in /usr/local/bin), point CUDA_HOME at the toolkit that holds libcudart
     nvcc_path = shutil.which("nvcc")
     if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and nvcc_path:
-        toolkit = os.path.dirname(os.path.dirname(os.path.realpath(nvcc_path)))
-        if os.path.isdir(os.path.join(toolkit, "lib64")):
-            os.environ["CUDA_HOME"] = toolkit
+        def has_cudart(d):
+            return bool(glob.glob(os.path.join(d, "lib64", "libcudart.so*")))
+
+        guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc_path)))
+        if not has_cudart(guess):
+            for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+                if has_cudart(cand):
+                    os.environ["CUDA_HOME"] = cand
+                    break
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 

@@ -4,6 +4,7 @@ from . import metrics  # noqa: F401  (recall_at_k, nmi)
 from ._dispatch import available_backends
 from .functional import ranked_list_loss
 from .modules import RLLFused
+from .osm import WeightedContrastiveFused, class_aware_attention, weighted_contrastive_loss
 from .softtriple import SoftTripleFused, soft_triple_loss
 from .xbm import CrossBatchMemory
 from .distributed import DistributedLossWrapper
@@ -12,4 +13,5 @@ __version__ = "0.1.0"
 __all__ = ["RLLFused", "ranked_list_loss", "available_backends", "reference", "__version__"]
 __all__ += ["SoftTripleFused", "soft_triple_loss"]
 __all__ += ["metrics"]
+__all__ += ["WeightedContrastiveFused", "class_aware_attention", "weighted_contrastive_loss"]
 __all__ += ["CrossBatchMemory", "DistributedLossWrapper"]
