@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from bench.cases import Case, gemm_shape
+from bench.rss import current_bytes, peak_bytes, reset_peak
 from bench.providers import Inputs, Provider, Unsupported, all_providers, make_inputs
 
 QUANTILES = (0.2, 0.5, 0.8)
@@ -182,24 +183,6 @@ def _time_cuda(fns: dict, x: Inputs, gemm: Callable[[], float], flops: float, ou
 
 
 # ------------------------------------------------------------------------------------ memory
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Reset the resident-set high-water mark (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_case(case: Case, name: str, cfg: Config) -> dict:
     """Peak memory growth (bytes) of one forward + backward of provider ``name`` on ``case``."""
     device = setup_process(cfg)
@@ -227,11 +210,11 @@ def memory_case(case: Case, name: str, cfg: Config) -> dict:
         fn().backward()
         torch.cuda.synchronize()
         return {"bytes": float(torch.cuda.max_memory_allocated() - base), "how": "cuda max_memory_allocated"}
-    if _reset_hwm():
-        base = _status_kib("VmRSS")
+    if reset_peak():
+        base = current_bytes()
         fn().backward()
-        return {"bytes": 1024.0 * max(0, _status_kib("VmHWM") - base), "how": "VmHWM"}
-    base = _status_kib("VmRSS")  # ru_maxrss cannot be reset: an upper bound when warm-up peaked higher
+        return {"bytes": float(max(0, peak_bytes() - base)), "how": "VmHWM"}
+    base = current_bytes() // 1024  # KiB, as ru_maxrss; ru_maxrss cannot be reset: an upper bound when warm-up peaked higher
     fn().backward()
     return {"bytes": 1024.0 * max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base),
             "how": "ru_maxrss"}

@@ -13,6 +13,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._validate import check_labels
+
 __all__ = ["recall_at_k", "nmi", "nearest_neighbors"]
 
 _NO_INDEX = torch.iinfo(torch.int64).max  # index of an empty running slot: loses every tie
@@ -29,18 +31,6 @@ def _check_matrix(x, name: str) -> None:
         raise ValueError(f"{name} has embedding size D = 0")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_labels(labels, n: int, name: str) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of shape ({n},), got shape {tuple(labels.shape)}")
-    if labels.shape[0] != n:
-        raise ValueError(f"{name} must have {n} entries (one per embedding), got {labels.shape[0]}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
-    return labels.to(torch.int64)
 
 
 def _check_block(value, name: str) -> int:
@@ -184,7 +174,7 @@ def recall_at_k(
     _check_matrix(embeddings, "embeddings")
     if embeddings.shape[0] == 0:
         raise ValueError("embeddings is empty (N = 0): recall needs at least one query")
-    labels = _check_labels(labels, embeddings.shape[0], "labels")
+    labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
     if (ref is None) != (ref_labels is None):
         raise ValueError("ref and ref_labels must be given together "
                          f"(got ref={'set' if ref is not None else None}, "
@@ -198,7 +188,7 @@ def recall_at_k(
         _check_matrix(ref, "ref")
         if ref.shape[0] == 0:
             raise ValueError("ref is empty (M = 0): recall needs a gallery")
-        gallery_labels = _check_labels(ref_labels, ref.shape[0], "ref_labels")
+        gallery_labels = check_labels(ref_labels, ref.shape[0], "ref_labels", ref.device)
     ks = (ks,) if isinstance(ks, int) and not isinstance(ks, bool) else tuple(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
@@ -230,7 +220,7 @@ def nmi(
     from sklearn.metrics import normalized_mutual_info_score
 
     _check_matrix(embeddings, "embeddings")
-    labels = _check_labels(labels, embeddings.shape[0], "labels")
+    labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
     if embeddings.shape[0] == 0:
         raise ValueError("embeddings is empty (N = 0): nmi needs at least one row")
     n_clusters = int(torch.unique(labels).numel())
