@@ -6,13 +6,13 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 TORCH   := torch==2.13.0
-DEPS    := numpy ninja pytest pytest-benchmark pytorch-metric-learning==2.9.0 scikit-learn tqdm matplotlib triton
+DEPS    := numpy ninja pytest pytest-benchmark pytorch-metric-learning==2.9.0 scikit-learn tqdm matplotlib triton ruff==0.17.6
 STAMP   := $(VENV)/.deps-stamp
 BUILD   := $(VENV)/.build-stamp
 BENCHDEPS := $(VENV)/.bench-stamp
 SRCS    := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py
 
-.PHONY: test bench build gpu-check demo clean env
+.PHONY: test bench build gpu-check demo clean env lint
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(BUILD): $(STAMP) $(SRCS)
 	touch $@
 
 build: $(BUILD)
+
+# lint: ruff with the rules in pyproject.toml ([tool.ruff]); no build needed
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 env: $(BUILD)
 	$(VPY) -m rll_kernels.env_report

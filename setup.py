@@ -8,6 +8,7 @@ and a CPU-only extension. USE_CUDA=0 never builds them.
 Env: RLL_SKIP_EXT=1 (pure-Python install: reference + Triton), DEBUG=1 (-O0 -g),
 MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads per job, default 2).
 """
+
 import glob
 import os
 import platform
@@ -48,6 +49,7 @@ def _ext_modules():
     # wrapper in /usr/local/bin), point CUDA_HOME at the toolkit that holds libcudart
     nvcc_path = shutil.which("nvcc")
     if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and nvcc_path:
+
         def has_cudart(d):
             return bool(glob.glob(os.path.join(d, "lib64", "libcudart.so*")))
 
@@ -72,18 +74,28 @@ def _ext_modules():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda, why = _cuda_wanted(torch, cuda_sources)
     if cuda_sources and not use_cuda:
-        print(f"rll_kernels: warning: CUDA backend not built ({why}); CPU and Triton backends only",
-              file=sys.stderr)
+        print(
+            f"rll_kernels: warning: CUDA backend not built ({why}); CPU and Triton backends only",
+            file=sys.stderr,
+        )
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # no GPU to query: cpp_extension would fail on an empty arch list
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-            print(f"rll_kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}",
-                  file=sys.stderr)
-        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"])
+            print(
+                f"rll_kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}",
+                file=sys.stderr,
+            )
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         # c++20: torch 2.13 headers; stable ABI of torch 2.10 for the glue (csrc/cuda/rll_cuda_glue.cu)
-        nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-DTORCH_TARGET_VERSION=0x020a000000000000",
-                 "-DUSE_CUDA", "--threads", os.environ.get("NVCC_THREADS") or "2"]
+        nvcc += [
+            "-std=c++20",
+            "--expt-relaxed-constexpr",
+            "-DTORCH_TARGET_VERSION=0x020a000000000000",
+            "-DUSE_CUDA",
+            "--threads",
+            os.environ.get("NVCC_THREADS") or "2",
+        ]
         ext = CUDAExtension(
             "rll_kernels._C",
             sources + cuda_sources,

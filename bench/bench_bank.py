@@ -12,13 +12,14 @@ growth of the peak RSS over one call, each provider in a fresh subprocess (VmHWM
 The GEMM floor is the two GEMMs any exact method needs, Q K^T (N x M) and then (N x M) K, i.e.
 4 N M D flops; "x floor" is each provider's median time over the floor's.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
-import json
 import statistics
 import subprocess
 import sys
@@ -69,9 +70,10 @@ def make_providers(q, ql, bank, bl, semantics: str, chunk: int):
         # and (with a constant bank) its gradient depend on that query alone
         grads = []
         for s in range(0, n, chunk):
-            qq = q[s:s + chunk].detach().requires_grad_()
-            rows = reference.ranked_list_loss(qq, ql[s:s + chunk], semantics=semantics, ref_emb=bank,
-                                              ref_labels=bl, reduction="sum")
+            qq = q[s : s + chunk].detach().requires_grad_()
+            rows = reference.ranked_list_loss(
+                qq, ql[s : s + chunk], semantics=semantics, ref_emb=bank, ref_labels=bl, reduction="sum"
+            )
             (rows / n).backward()
             grads.append(qq.grad)
         return torch.cat(grads)
@@ -81,8 +83,9 @@ def make_providers(q, ql, bank, bl, semantics: str, chunk: int):
         # difference to "fused" is the functional API's O(M D) finiteness check and normalisation)
         qq = q.detach().requires_grad_()
         z = torch.nn.functional.normalize(qq, dim=1)
-        rows, gq, _ = torch.ops.rll_kernels.rll_fwd(z, ql, None, bank_n, bl, None, alpha, alpha - 0.4,
-                                                    10.0, 0.0, 0.5, 0.0, False, True)
+        rows, gq, _ = torch.ops.rll_kernels.rll_fwd(
+            z, ql, None, bank_n, bl, None, alpha, alpha - 0.4, 10.0, 0.0, 0.5, 0.0, False, True
+        )
         z.backward(gq / n)
         return qq.grad
 
@@ -95,8 +98,12 @@ def make_providers(q, ql, bank, bl, semantics: str, chunk: int):
     provs = {"fused": fused, "fused kernel alone (diagnostic)": kernel_only}
     if semantics != "paper":
         del provs["fused kernel alone (diagnostic)"]  # the diagnostic covers the one-pass "paper" path
-    return {**provs, "dense reference": dense, f"chunked reference ({chunk} rows)": chunked,
-            "GEMM floor (2 GEMMs)": floor}
+    return {
+        **provs,
+        "dense reference": dense,
+        f"chunked reference ({chunk} rows)": chunked,
+        "GEMM floor (2 GEMMs)": floor,
+    }
 
 
 def main(argv=None) -> int:
@@ -108,8 +115,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--semantics", default="paper", choices=("paper", "pml"))
     ap.add_argument("--mem-only", default=None, help=argparse.SUPPRESS)  # child: peak growth of one provider
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "sections", "bank.md"),
-                    help="markdown file to append the table to, or - for stdout only")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "sections", "bank.md"),
+        help="markdown file to append the table to, or - for stdout only",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -125,18 +135,25 @@ def main(argv=None) -> int:
 
     # agreement (a wrong fast kernel is no result): every provider's query gradient vs the chunked reference
     g_c = provs[f"chunked reference ({args.chunk} rows)"]()
-    agree = max(((fn() - g_c).abs().max() / g_c.abs().max()).item()
-                for name, fn in provs.items() if not name.startswith(("GEMM", "chunked")))
+    agree = max(
+        ((fn() - g_c).abs().max() / g_c.abs().max()).item()
+        for name, fn in provs.items()
+        if not name.startswith(("GEMM", "chunked"))
+    )
 
-    base_argv = [a for a in (sys.argv[1:] if argv is None else argv)]
+    base_argv = list(sys.argv[1:] if argv is None else argv)
     mem = {}
     for name in provs:
-        res = subprocess.run([sys.executable, __file__, *base_argv, "--mem-only", name, "--out", "-"],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, *base_argv, "--mem-only", name, "--out", "-"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         mem[name] = tuple(json.loads(res.stdout.strip().splitlines()[-1]))
     times: dict[str, list[float]] = {name: [] for name in provs}
     cpu: dict[str, list[float]] = {name: [] for name in provs}
-    for name, fn in provs.items():  # warm-up
+    for fn in provs.values():  # warm-up
         fn()
     for _ in range(args.reps):  # interleaved rounds
         for name, fn in provs.items():
@@ -169,9 +186,11 @@ def main(argv=None) -> int:
     ]
     for name in provs:
         growth, reset = mem[name]
-        lines.append(f"| {name} | {med[name]:.3f} | {med[name] / floor:.2f} | {med_cpu[name]:.3f} | "
-                     f"{med_cpu[name] / floor_cpu:.2f} | {gflop / med_cpu[name]:.1f} | "
-                     f"{growth / 2**20:.0f}{'' if reset else ' (peak not reset: upper bound)'} |")
+        lines.append(
+            f"| {name} | {med[name]:.3f} | {med[name] / floor:.2f} | {med_cpu[name]:.3f} | "
+            f"{med_cpu[name] / floor_cpu:.2f} | {gflop / med_cpu[name]:.1f} | "
+            f"{growth / 2**20:.0f}{'' if reset else ' (peak not reset: upper bound)'} |"
+        )
     lines.append("")
     text = "\n".join(lines)
     print(text)

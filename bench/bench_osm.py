@@ -14,6 +14,7 @@ embeddings, where d ~ sqrt(2) > alpha for almost every negative (sparse weight t
     python bench/bench_osm.py                       # N = 4096, D = 128 and 512
     python bench/bench_osm.py --n 2048 --dims 128 --rounds 3 --no-compile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,7 @@ def bench_shape(n: int, d: int, args) -> dict:
             loss = loss_fn(x, labels, att)
             loss.backward()
             return loss
+
         return step
 
     ref_fn = lambda x, y, a: reference.weighted_contrastive_loss(x, y, a)  # noqa: E731
@@ -101,8 +103,15 @@ def bench_shape(n: int, d: int, args) -> dict:
         for name, fn in providers.items():
             times[name].append(timed(fn, args.device))
     med = {name: statistics.median(v) for name, v in times.items()}
-    return dict(n=n, d=d, med=med, first=t_first, rel_loss=rel_loss, rel_grad=rel_grad,
-                frac=neg_in_margin_fraction(x0.cpu(), labels.cpu()))
+    return dict(
+        n=n,
+        d=d,
+        med=med,
+        first=t_first,
+        rel_loss=rel_loss,
+        rel_grad=rel_grad,
+        frac=neg_in_margin_fraction(x0.cpu(), labels.cpu()),
+    )
 
 
 def main(argv=None) -> int:
@@ -114,10 +123,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     args = p.parse_args(argv)
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
-          f"data {args.data}, rounds {args.rounds} (medians, interleaved)")
-    print("| N | D | neg. in margin | fused ms | reference ms | compiled ms | mm ms | ref / fused "
-          "| compiled / fused | fused / mm | rel. err loss, grad |")
+    print(
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
+        f"data {args.data}, rounds {args.rounds} (medians, interleaved)"
+    )
+    print(
+        "| N | D | neg. in margin | fused ms | reference ms | compiled ms | mm ms | ref / fused "
+        "| compiled / fused | fused / mm | rel. err loss, grad |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.dims:
         r = bench_shape(args.n, d, args)
@@ -125,9 +138,12 @@ def main(argv=None) -> int:
         comp = m.get("compiled")
         comp_ms = "-" if comp is None else f"{1e3 * comp:.1f}"
         comp_x = "-" if comp is None else f"{comp / m['fused']:.1f}x"
-        print(f"| {r['n']} | {d} | {r['frac']:.0%} | {1e3 * m['fused']:.1f} | {1e3 * m['reference']:.1f} | "
-              f"{comp_ms} | {1e3 * m['mm']:.1f} | {m['reference'] / m['fused']:.1f}x | {comp_x} | "
-              f"{m['fused'] / m['mm']:.1f} | {r['rel_loss']:.1e}, {r['rel_grad']:.1e} |", flush=True)
+        print(
+            f"| {r['n']} | {d} | {r['frac']:.0%} | {1e3 * m['fused']:.1f} | {1e3 * m['reference']:.1f} | "
+            f"{comp_ms} | {1e3 * m['mm']:.1f} | {m['reference'] / m['fused']:.1f}x | {comp_x} | "
+            f"{m['fused'] / m['mm']:.1f} | {r['rel_loss']:.1e}, {r['rel_grad']:.1e} |",
+            flush=True,
+        )
     return 0
 
 

@@ -9,6 +9,7 @@
 3. N=32768, D=256: peak RSS growth of a forward+backward (fresh subprocess per semantics).
 Prints a markdown table (and writes it to bench/results/targets_latest.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def _fwd_bwd(fn, emb, labels):
     def run():
         e = emb.detach().requires_grad_()
         fn(e, labels).backward()
+
     return run
 
 
@@ -65,12 +67,15 @@ def main() -> None:
     labels = torch.randperm(n) // 4
     results = {}
     emb = torch.randn(n, 128)
-    compiled = {s: torch.compile(lambda e, lab, s=s: reference.ranked_list_loss(e, lab, semantics=s))
-                for s in ("paper", "pml")}
+    compiled = {
+        s: torch.compile(lambda e, lab, s=s: reference.ranked_list_loss(e, lab, semantics=s))
+        for s in ("paper", "pml")
+    }
     fns = {"pml2.9": _fwd_bwd(pml, emb, labels)}
     for s in ("paper", "pml"):
-        fns[f"fused-{s}"] = _fwd_bwd(lambda e, lab, s=s: rll_kernels.ranked_list_loss(e, lab, semantics=s), emb,
-                                     labels)
+        fns[f"fused-{s}"] = _fwd_bwd(
+            lambda e, lab, s=s: rll_kernels.ranked_list_loss(e, lab, semantics=s), emb, labels
+        )
         fns[f"compile-{s}"] = _fwd_bwd(compiled[s], emb, labels)
     t = interleaved(fns, a.reps)
     results["d128"] = t
@@ -78,8 +83,10 @@ def main() -> None:
         f = t[f"fused-{s}"]
         lines.append(f"| N=4096 D=128 {s} | fused cpp | {f * 1e3:.1f} | - |")
         lines.append(f"| | PML 2.9.0 | {t['pml2.9'] * 1e3:.1f} | PML / fused = {t['pml2.9'] / f:.1f}x |")
-        lines.append(f"| | torch.compile(reference) | {t[f'compile-{s}'] * 1e3:.1f} | "
-                     f"compile / fused = {t[f'compile-{s}'] / f:.1f}x |")
+        lines.append(
+            f"| | torch.compile(reference) | {t[f'compile-{s}'] * 1e3:.1f} | "
+            f"compile / fused = {t[f'compile-{s}'] / f:.1f}x |"
+        )
 
     emb = torch.randn(n, 512)
     a_m, b_m, out = torch.randn(n, 512), torch.randn(n, 512), torch.empty(n, n)
@@ -87,26 +94,45 @@ def main() -> None:
     def floor():  # 4 N^2 D FLOPs = two N x N x D GEMMs
         torch.mm(a_m, b_m.t(), out=out)
         torch.mm(a_m, b_m.t(), out=out)
+
     fns = {"floor": floor}
     for s in ("paper", "pml"):
-        fns[f"fused-{s}"] = _fwd_bwd(lambda e, lab, s=s: rll_kernels.ranked_list_loss(e, lab, semantics=s), emb,
-                                     labels)
+        fns[f"fused-{s}"] = _fwd_bwd(
+            lambda e, lab, s=s: rll_kernels.ranked_list_loss(e, lab, semantics=s), emb, labels
+        )
     t = interleaved(fns, a.reps)
     results["d512"] = t
     gflops = 4 * n * n * 512 / t["floor"] / 1e9
     for s in ("paper", "pml"):
         f = t[f"fused-{s}"]
-        lines.append(f"| N=4096 D=512 {s} | fused cpp | {f * 1e3:.1f} | fused / floor = {f / t['floor']:.2f} "
-                     f"(floor {t['floor'] * 1e3:.1f} ms at {gflops:.0f} GFLOP/s torch.mm) |")
+        lines.append(
+            f"| N=4096 D=512 {s} | fused cpp | {f * 1e3:.1f} | fused / floor = {f / t['floor']:.2f} "
+            f"(floor {t['floor'] * 1e3:.1f} ms at {gflops:.0f} GFLOP/s torch.mm) |"
+        )
 
     if not a.skip_memory:
         for s in ("paper", "pml"):
-            out_s = subprocess.run([sys.executable, os.path.join(HERE, "rll_memory.py"), "--n", "32768", "--d",
-                                    "256", "--semantics", s], capture_output=True, text=True, check=True).stdout
+            out_s = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "rll_memory.py"),
+                    "--n",
+                    "32768",
+                    "--d",
+                    "256",
+                    "--semantics",
+                    s,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             r = json.loads(out_s.strip().splitlines()[-1])
             results[f"mem-{s}"] = r
-            lines.append(f"| N=32768 D=256 {s} | fused cpp | {r['seconds'] * 1e3:.0f} | peak RSS growth "
-                         f"{r['growth_mib']:.0f} MiB |")
+            lines.append(
+                f"| N=32768 D=256 {s} | fused cpp | {r['seconds'] * 1e3:.0f} | peak RSS growth "
+                f"{r['growth_mib']:.0f} MiB |"
+            )
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

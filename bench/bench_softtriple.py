@@ -8,6 +8,7 @@ Linux carries the parent's high-water mark across fork+exec).
 
     python bench/bench_softtriple.py --n 256 --c 11318 --k 10 --d 512 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,7 +87,7 @@ def op_ratios(a) -> None:
 
     torch.manual_seed(0)
     w = torch.empty(a.d, a.c * a.k)
-    torch.nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+    torch.nn.init.kaiming_uniform_(w, a=5**0.5)
     x = F.normalize(torch.randn(a.n, a.d), dim=1)
     y = torch.randint(0, a.c, (a.n,))
     g = torch.full((a.n,), 1.0 / a.n)
@@ -159,8 +160,10 @@ def main() -> None:
     if "pml" in provs and "fused" in provs:
         sp = statistics.median(times["pml"]) / statistics.median(times["fused"])
         paired = statistics.median(p / f for p, f in zip(times["pml"], times["fused"]))
-        print(f"speed-up fused vs pml: {sp:.2f}x (ratio of medians), {paired:.2f}x (median of per-round "
-              f"ratios); memory growth fused/pml: {mem['fused'] / mem['pml']:.3f}")
+        print(
+            f"speed-up fused vs pml: {sp:.2f}x (ratio of medians), {paired:.2f}x (median of per-round "
+            f"ratios); memory growth fused/pml: {mem['fused'] / mem['pml']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Benchmark cases of the Ranked List Loss: the grids, their FLOP floors and memory predictions."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,14 +51,15 @@ class Case:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "Case":
+    def from_dict(d: dict) -> Case:
         return Case(**d)
 
 
 def full_grid() -> list[Case]:
     """The issue's grid: in-batch N x D and a 256-query bank sweep, both semantics."""
-    cases = [Case(N=n, D=d, semantics=s) for s in SEMANTICS for d in (128, 512)
-             for n in (256, 1024, 4096, 16384)]
+    cases = [
+        Case(N=n, D=d, semantics=s) for s in SEMANTICS for d in (128, 512) for n in (256, 1024, 4096, 16384)
+    ]
     cases += [Case(N=256, M=m, D=512, semantics=s) for s in SEMANTICS for m in (8192, 32768, 131072)]
     return cases
 

@@ -18,6 +18,7 @@ Exit status 1 if a parity check fails.
 
     python bench/gpu_check.py [--quick] [--no-compile] [--csv out.csv]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,10 @@ def _dense_fn(provider: str, semantics: str):
 
 def roofline(sizes) -> list[dict]:
     rows = []
-    bpp = {(p, s): measure_dense_bytes_per_pair(s, p) for p, s in
-           (("reference", "paper"), ("reference", "pml"), ("pml", "pml"))}
+    bpp = {
+        (p, s): measure_dense_bytes_per_pair(s, p)
+        for p, s in (("reference", "paper"), ("reference", "pml"), ("pml", "pml"))
+    }
     for n, d in sizes:
         for sem in ("paper", "pml"):
             fl = fused_flops(n, n, d, sem, "full")
@@ -114,10 +117,19 @@ def roofline(sizes) -> list[dict]:
             t_fp16 = fl / H100["fp16_tc"]
             t_tf32x3 = 3 * fl / H100["tf32_tc"]
             dense_ref = bpp[("reference", sem)][1] * n * n / H100["hbm"]
-            row = dict(N=n, D=d, semantics=sem, gflop=fl / 1e9, fused_MB=by / 1e6,
-                       fused_tf32_ms=1e3 * t_tf32, fused_tf32x3_ms=1e3 * t_tf32x3, fused_fp16_ms=1e3 * t_fp16,
-                       fused_hbm_ms=1e3 * by / H100["hbm"],
-                       ref_bytes_per_pair=bpp[("reference", sem)][1], ref_dense_ms=1e3 * dense_ref)
+            row = dict(
+                N=n,
+                D=d,
+                semantics=sem,
+                gflop=fl / 1e9,
+                fused_MB=by / 1e6,
+                fused_tf32_ms=1e3 * t_tf32,
+                fused_tf32x3_ms=1e3 * t_tf32x3,
+                fused_fp16_ms=1e3 * t_fp16,
+                fused_hbm_ms=1e3 * by / H100["hbm"],
+                ref_bytes_per_pair=bpp[("reference", sem)][1],
+                ref_dense_ms=1e3 * dense_ref,
+            )
             if sem == "pml":
                 row["pml_bytes_per_pair"] = bpp[("pml", "pml")][1]
                 row["pml_dense_ms"] = 1e3 * bpp[("pml", "pml")][1] * n * n / H100["hbm"]
@@ -127,16 +139,32 @@ def roofline(sizes) -> list[dict]:
 
 def print_roofline(rows) -> None:
     print("\n## Roofline (H100 SXM: 989 TFLOP/s fp16/bf16 tensor, 495 tf32, 67 fp32 FMA; HBM3 3.35 TB/s)")
-    print("full = forward + backward, in-batch (M = N), fp32 inputs; dense bytes/pair measured on eager ATen ops")
-    hdr = ("N", "D", "sem", "GFLOP", "fused MB", "fused@tf32 ms", "fused@tf32x3 ms", "fused@fp16 ms",
-           "ref B/pair", "ref@HBM ms", "PML B/pair", "PML@HBM ms")
+    print(
+        "full = forward + backward, in-batch (M = N), fp32 inputs; dense bytes/pair measured on eager ATen ops"
+    )
+    hdr = (
+        "N",
+        "D",
+        "sem",
+        "GFLOP",
+        "fused MB",
+        "fused@tf32 ms",
+        "fused@tf32x3 ms",
+        "fused@fp16 ms",
+        "ref B/pair",
+        "ref@HBM ms",
+        "PML B/pair",
+        "PML@HBM ms",
+    )
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
-        print(f"| {r['N']} | {r['D']} | {r['semantics']} | {r['gflop']:.1f} | {r['fused_MB']:.1f} | "
-              f"{r['fused_tf32_ms']:.3f} | {r['fused_tf32x3_ms']:.3f} | {r['fused_fp16_ms']:.3f} | "
-              f"{r['ref_bytes_per_pair']:.0f} | {r['ref_dense_ms']:.2f} | "
-              f"{r.get('pml_bytes_per_pair', float('nan')):.0f} | {r.get('pml_dense_ms', float('nan')):.2f} |")
+        print(
+            f"| {r['N']} | {r['D']} | {r['semantics']} | {r['gflop']:.1f} | {r['fused_MB']:.1f} | "
+            f"{r['fused_tf32_ms']:.3f} | {r['fused_tf32x3_ms']:.3f} | {r['fused_fp16_ms']:.3f} | "
+            f"{r['ref_bytes_per_pair']:.0f} | {r['ref_dense_ms']:.2f} | "
+            f"{r.get('pml_bytes_per_pair', float('nan')):.0f} | {r.get('pml_dense_ms', float('nan')):.2f} |"
+        )
 
 
 # ------------------------------------------------------------------ GPU part
@@ -181,17 +209,28 @@ def parity(backends, sizes, half_size) -> bool:
                 torch.cuda.empty_cache()
                 continue
             for b in backends:
-                kern = _grad(lambda a, c: rll_kernels.ranked_list_loss(a, c, semantics=sem, backend=b),
-                             x64.float(), y)
+                kern = _grad(
+                    lambda a, c: rll_kernels.ranked_list_loss(a, c, semantics=sem, backend=b), x64.float(), y
+                )
                 ok &= _err_ok(f"{b} N={n} D={d} {sem} fp32 loss", kern[0], r32[0], r64[0])
                 ok &= _err_ok(f"{b} N={n} D={d} {sem} fp32 grad", kern[1], r32[1], r64[1])
                 if b == "triton":  # the faster fp32 settings: reported, not required
                     for prec in ("tf32", "mixed"):
-                        kp = _with_fp32_precision(prec, lambda: _grad(
-                            lambda a, c: rll_kernels.ranked_list_loss(a, c, semantics=sem, backend=b), x64.float(), y))
-                        rel = [((u.double() - v.double()).abs().max() / v.double().abs().max()).item()
-                               for u, v in zip(kp, r64)]
-                        print(f"  INFO triton[{prec}] N={n} D={d} {sem}: rel. error loss {rel[0]:.2e}, grad {rel[1]:.2e}")
+                        kp = _with_fp32_precision(
+                            prec,
+                            lambda: _grad(
+                                lambda a, c: rll_kernels.ranked_list_loss(a, c, semantics=sem, backend=b),
+                                x64.float(),
+                                y,
+                            ),
+                        )
+                        rel = [
+                            ((u.double() - v.double()).abs().max() / v.double().abs().max()).item()
+                            for u, v in zip(kp, r64)
+                        ]
+                        print(
+                            f"  INFO triton[{prec}] N={n} D={d} {sem}: rel. error loss {rel[0]:.2e}, grad {rel[1]:.2e}"
+                        )
             del r64, r32
             torch.cuda.empty_cache()
     # half inputs: the Triton op reads them directly (fp32 accumulation); reference on the same points
@@ -210,7 +249,9 @@ def parity(backends, sizes, half_size) -> bool:
                 finite = bool(torch.isfinite(rows).all())
                 ok &= finite
                 pml_nan = _pml_half_nan(z, y, Tn)
-                print(f"  {'PASS' if finite else 'FAIL'} triton {dt} Tn={Tn}: finite={finite}; PML {dt}: {pml_nan}")
+                print(
+                    f"  {'PASS' if finite else 'FAIL'} triton {dt} Tn={Tn}: finite={finite}; PML {dt}: {pml_nan}"
+                )
     return ok
 
 
@@ -228,12 +269,19 @@ def _providers(backends, sem, use_compile, dtype):
     import rll_kernels
     from rll_kernels import reference
 
-    out = {b: (lambda b: lambda x, y: rll_kernels.ranked_list_loss(x, y, semantics=sem, backend=b))(b)
-           for b in backends}
+    out = {
+        b: (lambda b: lambda x, y: rll_kernels.ranked_list_loss(x, y, semantics=sem, backend=b))(b)
+        for b in backends
+    }
     if "triton" in backends and dtype == torch.float32:
         for prec in ("tf32", "mixed"):
-            out[f"triton[{prec}]"] = (lambda prec: lambda x, y: _with_fp32_precision(
-                prec, lambda: rll_kernels.ranked_list_loss(x, y, semantics=sem, backend="triton")))(prec)
+            out[f"triton[{prec}]"] = (
+                lambda prec: (
+                    lambda x, y: _with_fp32_precision(
+                        prec, lambda: rll_kernels.ranked_list_loss(x, y, semantics=sem, backend="triton")
+                    )
+                )
+            )(prec)
     out["reference"] = lambda x, y: reference.ranked_list_loss(x, y, semantics=sem)
     if use_compile:
         out["reference+compile"] = torch.compile(lambda x, y: reference.ranked_list_loss(x, y, semantics=sem))
@@ -315,11 +363,23 @@ def timings(backends, sizes, dtypes, use_compile, writer) -> dict:
                     if r is None:
                         print(f"| {n} | {d} | {dt} | {sem} | {name} | OOM | OOM | OOM | OOM |")
                         continue
-                    print(f"| {n} | {d} | {dt} | {sem} | {name} | {r['fwd']:.3f} | {r['bwd']:.3f} | "
-                          f"{r['full']:.3f} | {r['peak_MB']:.0f} |", flush=True)
+                    print(
+                        f"| {n} | {d} | {dt} | {sem} | {name} | {r['fwd']:.3f} | {r['bwd']:.3f} | "
+                        f"{r['full']:.3f} | {r['peak_MB']:.0f} |",
+                        flush=True,
+                    )
                     if writer:
-                        writer.writerow(dict(N=n, D=d, dtype=str(dt), semantics=sem, provider=name,
-                                             device=_device_name(), **r))
+                        writer.writerow(
+                            dict(
+                                N=n,
+                                D=d,
+                                dtype=str(dt),
+                                semantics=sem,
+                                provider=name,
+                                device=_device_name(),
+                                **r,
+                            )
+                        )
     return results
 
 
@@ -338,11 +398,15 @@ def goal_check(results, backends) -> None:
                 print(f"  {b} {sem}: not measured")
                 continue
             floor = fused_flops(n, n, d, sem, "full") / H100["tf32_tc"] * 1e3
-            line = f"  {b} {sem}: full {r['full']:.3f} ms; tf32 tensor-core floor {floor:.3f} ms " \
-                   f"-> {r['full'] / floor:.2f}x the floor (goal <= {GOAL['floor_factor']}x)"
+            line = (
+                f"  {b} {sem}: full {r['full']:.3f} ms; tf32 tensor-core floor {floor:.3f} ms "
+                f"-> {r['full'] / floor:.2f}x the floor (goal <= {GOAL['floor_factor']}x)"
+            )
             if pml:
                 sp = pml["full"] / r["full"]
-                line += f"; PML full {pml['full']:.3f} ms -> {sp:.1f}x faster (goal >= {GOAL['speedup_vs_pml']}x)"
+                line += (
+                    f"; PML full {pml['full']:.3f} ms -> {sp:.1f}x faster (goal >= {GOAL['speedup_vs_pml']}x)"
+                )
             print(line)
 
 
@@ -352,10 +416,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--roofline-only", action="store_true")
     ap.add_argument("--csv", default=None, help="write the timing rows to this CSV")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="run every GPU code path on tiny CPU problems under TRITON_INTERPRET=1 (no GPU needed)")
-    ap.add_argument("--pytest", action="store_true",
-                    help="first run tests/test_triton_rll.py on the GPU (what `make gpu-check` does)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every GPU code path on tiny CPU problems under TRITON_INTERPRET=1 (no GPU needed)",
+    )
+    ap.add_argument(
+        "--pytest",
+        action="store_true",
+        help="first run tests/test_triton_rll.py on the GPU (what `make gpu-check` does)",
+    )
     args = ap.parse_args(argv)
 
     global DEV
@@ -366,8 +436,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
-        print("\nno CUDA device: parity at large sizes, timings and the goal check were skipped "
-              "(run `make gpu-check` on a CUDA machine)")
+        print(
+            "\nno CUDA device: parity at large sizes, timings and the goal check were skipped "
+            "(run `make gpu-check` on a CUDA machine)"
+        )
         return 0
     DEV = "cuda"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -379,9 +451,11 @@ def main(argv=None) -> int:
     backends = [b for b in ("triton", "cuda") if avail.get(b) is None]
     for b in ("triton", "cuda"):
         print(f"backend {b}: {'usable' if avail.get(b) is None else avail.get(b)}")
-    print(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}); "
-          f"torch {torch.__version__}; RLL_TRITON_FP32_PRECISION="
-          f"{os.environ.get('RLL_TRITON_FP32_PRECISION', 'tf32x3')}")
+    print(
+        f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}); "
+        f"torch {torch.__version__}; RLL_TRITON_FP32_PRECISION="
+        f"{os.environ.get('RLL_TRITON_FP32_PRECISION', 'tf32x3')}"
+    )
     if not backends:
         print("no fused CUDA backend usable: nothing to check")
         return 1
@@ -395,19 +469,36 @@ def main(argv=None) -> int:
         print(f"\n## {' '.join(files)} on the GPU", flush=True)
         # no autotuning in the tests (many small D): the first configuration that fits
         env = dict(os.environ, RLL_TRITON_AUTOTUNE="0")
-        ok = subprocess.run([sys.executable, "-m", "pytest", "-q", *files], cwd=root,
-                            env=env).returncode == 0
-    par_sizes = [(1024, 128), (4096, 512)] if args.quick else [(1024, 128), (4096, 512), (8192, 512), (16384, 128)]
+        ok = subprocess.run([sys.executable, "-m", "pytest", "-q", *files], cwd=root, env=env).returncode == 0
+    par_sizes = (
+        [(1024, 128), (4096, 512)] if args.quick else [(1024, 128), (4096, 512), (8192, 512), (16384, 128)]
+    )
     ok &= parity(backends, par_sizes, (2048, 256) if args.quick else (4096, 256))
-    time_sizes = [(4096, 128), (8192, 512)] if args.quick else [(1024, 128), (4096, 128), (4096, 512),
-                                                                 (8192, 512), (16384, 128), (16384, 512)]
+    time_sizes = (
+        [(4096, 128), (8192, 512)]
+        if args.quick
+        else [(1024, 128), (4096, 128), (4096, 512), (8192, 512), (16384, 128), (16384, 512)]
+    )
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.float16, torch.bfloat16]
     writer = None
     fh = None
     if args.csv:
         fh = open(args.csv, "w", newline="")
-        writer = csv.DictWriter(fh, fieldnames=["N", "D", "dtype", "semantics", "provider", "device", "fwd", "bwd",
-                                                "full", "peak_MB"])
+        writer = csv.DictWriter(
+            fh,
+            fieldnames=[
+                "N",
+                "D",
+                "dtype",
+                "semantics",
+                "provider",
+                "device",
+                "fwd",
+                "bwd",
+                "full",
+                "peak_MB",
+            ],
+        )
         writer.writeheader()
     results = timings(backends, time_sizes, dtypes, not args.no_compile, writer)
     if fh:

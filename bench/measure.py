@@ -9,20 +9,22 @@ Memory: one process per (case, provider) measures the peak growth over the basel
 inputs are built and the provider is warmed up: the resident-set high-water mark (``VmHWM``, reset
 through ``/proc/self/clear_refs``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 """
+
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from bench.cases import Case, gemm_shape
-from bench.rss import current_bytes, peak_bytes, reset_peak
 from bench.providers import Inputs, Provider, Unsupported, all_providers, make_inputs
+from bench.rss import current_bytes, peak_bytes, reset_peak
 
 QUANTILES = (0.2, 0.5, 0.8)
 
@@ -49,10 +51,9 @@ def quantiles(xs: list[float]) -> list[float]:
 def setup_process(cfg: Config) -> torch.device:
     """Thread count, allocator behaviour and device of a child process."""
     torch.set_num_threads(cfg.threads)
-    try:  # a fixed mmap threshold: large blocks go back to the OS on free, so RSS peaks are honest
+    # a fixed mmap threshold: large blocks go back to the OS on free, so RSS peaks are honest
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
     return torch.device(cfg.device)
 
 
@@ -137,7 +138,7 @@ def time_case(case: Case, names: list[str], cfg: Config) -> dict:
                 del fns[name]
                 continue
             reps[name] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s // max(cost, 1e-9))))
-        except Exception as e:  # noqa: BLE001  (a failing provider is reported, not fatal)
+        except Exception as e:
             out[name] = {"status": f"error: {type(e).__name__}: {e}"[:160]}
             del fns[name]
     samples = {name: {"forward": [], "backward": [], "full": []} for name in fns}
@@ -171,12 +172,18 @@ def _time_cuda(fns: dict, x: Inputs, gemm: Callable[[], float], flops: float, ou
         try:
             with torch.no_grad():
                 fwd = do_bench(fn, quantiles=q)
-            full = do_bench(lambda: fn().backward(), grad_to_none=[x.emb], quantiles=q)
+            full = do_bench(lambda fn=fn: fn().backward(), grad_to_none=[x.emb], quantiles=q)
             loss = fn()
-            bwd = do_bench(lambda: loss.backward(retain_graph=True), grad_to_none=[x.emb], quantiles=q)
-            out[name] = {"forward": [t / 1e3 for t in fwd], "backward": [t / 1e3 for t in bwd],
-                         "full": [t / 1e3 for t in full], "reps": 0}
-        except Exception as e:  # noqa: BLE001
+            bwd = do_bench(
+                lambda loss=loss: loss.backward(retain_graph=True), grad_to_none=[x.emb], quantiles=q
+            )
+            out[name] = {
+                "forward": [t / 1e3 for t in fwd],
+                "backward": [t / 1e3 for t in bwd],
+                "full": [t / 1e3 for t in full],
+                "reps": 0,
+            }
+        except Exception as e:
             out[name] = {"status": f"error: {type(e).__name__}: {e}"[:160]}
     g = do_bench(gemm, quantiles=q)
     return {"providers": out, "gemm": [t / 1e3 for t in g], "gemm_flops": flops}
@@ -189,8 +196,11 @@ def memory_case(case: Case, name: str, cfg: Config) -> dict:
     p = _providers([name], device)[name]
     # warm-up initialises the libraries (thread pools, JIT caches) before the baseline; only
     # torch.compile specialises on the shape, the others warm up on a small case of the same kind
-    small = case if p.family == "compile" else dataclasses.replace(
-        case, N=min(case.N, 64), M=None if case.M is None else min(case.M, 256))
+    small = (
+        case
+        if p.family == "compile"
+        else dataclasses.replace(case, N=min(case.N, 64), M=None if case.M is None else min(case.M, 256))
+    )
     try:
         xs = make_inputs(small, device)
         fn = p.build(small, xs)
@@ -214,10 +224,14 @@ def memory_case(case: Case, name: str, cfg: Config) -> dict:
         base = current_bytes()
         fn().backward()
         return {"bytes": float(max(0, peak_bytes() - base)), "how": "VmHWM"}
-    base = current_bytes() // 1024  # KiB, as ru_maxrss; ru_maxrss cannot be reset: an upper bound when warm-up peaked higher
+    base = (
+        current_bytes() // 1024
+    )  # KiB, as ru_maxrss; ru_maxrss cannot be reset: an upper bound when warm-up peaked higher
     fn().backward()
-    return {"bytes": 1024.0 * max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base),
-            "how": "ru_maxrss"}
+    return {
+        "bytes": 1024.0 * max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base),
+        "how": "ru_maxrss",
+    }
 
 
 def child_main(conn, fn_name: str, args: tuple) -> None:
@@ -225,10 +239,12 @@ def child_main(conn, fn_name: str, args: tuple) -> None:
     try:
         out = globals()[fn_name](*args)
         # CPU seconds of this child and its compilers (g++ of inductor, KeOps): load-independent
-        out["cpu_s"] = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                            resource.getrusage(resource.RUSAGE_CHILDREN)))
+        out["cpu_s"] = sum(
+            r.ru_utime + r.ru_stime
+            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
         conn.send(out)
-    except BaseException as e:  # noqa: BLE001  (MemoryError, RuntimeError...: report, never hang)
+    except BaseException as e:
         conn.send({"status": f"error: {type(e).__name__}: {e}"[:160]})
     finally:
         conn.close()

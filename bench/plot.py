@@ -1,4 +1,5 @@
 """Plots of a benchmark run: full (forward + backward) time and peak memory against the size."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,12 +7,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench.report import MiB, Result  # noqa: E402
+from bench.report import MiB, Result
 
-STYLE = {"reference": ("tab:gray", "o"), "compile": ("tab:blue", "s"), "pml": ("tab:orange", "^"),
-         "keops": ("tab:green", "D"), "floor": ("black", "")}
+STYLE = {
+    "reference": ("tab:gray", "o"),
+    "compile": ("tab:blue", "s"),
+    "pml": ("tab:orange", "^"),
+    "keops": ("tab:green", "D"),
+    "floor": ("black", ""),
+}
 FUSED_COLORS = ("tab:red", "tab:purple", "tab:brown")
 
 
@@ -19,11 +25,16 @@ def _panels(results: list[Result]) -> list[tuple[str, str, list[Result]]]:
     """(title, x axis name, results) per panel: in-batch per D (x = N), bank (x = M)."""
     out = []
     for d in sorted({r.case.D for r in results if r.case.in_batch}):
-        out.append((f"in-batch, D={d}", "N", [r for r in results if r.case.in_batch and r.case.D == d]))
+        out.append((f"in-batch, D={d}", "N", [r for r in results if r.case.in_batch and d == r.case.D]))
     for d in sorted({r.case.D for r in results if not r.case.in_batch}):
         n = sorted({r.case.N for r in results if not r.case.in_batch})
-        out.append((f"bank, N={','.join(map(str, n))} queries, D={d}", "M",
-                    [r for r in results if not r.case.in_batch and r.case.D == d]))
+        out.append(
+            (
+                f"bank, N={','.join(map(str, n))} queries, D={d}",
+                "M",
+                [r for r in results if not r.case.in_batch and d == r.case.D],
+            )
+        )
     return out
 
 
@@ -62,10 +73,12 @@ def plot_metric(results: list[Result], metric: str, semantics: str, path: Path) 
             else:
                 (color, marker), lw, label = STYLE.get(name, ("tab:olive", "x")), 1.5, name
             style = "--" if name == "floor" else "-"
-            ax.plot(xs, [p[2] for p in pts], style, color=color, marker=marker, lw=lw, label=label,
-                    zorder=10 + z)
-            ax.fill_between(xs, [p[1] for p in pts], [p[3] for p in pts], color=color, alpha=0.15,
-                            zorder=5 + z)
+            ax.plot(
+                xs, [p[2] for p in pts], style, color=color, marker=marker, lw=lw, label=label, zorder=10 + z
+            )
+            ax.fill_between(
+                xs, [p[1] for p in pts], [p[3] for p in pts], color=color, alpha=0.15, zorder=5 + z
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(xname)
@@ -73,8 +86,10 @@ def plot_metric(results: list[Result], metric: str, semantics: str, path: Path) 
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Ranked List Loss, semantics={semantics!r}: "
-                 + ("median time, p20-p80 band" if metric == "time" else "peak memory"))
+    fig.suptitle(
+        f"Ranked List Loss, semantics={semantics!r}: "
+        + ("median time, p20-p80 band" if metric == "time" else "peak memory")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

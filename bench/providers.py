@@ -4,13 +4,15 @@ Every provider turns a :class:`~bench.cases.Case` and its inputs into a zero-arg
 returns the scalar loss (mean over queries); the callers time it under ``torch.no_grad()``
 (forward), or call ``.backward()`` on its result (backward, full).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -87,8 +89,15 @@ def _fused(backend: str) -> Callable[[Case, Inputs], LossFn]:
 
         def fn() -> torch.Tensor:
             return rll_kernels.ranked_list_loss(
-                x.emb, x.labels, MARGIN, TN, semantics=case.semantics, ref_emb=x.ref_emb,
-                ref_labels=x.ref_labels, backend=backend)
+                x.emb,
+                x.labels,
+                MARGIN,
+                TN,
+                semantics=case.semantics,
+                ref_emb=x.ref_emb,
+                ref_labels=x.ref_labels,
+                backend=backend,
+            )
 
         return fn
 
@@ -115,8 +124,9 @@ def _reference(case: Case, x: Inputs) -> LossFn:
     from rll_kernels import reference
 
     def fn() -> torch.Tensor:
-        return reference.ranked_list_loss(x.emb, x.labels, MARGIN, TN, semantics=case.semantics,
-                                          ref_emb=x.ref_emb, ref_labels=x.ref_labels)
+        return reference.ranked_list_loss(
+            x.emb, x.labels, MARGIN, TN, semantics=case.semantics, ref_emb=x.ref_emb, ref_labels=x.ref_labels
+        )
 
     return fn
 
@@ -127,8 +137,9 @@ def _compiled(case: Case, x: Inputs) -> LossFn:
     compiled = torch.compile(reference.ranked_list_loss, dynamic=False)
 
     def fn() -> torch.Tensor:
-        return compiled(x.emb, x.labels, MARGIN, TN, semantics=case.semantics,
-                        ref_emb=x.ref_emb, ref_labels=x.ref_labels)
+        return compiled(
+            x.emb, x.labels, MARGIN, TN, semantics=case.semantics, ref_emb=x.ref_emb, ref_labels=x.ref_labels
+        )
 
     return fn
 
@@ -158,9 +169,8 @@ def _keops(case: Case, x: Inputs) -> LossFn:
     copies (stop-gradient); "pml" differentiates everything and adds PML's M * 1e-5 to the
     denominators. d = sqrt(|q - k|^2 + 1e-12) keeps the gradient finite on the diagonal.
     """
-    from pykeops.torch import LazyTensor
-
     import torch.nn.functional as F
+    from pykeops.torch import LazyTensor
 
     beta = ALPHA - MARGIN
     pml = case.semantics == "pml"
@@ -202,7 +212,7 @@ def keops_status() -> Optional[str]:
     try:
         with open(os.devnull, "w"):
             import pykeops  # noqa: F401
-    except Exception as e:  # noqa: BLE001  (any import failure is a reason to report)
+    except Exception as e:
         return f"pykeops import failed: {type(e).__name__}: {e}"[:120]
     return None
 
@@ -213,7 +223,10 @@ def all_providers(device: torch.device, with_keops: bool = True, probe: bool = T
     ``probe=False`` skips importing optional packages (children: the parent already probed).
     """
     fused = [Provider(b, "fused", _fused(b)) for b in fused_backends(device)]
-    pml_note = (lambda case: "PML's own semantics (pml)" if case.semantics == "paper" else "")
+
+    def pml_note(case):
+        return "PML's own semantics (pml)" if case.semantics == "paper" else ""
+
     base = [
         Provider("reference", "reference", _reference),
         Provider("compile", "compile", _compiled),

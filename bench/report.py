@@ -1,4 +1,5 @@
 """Benchmark results: the long-format CSV and the markdown table printed at the end."""
+
 from __future__ import annotations
 
 import csv
@@ -11,9 +12,26 @@ from bench.cases import Case, floor_flops
 from bench.providers import Provider
 
 MODES = ("forward", "backward", "full")
-CSV_COLUMNS = ("loss", "provider", "mode", "metric", "unit", "N", "M", "D", "dtype", "semantics",
-               "p20", "p50", "p80", "device", "commit", "timestamp", "note")
-MiB = 1024.0 ** 2
+CSV_COLUMNS = (
+    "loss",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "N",
+    "M",
+    "D",
+    "dtype",
+    "semantics",
+    "p20",
+    "p50",
+    "p80",
+    "device",
+    "commit",
+    "timestamp",
+    "note",
+)
+MiB = 1024.0**2
 
 
 @dataclasses.dataclass
@@ -47,32 +65,100 @@ def csv_rows(results: list[Result], meta: dict) -> list[dict]:
     rows = []
     for r in results:
         c = r.case
-        base = {"loss": c.loss, "provider": r.name, "N": c.N, "M": "" if c.M is None else c.M, "D": c.D,
-                "dtype": c.dtype, "semantics": c.semantics, **meta}
+        base = {
+            "loss": c.loss,
+            "provider": r.name,
+            "N": c.N,
+            "M": "" if c.M is None else c.M,
+            "D": c.D,
+            "dtype": c.dtype,
+            "semantics": c.semantics,
+            **meta,
+        }
         if r.provider is None:
             q = [t * 1e3 for t in r.times["full"]]
-            rows.append({**base, "mode": "full", "metric": "time", "unit": "ms",
-                         "p20": q[0], "p50": q[1], "p80": q[2],
-                         "note": f"{floor_flops(c):.3g} FLOPs at the measured GEMM rate"})
+            rows.append(
+                {
+                    **base,
+                    "mode": "full",
+                    "metric": "time",
+                    "unit": "ms",
+                    "p20": q[0],
+                    "p50": q[1],
+                    "p80": q[2],
+                    "note": f"{floor_flops(c):.3g} FLOPs at the measured GEMM rate",
+                }
+            )
             g = r.gemm_rate / 1e9
-            rows.append({**base, "provider": "gemm", "mode": "full", "metric": "rate", "unit": "GFLOP/s",
-                         "p20": g, "p50": g, "p80": g, "note": "torch.mm at the case's distance GEMM shape"})
+            rows.append(
+                {
+                    **base,
+                    "provider": "gemm",
+                    "mode": "full",
+                    "metric": "rate",
+                    "unit": "GFLOP/s",
+                    "p20": g,
+                    "p50": g,
+                    "p80": g,
+                    "note": "torch.mm at the case's distance GEMM shape",
+                }
+            )
             continue
         if r.times is None:
-            rows.append({**base, "mode": "full", "metric": "time", "unit": "ms", "p20": "", "p50": "",
-                         "p80": "", "note": r.status or ""})
+            rows.append(
+                {
+                    **base,
+                    "mode": "full",
+                    "metric": "time",
+                    "unit": "ms",
+                    "p20": "",
+                    "p50": "",
+                    "p80": "",
+                    "note": r.status or "",
+                }
+            )
         else:
             for mode in MODES:
                 q = [t * 1e3 for t in r.times[mode]]
-                rows.append({**base, "mode": mode, "metric": "time", "unit": "ms",
-                             "p20": q[0], "p50": q[1], "p80": q[2], "note": r.note})
+                rows.append(
+                    {
+                        **base,
+                        "mode": mode,
+                        "metric": "time",
+                        "unit": "ms",
+                        "p20": q[0],
+                        "p50": q[1],
+                        "p80": q[2],
+                        "note": r.note,
+                    }
+                )
         if r.mem_bytes is not None:
             m = r.mem_bytes / MiB
-            rows.append({**base, "mode": "full", "metric": "memory", "unit": "MiB",
-                         "p20": m, "p50": m, "p80": m, "note": r.note})
+            rows.append(
+                {
+                    **base,
+                    "mode": "full",
+                    "metric": "memory",
+                    "unit": "MiB",
+                    "p20": m,
+                    "p50": m,
+                    "p80": m,
+                    "note": r.note,
+                }
+            )
         elif r.times is not None and r.mem_status:
-            rows.append({**base, "mode": "full", "metric": "memory", "unit": "MiB", "p20": "", "p50": "",
-                         "p80": "", "note": r.mem_status})
+            rows.append(
+                {
+                    **base,
+                    "mode": "full",
+                    "metric": "memory",
+                    "unit": "MiB",
+                    "p20": "",
+                    "p50": "",
+                    "p80": "",
+                    "note": r.mem_status,
+                }
+            )
     for row in rows:
         for k in ("p20", "p50", "p80"):
             if isinstance(row[k], float):
@@ -114,8 +200,10 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 
 def table(results: list[Result]) -> str:
     """The markdown table: per case, every provider's medians, peak memory and the ratios."""
-    head = ("| case | provider | forward ms | backward ms | full ms | peak MiB "
-            "| time fused/this | memory fused/this | fused/floor |")
+    head = (
+        "| case | provider | forward ms | backward ms | full ms | peak MiB "
+        "| time fused/this | memory fused/this | fused/floor |"
+    )
     lines = [head, "|" + "---|" * 9]
     footnotes: dict[str, int] = {}
     cases: list[Case] = []
@@ -149,37 +237,49 @@ def table(results: list[Result]) -> str:
                 f_ratio = _ratio(r.p50(), floor.p50())
             if r is ref:
                 name = f"**{name}**"
-            lines.append(f"| {label} | {name} | {_ms(r.p50('forward'))} | {_ms(r.p50('backward'))} "
-                         f"| {_ms(r.p50())} | {mem} | {t_ratio} | {m_ratio} | {f_ratio} |")
+            lines.append(
+                f"| {label} | {name} | {_ms(r.p50('forward'))} | {_ms(r.p50('backward'))} "
+                f"| {_ms(r.p50())} | {mem} | {t_ratio} | {m_ratio} | {f_ratio} |"
+            )
         if floor is not None:
-            lines.append(f"| | floor ({floor.gemm_rate / 1e9:.3g} GFLOP/s GEMM) | | | {_ms(floor.p50())} "
-                         f"| | | | |")
+            lines.append(
+                f"| | floor ({floor.gemm_rate / 1e9:.3g} GFLOP/s GEMM) | | | {_ms(floor.p50())} | | | | |"
+            )
     for note, mark in footnotes.items():
         lines.append("")
         lines.append(f"({mark}) {note}.")
     return "\n".join(lines)
 
 
-def write_table(results: list[Result], meta: dict, path: Path, command: str, wall_s: float,
-                threads: int, cpu_s: float = 0.0) -> str:
+def write_table(
+    results: list[Result],
+    meta: dict,
+    path: Path,
+    command: str,
+    wall_s: float,
+    threads: int,
+    cpu_s: float = 0.0,
+) -> str:
     """Write the table with the machine, command and legend to ``path``; return the text."""
     dtypes = sorted({r.case.dtype for r in results})
-    text = "\n".join([
-        f"# Ranked List Loss benchmark ({meta['timestamp']})",
-        "",
-        f"- command: `{command}` (wall time {wall_s:.0f} s; "
-        f"CPU time of the measuring children {cpu_s:.0f} s)",
-        f"- device: {meta['device']}, {threads} torch threads; dtype {', '.join(dtypes)}; "
-        f"commit {meta['commit']}",
-        "- times are medians (ms) of interleaved repetitions after warm-up; forward is without grad,",
-        "  backward is of a fresh forward graph, full is forward + backward; peak MiB is the peak",
-        "  memory growth of forward + backward in a child process of its own.",
-        "- `fused/this` = fused (bold row) over this provider: below 1 means the fused loss is faster",
-        "  or leaner. `fused/floor` = fused full time over the GEMM floor (the FLOPs of the GEMMs it",
-        "  cannot avoid, at the rate torch.mm reaches at this shape in the same run).",
-        "",
-        table(results),
-        "",
-    ])
+    text = "\n".join(
+        [
+            f"# Ranked List Loss benchmark ({meta['timestamp']})",
+            "",
+            f"- command: `{command}` (wall time {wall_s:.0f} s; "
+            f"CPU time of the measuring children {cpu_s:.0f} s)",
+            f"- device: {meta['device']}, {threads} torch threads; dtype {', '.join(dtypes)}; "
+            f"commit {meta['commit']}",
+            "- times are medians (ms) of interleaved repetitions after warm-up; forward is without grad,",
+            "  backward is of a fresh forward graph, full is forward + backward; peak MiB is the peak",
+            "  memory growth of forward + backward in a child process of its own.",
+            "- `fused/this` = fused (bold row) over this provider: below 1 means the fused loss is faster",
+            "  or leaner. `fused/floor` = fused full time over the GEMM floor (the FLOPs of the GEMMs it",
+            "  cannot avoid, at the rate torch.mm reaches at this shape in the same run).",
+            "",
+            table(results),
+            "",
+        ]
+    )
     path.write_text(text)
     return text

@@ -3,6 +3,7 @@
     python bench/rll_memory.py --n 32768 --d 256 --semantics paper
 prints one JSON line: {"n":..., "d":..., "semantics":..., "growth_mib":..., "seconds":...}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
+from rss import current_bytes, peak_bytes, reset_peak
 
-import rll_kernels  # noqa: E402
-from rss import current_bytes, peak_bytes, reset_peak  # noqa: E402
+import rll_kernels
 
 
 def main() -> None:
@@ -30,8 +31,9 @@ def main() -> None:
     emb = torch.randn(a.n, a.d).requires_grad_()
     labels = torch.randperm(a.n) // 4
     # warm-up on a small batch so one-off allocations (thread pools, MKL buffers) are not counted
-    rll_kernels.ranked_list_loss(torch.randn(64, a.d, requires_grad=True), labels[:64],
-                                 semantics=a.semantics, backend=a.backend).backward()
+    rll_kernels.ranked_list_loss(
+        torch.randn(64, a.d, requires_grad=True), labels[:64], semantics=a.semantics, backend=a.backend
+    ).backward()
     base = current_bytes()
     reset_peak()
     t = time.perf_counter()
@@ -39,8 +41,19 @@ def main() -> None:
     loss.backward()
     dt = time.perf_counter() - t
     growth = peak_bytes() - base
-    print(json.dumps({"n": a.n, "d": a.d, "semantics": a.semantics, "growth_mib": round(growth / 2**20, 1),
-                      "seconds": round(dt, 3), "loss": loss.item(), "finite_grad": bool(torch.isfinite(emb.grad).all())}))
+    print(
+        json.dumps(
+            {
+                "n": a.n,
+                "d": a.d,
+                "semantics": a.semantics,
+                "growth_mib": round(growth / 2**20, 1),
+                "seconds": round(dt, 3),
+                "loss": loss.item(),
+                "finite_grad": bool(torch.isfinite(emb.grad).all()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

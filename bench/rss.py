@@ -1,4 +1,5 @@
 """Peak resident memory of this process (Linux), resettable: for memory-growth measurements."""
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@ instead of being run. Results: ``bench/results/rll_<timestamp>.csv`` (+ ``latest
 Children are forked from a ``forkserver`` that imported torch, rll_kernels and PML once, so a
 child starts in milliseconds and never inherits a used allocator or thread pool.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -33,7 +35,7 @@ from bench.cases import GRIDS, Case, floor_flops, predicted_bytes  # noqa: E402
 from bench.providers import Provider, all_providers  # noqa: E402
 from bench.report import Result, write_csv, write_table  # noqa: E402
 
-GiB = 1024.0 ** 3
+GiB = 1024.0**3
 MIN_EXTRAPOLATE_S = 2.0
 CPU_SECONDS = [0.0]  # CPU time of all children (user + system), reported with the wall time
 
@@ -77,10 +79,12 @@ def memory_budget(device: str, frac: float) -> float:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -136,15 +140,29 @@ def time_alone(ctx, case: Case, names: list[str], cfg: measure.Config, timeout: 
     return merged
 
 
-def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, budget: float,
-          memory: bool = True, timeout: float = 600.0,
-          progress: Callable[..., Any] = tqdm) -> list[Result]:
+def bench(
+    cases: list[Case],
+    providers: list[Provider],
+    cfg: measure.Config,
+    budget: float,
+    memory: bool = True,
+    timeout: float = 600.0,
+    progress: Callable[..., Any] = tqdm,
+) -> list[Result]:
     """Measure every case; returns one :class:`Result` per (case, provider) plus the GEMM floor."""
     ctx = mp.get_context("forkserver")
     # torch._inductor.compile_fx: inductor's own imports take seconds; pay them once, in the server
     # (a module that does not import, pykeops when absent, is skipped silently)
-    ctx.set_forkserver_preload(["torch", "rll_kernels", "pytorch_metric_learning.losses",
-                                "torch._inductor.compile_fx", "pykeops.torch", "bench.measure"])
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "rll_kernels",
+            "pytorch_metric_learning.losses",
+            "torch._inductor.compile_fx",
+            "pykeops.torch",
+            "bench.measure",
+        ]
+    )
     plans = plan_cases(cases, providers, budget)
     total = sum(1 + (len(p.run) if memory else 0) for p in plans)
     results: list[Result] = []
@@ -164,8 +182,7 @@ def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, bud
                     plan.status[name] = f"skipped: ~{pred:.0f} s per call predicted from {src.label}"
                     bar.update(1 if memory else 0)
         bar.set_postfix_str(f"{case.label}: time")
-        timed = (run_child(ctx, "time_case", (case, plan.run, cfg), timeout) if plan.run
-                 else {"providers": {}})
+        timed = run_child(ctx, "time_case", (case, plan.run, cfg), timeout) if plan.run else {"providers": {}}
         if "status" in timed and len(plan.run) > 1:
             # one provider crashed the shared child (e.g. out of memory): time each alone instead
             bar.set_postfix_str(f"{case.label}: time, one child per provider ({timed['status']})")
@@ -194,8 +211,14 @@ def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, bud
             else:
                 t = tstats.get(p.name, {"status": timed.get("status", "not run")})
                 m = mem.get(p.name, {})
-                r = Result(case, p, times=None if "status" in t else t, status=t.get("status"),
-                           mem_bytes=m.get("bytes"), mem_status=m.get("status"))
+                r = Result(
+                    case,
+                    p,
+                    times=None if "status" in t else t,
+                    status=t.get("status"),
+                    mem_bytes=m.get("bytes"),
+                    mem_status=m.get("status"),
+                )
             r.note = p.note(case)
             by_key[(p.name, case)] = r
             results.append(r)
@@ -210,19 +233,35 @@ def bench(cases: list[Case], providers: list[Provider], cfg: measure.Config, bud
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a two-minute subset of the grid")
-    ap.add_argument("--grid", choices=sorted(GRIDS), default=None,
-                    help="case grid (default: quick with --quick, else full; tiny = smoke test)")
+    ap.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        default=None,
+        help="case grid (default: quick with --quick, else full; tiny = smoke test)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every child (default 2)")
     ap.add_argument("--providers", default="", help="comma-separated subset, e.g. cpp,pml")
-    ap.add_argument("--memory-frac", type=float, default=0.75,
-                    help="skip a provider predicted to need more than this fraction of RAM/GPU memory")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="timing seconds per provider and case (sets repetitions; default 0.5 quick, 4 full)")
+    ap.add_argument(
+        "--memory-frac",
+        type=float,
+        default=0.75,
+        help="skip a provider predicted to need more than this fraction of RAM/GPU memory",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="timing seconds per provider and case (sets repetitions; default 0.5 quick, 4 full)",
+    )
     ap.add_argument("--max-reps", type=int, default=None)
     ap.add_argument("--min-reps", type=int, default=3)
-    ap.add_argument("--max-call-s", type=float, default=30.0,
-                    help="drop a provider whose forward + full call takes (or is predicted to take) longer")
+    ap.add_argument(
+        "--max-call-s",
+        type=float,
+        default=30.0,
+        help="drop a provider whose forward + full call takes (or is predicted to take) longer",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory children")
     ap.add_argument("--no-keops", action="store_true", help="leave pykeops out even if installed")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -241,37 +280,56 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep = set(args.providers.split(","))
         providers = [p for p in providers if p.name in keep]
     cfg = measure.Config(
-        device=args.device, threads=args.threads,
+        device=args.device,
+        threads=args.threads,
         budget_s=args.budget_s if args.budget_s is not None else (0.5 if args.quick else 4.0),
-        min_reps=args.min_reps, max_call_s=args.max_call_s,
-        max_reps=args.max_reps if args.max_reps is not None else (10 if args.quick else 25))
+        min_reps=args.min_reps,
+        max_call_s=args.max_call_s,
+        max_reps=args.max_reps if args.max_reps is not None else (10 if args.quick else 25),
+    )
     budget = memory_budget(args.device, args.memory_frac)
-    print(f"rll_kernels bench: {len(cases)} cases x {len(providers)} providers on {args.device}, "
-          f"{args.threads} threads, memory budget {budget / GiB:.1f} GiB", flush=True)
+    print(
+        f"rll_kernels bench: {len(cases)} cases x {len(providers)} providers on {args.device}, "
+        f"{args.threads} threads, memory budget {budget / GiB:.1f} GiB",
+        flush=True,
+    )
     results = bench(cases, providers, cfg, budget, memory=not args.no_memory, timeout=args.timeout)
 
-    meta = {"device": device_name(args.device), "commit": git_commit(),
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "device": device_name(args.device),
+        "commit": git_commit(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = meta["timestamp"].replace(":", "").replace("-", "")
     csv_path = write_csv(results, meta, args.out / f"rll_{stamp}.csv", args.out / "latest.csv")
     wall = time.perf_counter() - t_start
     argv = sys.argv[1:] if argv is None else argv
-    command = ({(): "make bench", ("--quick",): "make bench QUICK=1"}.get(tuple(argv))
-               or "python bench/run.py " + " ".join(argv))
-    table = write_table(results, meta, args.out / "latest.md", command=command, wall_s=wall,
-                        threads=args.threads, cpu_s=CPU_SECONDS[0])
+    command = {(): "make bench", ("--quick",): "make bench QUICK=1"}.get(
+        tuple(argv)
+    ) or "python bench/run.py " + " ".join(argv)
+    table = write_table(
+        results,
+        meta,
+        args.out / "latest.md",
+        command=command,
+        wall_s=wall,
+        threads=args.threads,
+        cpu_s=CPU_SECONDS[0],
+    )
     try:
         from bench.plot import plot_all
 
         pngs = plot_all(results, args.out)
-    except Exception as e:  # noqa: BLE001  (plots are a nicety; the table and CSV are the result)
+    except Exception as e:
         pngs = []
         print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
     print()
     print(table)
-    print(f"wrote {csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}, "
-          f"latest.csv, latest.md" + (f", {len(pngs)} plots" if pngs else "") + f" in {args.out}")
+    print(
+        f"wrote {csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}, "
+        f"latest.csv, latest.md" + (f", {len(pngs)} plots" if pngs else "") + f" in {args.out}"
+    )
     print(f"total wall time {wall:.0f} s; CPU time of the measuring children {CPU_SECONDS[0]:.0f} s")
     return 0
 

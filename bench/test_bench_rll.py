@@ -5,6 +5,7 @@ kernels shows up in ``--benchmark-compare``. Kept out of ``make test``, which co
 Compare runs with ``pytest bench/ --benchmark-only --benchmark-autosave`` then
 ``--benchmark-compare --benchmark-compare-fail=median:10%``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,12 @@ from bench.cases import Case
 from bench.providers import Provider, Unsupported, all_providers, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [Case(N=256, D=128, semantics="paper"), Case(N=256, D=128, semantics="pml"),
-         Case(N=1024, D=128, semantics="paper"), Case(N=64, M=4096, D=128, semantics="paper")]
+CASES = [
+    Case(N=256, D=128, semantics="paper"),
+    Case(N=256, D=128, semantics="pml"),
+    Case(N=1024, D=128, semantics="paper"),
+    Case(N=64, M=4096, D=128, semantics="paper"),
+]
 # torch.compile and KeOps are left out: their JIT compile would dominate a regression run
 PROVIDERS = [p for p in all_providers(DEVICE, with_keops=False) if p.fused or p.name in ("reference", "pml")]
 
@@ -51,8 +56,9 @@ def test_rll_full(benchmark, provider: Provider, case: Case) -> None:
         return float(loss)
 
     benchmark.group = case.key()
-    benchmark.extra_info.update({"N": case.N, "M": case.M, "D": case.D, "semantics": case.semantics,
-                                 "device": str(DEVICE)})
+    benchmark.extra_info.update(
+        {"N": case.N, "M": case.M, "D": case.D, "semantics": case.semantics, "device": str(DEVICE)}
+    )
     loss = benchmark.pedantic(full, rounds=5, iterations=1, warmup_rounds=1)
     assert loss == loss  # not NaN
 

@@ -1,5 +1,6 @@
 """Helpers for the examples: image data sets (Fashion-MNIST IDX files, scikit-learn digits), a small
 convnet embedding, P x K batch sampling and batched embedding."""
+
 from __future__ import annotations
 
 import gzip
@@ -8,8 +9,9 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,8 +25,18 @@ FASHION_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -36,7 +48,7 @@ class Split:
     x: torch.Tensor
     y: torch.Tensor
 
-    def subset(self, classes: Sequence[int]) -> "Split":
+    def subset(self, classes: Sequence[int]) -> Split:
         keep = torch.isin(self.y, torch.as_tensor(list(classes)))
         return Split(self.x[keep], self.y[keep])
 
@@ -49,7 +61,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r})")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says shape {shape} but holds {arr.size} values")
@@ -71,8 +83,14 @@ def _try_install_debian_package() -> bool:
     print(f"Fashion-MNIST not found; installing the Debian package {FASHION_DEB} ...", file=sys.stderr)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
-        res = subprocess.run(["apt-get", "install", "-y", "-q", FASHION_DEB], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+        res = subprocess.run(
+            ["apt-get", "install", "-y", "-q", FASHION_DEB],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=600,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"apt-get failed: {exc}", file=sys.stderr)
         return False
@@ -91,41 +109,53 @@ def locate_fashion_mnist(data_dir: Optional[str], allow_install: bool = True) ->
     wanted = data_dir or FASHION_DIR
     if all(_find(wanted, s) for s in FASHION_FILES.values()):
         return wanted
-    if data_dir is None and allow_install and _try_install_debian_package():
-        if all(_find(wanted, s) for s in FASHION_FILES.values()):
-            return wanted
+    if (
+        data_dir is None
+        and allow_install
+        and _try_install_debian_package()
+        and all(_find(wanted, s) for s in FASHION_FILES.values())
+    ):
+        return wanted
     names = ", ".join(f"{s}[.gz]" for s in FASHION_FILES.values())
     raise SystemExit(
         f"Fashion-MNIST IDX files not found in {wanted}.\n"
         f"Install them with `apt-get install {FASHION_DEB}` (Debian/Ubuntu, as root), or download "
-        f"them and pass --data DIR, a directory holding {names}.")
+        f"them and pass --data DIR, a directory holding {names}."
+    )
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray) -> Tuple[torch.Tensor, ...]:
+def _standardise(train: np.ndarray, *others: np.ndarray) -> tuple[torch.Tensor, ...]:
     mean, std = float(train.mean()), float(train.std())
-    return tuple(torch.from_numpy(((a - mean) / std).astype(np.float32)).unsqueeze(1) for a in (train,) + others)
+    return tuple(
+        torch.from_numpy(((a - mean) / std).astype(np.float32)).unsqueeze(1) for a in (train,) + others
+    )
 
 
-def load_fashion_mnist(data_dir: Optional[str] = None, allow_install: bool = True) -> Tuple[Split, Split]:
+def load_fashion_mnist(data_dir: Optional[str] = None, allow_install: bool = True) -> tuple[Split, Split]:
     """Fashion-MNIST as (train 60,000, test 10,000) splits of 1 x 28 x 28 images."""
     d = locate_fashion_mnist(data_dir, allow_install)
     arr = {k: read_idx(_find(d, s)) for k, s in FASHION_FILES.items()}
     tx, vx = _standardise(arr["train_x"].astype(np.float32) / 255.0, arr["test_x"].astype(np.float32) / 255.0)
-    return (Split(tx, torch.from_numpy(arr["train_y"].astype(np.int64))),
-            Split(vx, torch.from_numpy(arr["test_y"].astype(np.int64))))
+    return (
+        Split(tx, torch.from_numpy(arr["train_y"].astype(np.int64))),
+        Split(vx, torch.from_numpy(arr["test_y"].astype(np.int64))),
+    )
 
 
-def load_digits(test_fraction: float = 0.4, seed: int = 0) -> Tuple[Split, Split]:
+def load_digits(test_fraction: float = 0.4, seed: int = 0) -> tuple[Split, Split]:
     """scikit-learn's 1,797 8 x 8 digits, split per class into train and held-out test."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
     ds = sk_digits()
     x = ds.images.astype(np.float32) / 16.0
-    xtr, xte, ytr, yte = train_test_split(x, ds.target, test_size=test_fraction, random_state=seed,
-                                          stratify=ds.target)
+    xtr, xte, ytr, yte = train_test_split(
+        x, ds.target, test_size=test_fraction, random_state=seed, stratify=ds.target
+    )
     tx, vx = _standardise(xtr, xte)
-    return Split(tx, torch.from_numpy(ytr.astype(np.int64))), Split(vx, torch.from_numpy(yte.astype(np.int64)))
+    return Split(tx, torch.from_numpy(ytr.astype(np.int64))), Split(
+        vx, torch.from_numpy(yte.astype(np.int64))
+    )
 
 
 class ConvEmbedding(nn.Module):
@@ -137,11 +167,20 @@ class ConvEmbedding(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int, downsample: bool) -> nn.Sequential:
-            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers = [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
             return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if downsample else []))
 
-        self.features = nn.Sequential(block(1, width, True), block(width, 2 * width, True),
-                                      block(2 * width, 4 * width, False), nn.AdaptiveAvgPool2d(pool), nn.Flatten())
+        self.features = nn.Sequential(
+            block(1, width, True),
+            block(width, 2 * width, True),
+            block(2 * width, 4 * width, False),
+            nn.AdaptiveAvgPool2d(pool),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4 * width * pool * pool, embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +192,7 @@ def embed(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Te
     """Embeddings of ``x`` in eval mode, in batches."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
     model.train(was_training)
     return out
 

@@ -16,6 +16,7 @@ Usage:
   python examples/train_fashion_mnist.py --data DIR        # IDX files elsewhere
   python examples/train_fashion_mnist.py --dataset digits --steps 100   # scikit-learn's digits, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,26 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (FASHION_CLASSES, ConvEmbedding, Split, embed, load_digits,  # noqa: E402
-                     load_fashion_mnist, pk_batches)
+from _common import (
+    FASHION_CLASSES,
+    ConvEmbedding,
+    Split,
+    embed,
+    load_digits,
+    load_fashion_mnist,
+    pk_batches,
+)
 
-import rll_kernels  # noqa: E402
-from rll_kernels.metrics import nmi, recall_at_k  # noqa: E402
+import rll_kernels
+from rll_kernels.metrics import nmi, recall_at_k
 
 SEEN, UNSEEN = (1, 3, 5, 7, 8, 9), (0, 2, 4, 6)
 KS = (1, 2, 4, 8)
@@ -46,7 +55,7 @@ LOSS_NAMES = {
 }
 
 
-def loss_factories(keys: Sequence[str], log=print) -> List[Tuple[str, Callable[[int, int], nn.Module]]]:
+def loss_factories(keys: Sequence[str], log=print) -> list[tuple[str, Callable[[int, int], nn.Module]]]:
     """(display name, factory(num_classes, embedding_size)) for each requested loss that exists."""
     out = []
     for key in keys:
@@ -55,14 +64,26 @@ def loss_factories(keys: Sequence[str], log=print) -> List[Tuple[str, Callable[[
             out.append((name, lambda c, d: rll_kernels.RLLFused(margin=0.4, Tn=10.0, imbalance=0.5)))
         elif key == "softtriple":
             if hasattr(rll_kernels, "SoftTripleFused"):
-                out.append((name, lambda c, d: rll_kernels.SoftTripleFused(
-                    c, d, centers_per_class=10, la=20, gamma=0.1, margin=0.01, tau=0.2)))
+                out.append(
+                    (
+                        name,
+                        lambda c, d: rll_kernels.SoftTripleFused(
+                            c, d, centers_per_class=10, la=20, gamma=0.1, margin=0.01, tau=0.2
+                        ),
+                    )
+                )
             else:
                 log(f"{name}: not available in this rll_kernels build, skipped")
         elif key == "osm":
             if hasattr(rll_kernels, "WeightedContrastiveFused"):
-                out.append((name, lambda c, d: rll_kernels.WeightedContrastiveFused(
-                    alpha=1.2, sigma=0.8, imbalance=0.5)))
+                out.append(
+                    (
+                        name,
+                        lambda c, d: rll_kernels.WeightedContrastiveFused(
+                            alpha=1.2, sigma=0.8, imbalance=0.5
+                        ),
+                    )
+                )
             else:
                 log(f"{name}: not available in this rll_kernels build, skipped")
         elif key == "contrastive":
@@ -75,7 +96,7 @@ def loss_factories(keys: Sequence[str], log=print) -> List[Tuple[str, Callable[[
     return out
 
 
-def evaluate(emb: torch.Tensor, labels: torch.Tensor, seed: int) -> Dict[str, float]:
+def evaluate(emb: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
     """R@1/2/4/8 over the test set (each test image queries the others) and NMI."""
     r = recall_at_k(emb, labels, KS)
     out = {f"R@{k}": r[k] for k in KS}
@@ -97,8 +118,14 @@ def train(model: nn.Module, loss_fn: nn.Module, data: Split, args, desc: str) ->
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     p = min(args.p, classes.numel())
     model.train()
-    bar = tqdm(pk_batches(y, p, args.k, args.steps, args.seed), total=args.steps, desc=desc,
-               leave=False, dynamic_ncols=True, disable=args.quiet)
+    bar = tqdm(
+        pk_batches(y, p, args.k, args.steps, args.seed),
+        total=args.steps,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=args.quiet,
+    )
     for step, idx in enumerate(bar):
         loss = loss_fn(model(data.x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -111,7 +138,7 @@ def train(model: nn.Module, loss_fn: nn.Module, data: Split, args, desc: str) ->
     return model
 
 
-def protocols(train_split: Split, test_split: Split, names: Sequence[str]) -> Dict[str, Tuple[Split, Split]]:
+def protocols(train_split: Split, test_split: Split, names: Sequence[str]) -> dict[str, tuple[Split, Split]]:
     out = {}
     for name in names:
         if name == "standard":
@@ -121,20 +148,21 @@ def protocols(train_split: Split, test_split: Split, names: Sequence[str]) -> Di
     return out
 
 
-def format_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     cols = [f"R@{k}" for k in KS] + ["NMI"]
-    lines = ["| protocol | embedding | " + " | ".join(cols) + " |",
-             "|---|---|" + "---:|" * len(cols)]
+    lines = ["| protocol | embedding | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for proto, rows in results.items():
         for method, m in rows.items():
             lines.append(f"| {proto} | {method} | " + " | ".join(f"{100 * m[c]:.1f}" for c in cols) + " |")
     return "\n".join(lines)
 
 
-def tsne_plot(path: str, panels: List[Tuple[str, torch.Tensor, torch.Tensor]], class_names, seed: int,
-              max_points: int) -> None:
+def tsne_plot(
+    path: str, panels: list[tuple[str, torch.Tensor, torch.Tensor]], class_names, seed: int, max_points: int
+) -> None:
     """A grid of 2-D t-SNE scatter plots, two panels (before, after) per row."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
@@ -154,7 +182,7 @@ def tsne_plot(path: str, panels: List[Tuple[str, torch.Tensor, torch.Tensor]], c
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     handles, labels = [], []
     for ax in axes.flat:
@@ -169,13 +197,20 @@ def tsne_plot(path: str, panels: List[Tuple[str, torch.Tensor, torch.Tensor]], c
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
-    ap.add_argument("--data", metavar="DIR", default=None,
-                    help="directory with the Fashion-MNIST IDX files (default: the Debian package's "
-                         "/usr/share/datasets/fashion-mnist, installed with apt-get when missing and possible)")
-    ap.add_argument("--losses", default=",".join(LOSS_NAMES), help=f"comma-separated, from {list(LOSS_NAMES)}")
+    ap.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="directory with the Fashion-MNIST IDX files (default: the Debian package's "
+        "/usr/share/datasets/fashion-mnist, installed with apt-get when missing and possible)",
+    )
+    ap.add_argument(
+        "--losses", default=",".join(LOSS_NAMES), help=f"comma-separated, from {list(LOSS_NAMES)}"
+    )
     ap.add_argument("--protocols", default="standard,zeroshot", help="comma-separated: standard, zeroshot")
     ap.add_argument("--steps", type=int, default=600, help="training steps per loss and protocol")
     ap.add_argument("--p", type=int, default=10, help="classes per batch (at most the training classes)")
@@ -183,10 +218,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--embedding-size", type=int, default=64)
     ap.add_argument("--width", type=int, default=16, help="channels of the first conv layer")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--loss-lr", type=float, default=1e-2, help="learning rate of loss parameters (SoftTriple)")
+    ap.add_argument(
+        "--loss-lr", type=float, default=1e-2, help="learning rate of loss parameters (SoftTriple)"
+    )
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--eval-size", type=int, default=0,
-                    help="evaluate on this many test images (0: all), a fixed random subset")
+    ap.add_argument(
+        "--eval-size",
+        type=int,
+        default=0,
+        help="evaluate on this many test images (0: all), a fixed random subset",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--plot", metavar="PNG", default=None, help="write a t-SNE picture before/after training")
@@ -205,7 +246,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, dict[str, float]]]:
     args = parse_args(argv)
     log = (lambda *a, **kw: None) if args.quiet else (lambda *a, **kw: print(*a, **kw, file=sys.stderr))
     if args.threads:
@@ -217,17 +258,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Dict[str, 
     else:
         train_split, test_split = load_fashion_mnist(args.data)
         class_names = list(FASHION_CLASSES)
-    log(f"{args.dataset}: {train_split.x.shape[0]} training and {test_split.x.shape[0]} test images; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    log(
+        f"{args.dataset}: {train_split.x.shape[0]} training and {test_split.x.shape[0]} test images; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     factories = loss_factories([k.strip() for k in args.losses.split(",")], log)
-    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}
     panels = []
     torch.manual_seed(args.seed)
     init_state = ConvEmbedding(args.embedding_size, args.width).state_dict()  # shared by every run
-    for proto, (tr, te) in protocols(train_split, test_split, [p.strip() for p in args.protocols.split(",")]).items():
+    for proto, (tr, te) in protocols(
+        train_split, test_split, [p.strip() for p in args.protocols.split(",")]
+    ).items():
         if args.eval_size and args.eval_size < te.x.shape[0]:
-            keep = torch.randperm(te.x.shape[0], generator=torch.Generator().manual_seed(args.seed))[:args.eval_size]
+            keep = torch.randperm(te.x.shape[0], generator=torch.Generator().manual_seed(args.seed))[
+                : args.eval_size
+            ]
             te = Split(te.x[keep], te.y[keep])
         rows = results[proto] = {}
         rows["raw pixels"] = evaluate(te.x.flatten(1), te.y, args.seed)
@@ -241,11 +288,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Dict[str, 
             model = ConvEmbedding(args.embedding_size, args.width)
             model.load_state_dict(init_state)
             t0 = time.perf_counter()
-            train(model, make(int(torch.unique(tr.y).numel()), args.embedding_size), tr, args, f"{name} [{proto}]")
+            train(
+                model,
+                make(int(torch.unique(tr.y).numel()), args.embedding_size),
+                tr,
+                args,
+                f"{name} [{proto}]",
+            )
             emb = embed(model, te.x)
             rows[name] = evaluate(emb, te.y, args.seed)
-            log(f"{proto:9s} {name:26s} R@1 {100 * rows[name]['R@1']:.1f}  NMI {100 * rows[name]['NMI']:.1f}"
-                f"  ({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"{proto:9s} {name:26s} R@1 {100 * rows[name]['R@1']:.1f}  NMI {100 * rows[name]['NMI']:.1f}"
+                f"  ({time.perf_counter() - t0:.0f} s)"
+            )
             if after_first is None:
                 after_first = (name, emb)
         if after_first is not None:
@@ -259,11 +314,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Dict[str, 
         log(f"t-SNE picture written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results,
-                       "seconds": time.perf_counter() - t_start}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "results": results, "seconds": time.perf_counter() - t_start},
+                f,
+                indent=1,
+            )
     if not args.quiet:
-        print(f"\n{args.dataset}, {args.steps} steps of {args.p} x {args.k} per loss, seed {args.seed}; "
-              f"Recall@K and NMI in %; {time.perf_counter() - t_start:.0f} s in all\n")
+        print(
+            f"\n{args.dataset}, {args.steps} steps of {args.p} x {args.k} per loss, seed {args.seed}; "
+            f"Recall@K and NMI in %; {time.perf_counter() - t_start:.0f} s in all\n"
+        )
         print(table)
     return results
 

@@ -8,11 +8,13 @@ earlier copy), and reports recall@1 on held-out samples before and after. CPU, w
     python examples/train_xbm.py                    # 300 steps, memory of 1024
     python examples/train_xbm.py --semantics pml --memory-size 256 --steps 100
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -72,8 +74,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te = load_data(args.seed)
     net = nn.Sequential(nn.Linear(x_tr.shape[1], 128), nn.ReLU(), nn.Linear(128, args.embedding_size))
-    xbm = rll_kernels.CrossBatchMemory(rll_kernels.RLLFused(margin=0.4, Tn=10.0, semantics=args.semantics),
-                                       embedding_size=args.embedding_size, memory_size=args.memory_size)
+    xbm = rll_kernels.CrossBatchMemory(
+        rll_kernels.RLLFused(margin=0.4, Tn=10.0, semantics=args.semantics),
+        embedding_size=args.embedding_size,
+        memory_size=args.memory_size,
+    )
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
 
@@ -88,10 +93,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", memory=int(xbm.num_filled))
     after = recall_at_1(net, x_te, y_te)
-    print(f"recall@1 on held-out samples: {before:.3f} before, {after:.3f} after {args.steps} steps "
-          f"(memory {int(xbm.num_filled)}/{args.memory_size} rows, semantics={args.semantics!r})")
-    return {"recall_before": before, "recall_after": after, "last_loss": loss.item(),
-            "memory_filled": int(xbm.num_filled)}
+    print(
+        f"recall@1 on held-out samples: {before:.3f} before, {after:.3f} after {args.steps} steps "
+        f"(memory {int(xbm.num_filled)}/{args.memory_size} rows, semantics={args.semantics!r})"
+    )
+    return {
+        "recall_before": before,
+        "recall_after": after,
+        "last_loss": loss.item(),
+        "memory_filled": int(xbm.num_filled),
+    }
 
 
 if __name__ == "__main__":

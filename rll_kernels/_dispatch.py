@@ -1,4 +1,5 @@
 """Backend selection: 'auto' picks the fused kernel for the tensor's device; names are strict."""
+
 from __future__ import annotations
 
 import logging
@@ -36,11 +37,16 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
 def _probe(dev: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {"reference": None}
     if dev == "cpu":
-        out["cpp"] = None if _ops.has_kernel("rll_fwd", "cpu") else f"C++ extension not built ({_ops.C_IMPORT_ERROR})"
+        out["cpp"] = (
+            None if _ops.has_kernel("rll_fwd", "cpu") else f"C++ extension not built ({_ops.C_IMPORT_ERROR})"
+        )
     else:
         out["cpp"] = "the cpp backend runs on CPU tensors only"
-    out["cuda"] = (None if dev == "cuda" and _ops.has_kernel("rll_fwd", "cuda")
-                   else "CUDA kernels not built or tensor not on CUDA")
+    out["cuda"] = (
+        None
+        if dev == "cuda" and _ops.has_kernel("rll_fwd", "cuda")
+        else "CUDA kernels not built or tensor not on CUDA"
+    )
     from . import triton as _triton
 
     out["triton"] = _triton.status(torch.device(dev))
@@ -72,9 +78,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if avail.get(name) is None:
             return name
     reasons = "; ".join(f"{n}: {avail.get(n)}" for n in order)
-    warn_once(f"fallback-{device.type}",
-              f"rll_kernels: no fused backend for {device.type} tensors ({reasons}); "
-              "falling back to the dense O(N*M) reference")
+    warn_once(
+        f"fallback-{device.type}",
+        f"rll_kernels: no fused backend for {device.type} tensors ({reasons}); "
+        "falling back to the dense O(N*M) reference",
+    )
     return "reference"
 
 

@@ -3,6 +3,7 @@
 The schemas are defined once in csrc/ops.cpp (TORCH_LIBRARY); every device registers its own
 implementation. Importing this module loads ``rll_kernels._C`` if it was built.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def has_kernel(op: str, device: str) -> bool:
 if HAS_C:
 
     @torch.library.register_fake("rll_kernels::rll_fwd")
-    def _rll_fwd_fake(q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias,
-                      attached, need_grad):
+    def _rll_fwd_fake(
+        q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias, attached, need_grad
+    ):
         torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rll_fwd: q and k must be 2-D")
         torch._check(q.shape[1] == k.shape[1], lambda: "rll_fwd: q and k embedding sizes differ")
         n, d = q.shape
@@ -39,8 +41,25 @@ if HAS_C:
         return q.new_empty(n, dtype=acc), grad, q.new_empty(n, 4, dtype=acc)
 
     @torch.library.register_fake("rll_kernels::rll_bwd")
-    def _rll_bwd_fake(grad_rows, q, q_labels, q_ids, k, k_labels, k_ids, stats, alpha, beta, Tn, Tp,
-                      imbalance, den_bias, attached, need_gq, need_gk):
+    def _rll_bwd_fake(
+        grad_rows,
+        q,
+        q_labels,
+        q_ids,
+        k,
+        k_labels,
+        k_ids,
+        stats,
+        alpha,
+        beta,
+        Tn,
+        Tp,
+        imbalance,
+        den_bias,
+        attached,
+        need_gq,
+        need_gk,
+    ):
         gq = torch.empty_like(q) if need_gq else q.new_empty(0)
         gk = torch.empty_like(k) if need_gk else k.new_empty(0)
         return gq, gk
@@ -65,8 +84,19 @@ if HAS_C:
         q, q_labels, q_ids, k, k_labels, k_ids, stats = ctx.saved_tensors
         need_k = need_k and ctx.attached  # the gallery is a constant with detached weights
         gq, gk = torch.ops.rll_kernels.rll_bwd(
-            g_rows.contiguous(), q, q_labels, q_ids, k, k_labels, k_ids, stats, *ctx.params,
-            ctx.attached, need_q, need_k)
+            g_rows.contiguous(),
+            q,
+            q_labels,
+            q_ids,
+            k,
+            k_labels,
+            k_ids,
+            stats,
+            *ctx.params,
+            ctx.attached,
+            need_q,
+            need_k,
+        )
         return (gq if need_q else None, None, None, gk if need_k else None) + (None,) * 10
 
     torch.library.register_autograd("rll_kernels::rll_fwd", _rll_backward, setup_context=_rll_setup_context)

@@ -2,6 +2,7 @@
 
 Materialises the N x N distance matrix on purpose (clarity over memory); never use it at scale.
 """
+
 from __future__ import annotations
 
 from typing import Optional

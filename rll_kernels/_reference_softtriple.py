@@ -1,4 +1,5 @@
 """Dense SoftTriple reference (SPEC section 2): materialises N x C*K on purpose; never use it at scale."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ def soft_triple_compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def soft_triple_regularizer(centers: torch.Tensor, centers_per_class: int, *,
-                            reg_eps: float = REG_EPS) -> torch.Tensor:
+def soft_triple_regularizer(
+    centers: torch.Tensor, centers_per_class: int, *, reg_eps: float = REG_EPS
+) -> torch.Tensor:
     r"""Center-sparsity regulariser of SoftTriple over the normalised centers.
 
     .. math:: R = \frac{1}{C K (K-1)} \sum_c \sum_{t<s} \sqrt{2 + \epsilon - 2\,\hat w_{ct}^\top \hat w_{cs}}

@@ -1,4 +1,5 @@
 """Argument checks shared by every loss: clear ValueErrors that name the argument."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ def check_embeddings(x, name: str, *, allow_empty: bool = False) -> None:
         raise ValueError(f"{name} has embedding size D = 0")
     # a finite sum proves every entry finite without an N x D bool temporary (a sum that overflows
     # falls through to the exact check)
-    if (x.device.type != "meta" and not torch.compiler.is_compiling() and not bool(torch.isfinite(x.sum()))
-            and not bool(torch.isfinite(x).all())):
+    if (
+        x.device.type != "meta"
+        and not torch.compiler.is_compiling()
+        and not bool(torch.isfinite(x.sum()))
+        and not bool(torch.isfinite(x).all())
+    ):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -53,8 +58,10 @@ def check_rll_params(margin: float, alpha: float, imbalance: float, Tn: float, T
     if margin <= 0:
         raise ValueError(f"margin must be > 0, got {margin}")
     if alpha <= margin:
-        raise ValueError(f"alpha must be > margin (the positive boundary alpha - margin must be > 0), "
-                         f"got alpha={alpha}, margin={margin}")
+        raise ValueError(
+            f"alpha must be > margin (the positive boundary alpha - margin must be > 0), "
+            f"got alpha={alpha}, margin={margin}"
+        )
     if not 0.0 <= imbalance <= 1.0:
         raise ValueError(f"imbalance must lie in [0, 1], got {imbalance}")
 

@@ -1,4 +1,5 @@
 """Argument checks of the OSM + CAA weighted contrastive loss (SPEC section 3)."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ def check_osm_params(alpha: float, sigma: float, imbalance: float) -> None:
         raise ValueError(f"imbalance must lie in [0, 1], got {imbalance}")
 
 
-def check_attention(attention: Optional[torch.Tensor], n: int, dtype: torch.dtype,
-                    device: torch.device) -> Optional[torch.Tensor]:
+def check_attention(
+    attention: Optional[torch.Tensor], n: int, dtype: torch.dtype, device: torch.device
+) -> Optional[torch.Tensor]:
     """The per-sample attention a_i as a detached contiguous (n,) tensor of ``dtype``, or None.
 
     Raises ValueError unless it is a floating (n,) tensor with every value in (0, 1].
@@ -31,8 +33,9 @@ def check_attention(attention: Optional[torch.Tensor], n: int, dtype: torch.dtyp
     if not isinstance(attention, torch.Tensor):
         raise ValueError(f"attention must be a torch.Tensor or None, got {type(attention).__name__}")
     if attention.dim() != 1 or attention.shape[0] != n:
-        raise ValueError(f"attention must have shape ({n},) (one value per embedding), "
-                         f"got shape {tuple(attention.shape)}")
+        raise ValueError(
+            f"attention must have shape ({n},) (one value per embedding), got shape {tuple(attention.shape)}"
+        )
     if not attention.is_floating_point():
         raise ValueError(f"attention must be a floating-point tensor, got {attention.dtype}")
     if attention.device != device:

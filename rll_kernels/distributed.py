@@ -1,8 +1,9 @@
 """Data-parallel Ranked List Loss: local queries against the gallery gathered from every rank."""
+
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from .modules import RLLFused
 __all__ = ["DistributedLossWrapper"]
 
 
-def _gather_sizes(n_local: int, device: torch.device, group) -> List[int]:
+def _gather_sizes(n_local: int, device: torch.device, group) -> list[int]:
     world = dist.get_world_size(group)
     mine = torch.tensor([n_local], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(mine) for _ in range(world)]
@@ -30,7 +31,7 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])
 
 
-def _all_gather_rows(x: torch.Tensor, sizes: List[int], group, differentiable: bool) -> torch.Tensor:
+def _all_gather_rows(x: torch.Tensor, sizes: list[int], group, differentiable: bool) -> torch.Tensor:
     """Concatenate every rank's rows of ``x`` (rank order); ranks may hold different row counts.
 
     Rows are padded to the largest count for the collective and trimmed after. With
@@ -88,19 +89,25 @@ class DistributedLossWrapper(nn.Module):
         super().__init__()
         rll_kwargs(loss, "DistributedLossWrapper")  # type check
         if loss.reduction != "mean":
-            raise ValueError("DistributedLossWrapper: loss.reduction must be 'mean' (the global-batch mean), "
-                             f"got {loss.reduction!r}")
+            raise ValueError(
+                "DistributedLossWrapper: loss.reduction must be 'mean' (the global-batch mean), "
+                f"got {loss.reduction!r}"
+            )
         if loss.backend == "reference":
-            raise ValueError("DistributedLossWrapper: loss.backend must be a fused backend ('auto', 'cpp', "
-                             "'triton', 'cuda'); the dense reference cannot exclude the global self-pairs, "
-                             "got 'reference'")
+            raise ValueError(
+                "DistributedLossWrapper: loss.backend must be a fused backend ('auto', 'cpp', "
+                "'triton', 'cuda'); the dense reference cannot exclude the global self-pairs, "
+                "got 'reference'"
+            )
         self.loss = loss
         self.group = group
 
-    def _world(self) -> Tuple[int, int]:
+    def _world(self) -> tuple[int, int]:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("DistributedLossWrapper needs an initialised torch.distributed process group "
-                               "(torch.distributed.init_process_group)")
+            raise RuntimeError(
+                "DistributedLossWrapper needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group)"
+            )
         return dist.get_world_size(self.group), dist.get_rank(self.group)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
@@ -108,8 +115,9 @@ class DistributedLossWrapper(nn.Module):
         if indices_tuple is not None:
             raise ValueError("indices_tuple is not supported for this loss function (RLL mines its own sets)")
         if self.loss.reduction != "mean":
-            raise ValueError("DistributedLossWrapper: loss.reduction must be 'mean', "
-                             f"got {self.loss.reduction!r}")
+            raise ValueError(
+                f"DistributedLossWrapper: loss.reduction must be 'mean', got {self.loss.reduction!r}"
+            )
         world, rank = self._world()
         check_embeddings(embeddings, "embeddings", allow_empty=True)
         dev = embeddings.device
@@ -119,15 +127,16 @@ class DistributedLossWrapper(nn.Module):
         sizes = _gather_sizes(n_local, dev, self.group)
         dims = _gather_sizes(embeddings.shape[1], dev, self.group)
         if len(set(dims)) != 1:
-            raise ValueError("DistributedLossWrapper: every rank must have the same embedding size, "
-                             f"got {dims}")
+            raise ValueError(
+                f"DistributedLossWrapper: every rank must have the same embedding size, got {dims}"
+            )
         n_total = sum(sizes)
         if n_total == 0:
             raise ValueError("DistributedLossWrapper: the global batch is empty on every rank")
-        differentiable = (kwargs["semantics"] == "pml" and torch.is_grad_enabled()
-                          and embeddings.requires_grad)
-        gallery = _all_gather_rows(embeddings if differentiable else embeddings.detach(), sizes, self.group,
-                                   differentiable)
+        differentiable = kwargs["semantics"] == "pml" and torch.is_grad_enabled() and embeddings.requires_grad
+        gallery = _all_gather_rows(
+            embeddings if differentiable else embeddings.detach(), sizes, self.group, differentiable
+        )
         g_labels = _all_gather_rows(labels, sizes, self.group, False)
         if n_local == 0:
             # nothing to rank here; in "pml" the backward must still join the gather's collective
@@ -135,8 +144,17 @@ class DistributedLossWrapper(nn.Module):
         offset = sum(sizes[:rank])
         q_ids = torch.arange(offset, offset + n_local, device=dev)
         g_ids = torch.arange(n_total, device=dev)
-        local_mean = ranked_list_loss(embeddings, labels, **kwargs, reduction="mean", ref_emb=gallery,
-                                      ref_labels=g_labels, query_ids=q_ids, ref_ids=g_ids, den_rows=n_total)
+        local_mean = ranked_list_loss(
+            embeddings,
+            labels,
+            **kwargs,
+            reduction="mean",
+            ref_emb=gallery,
+            ref_labels=g_labels,
+            query_ids=q_ids,
+            ref_ids=g_ids,
+            den_rows=n_total,
+        )
         return local_mean * (world * n_local / n_total)
 
     def extra_repr(self) -> str:

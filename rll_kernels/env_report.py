@@ -1,4 +1,5 @@
 """`python -m rll_kernels.env_report`: versions and usable backends, for bug reports."""
+
 from __future__ import annotations
 
 import platform
@@ -32,7 +33,9 @@ def report() -> str:
     else:
         lines.append("nvcc: not found")
     lines.append(f"C++ extension: {'built' if _ops.HAS_C else 'NOT built: ' + str(_ops.C_IMPORT_ERROR)}")
-    lines.append(f"CUDA kernels compiled in: {'yes (experimental)' if _ops.has_kernel('rll_fwd', 'cuda') else 'no'}")
+    lines.append(
+        f"CUDA kernels compiled in: {'yes (experimental)' if _ops.has_kernel('rll_fwd', 'cuda') else 'no'}"
+    )
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name, why in available_backends(dev).items():
             lines.append(f"  {dev:4s} {name:9s} {'usable' if why is None else 'unusable: ' + why}")

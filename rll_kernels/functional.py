@@ -1,4 +1,5 @@
 """Functional API of the fused losses."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ops, reference
+from . import reference
 from ._dispatch import fused_ops, resolve_backend
 from ._validate import check_choice, check_embeddings, check_labels, check_rll_params
 
@@ -75,19 +76,27 @@ def ranked_list_loss(
     labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
     in_batch = ref_emb is None
     if (ref_emb is None) != (ref_labels is None):
-        raise ValueError("ref_emb and ref_labels must be given together "
-                         f"(got ref_emb={'set' if ref_emb is not None else None}, "
-                         f"ref_labels={'set' if ref_labels is not None else None})")
+        raise ValueError(
+            "ref_emb and ref_labels must be given together "
+            f"(got ref_emb={'set' if ref_emb is not None else None}, "
+            f"ref_labels={'set' if ref_labels is not None else None})"
+        )
     if not in_batch:
         if not isinstance(ref_emb, torch.Tensor):
             raise ValueError(f"ref_emb must be a torch.Tensor, got {type(ref_emb).__name__}")
         if ref_emb.device != embeddings.device:
-            raise ValueError(f"ref_emb must be on the embeddings' device {embeddings.device}, got {ref_emb.device}")
+            raise ValueError(
+                f"ref_emb must be on the embeddings' device {embeddings.device}, got {ref_emb.device}"
+            )
         if ref_emb.dtype != embeddings.dtype:
-            raise ValueError(f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}")
+            raise ValueError(
+                f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}"
+            )
         check_embeddings(ref_emb, "ref_emb")
         if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}")
+            raise ValueError(
+                f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}"
+            )
         ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", embeddings.device)
     if (query_ids is None) != (ref_ids is None):
         raise ValueError("query_ids and ref_ids must be given together")
@@ -97,13 +106,28 @@ def ranked_list_loss(
         if query_ids is not None or den_rows is not None:
             raise ValueError("query_ids/ref_ids/den_rows need a fused backend")
         return reference.ranked_list_loss(
-            embeddings, labels, margin, Tn, imbalance, alpha, Tp, semantics=semantics,
-            reduction=reduction, normalize=normalize, ref_emb=ref_emb, ref_labels=ref_labels)
+            embeddings,
+            labels,
+            margin,
+            Tn,
+            imbalance,
+            alpha,
+            Tp,
+            semantics=semantics,
+            reduction=reduction,
+            normalize=normalize,
+            ref_emb=ref_emb,
+            ref_labels=ref_labels,
+        )
 
     dt = _compute_dtype(embeddings.dtype)
     # the Triton kernels read fp16/bf16 directly (fp32 accumulation): normalise in fp32, hand over half;
     # the C++ CPU kernel computes half inputs in fp32
-    half = embeddings.dtype if (name == "triton" and embeddings.dtype in (torch.float16, torch.bfloat16)) else None
+    half = (
+        embeddings.dtype
+        if (name == "triton" and embeddings.dtype in (torch.float16, torch.bfloat16))
+        else None
+    )
     q = embeddings.to(dt)
     q = F.normalize(q, dim=1) if normalize else q
     q = q.to(half) if half is not None else q
@@ -128,9 +152,21 @@ def ranked_list_loss(
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     fwd, _ = fused_ops(name)
     rows, _, _ = fwd(
-        q.contiguous(), labels, query_ids, k.contiguous(), k_labels, ref_ids,
-        float(alpha), float(alpha - margin), float(Tn), float(Tp), float(imbalance), float(bias),
-        attached, need_grad)
+        q.contiguous(),
+        labels,
+        query_ids,
+        k.contiguous(),
+        k_labels,
+        ref_ids,
+        float(alpha),
+        float(alpha - margin),
+        float(Tn),
+        float(Tp),
+        float(imbalance),
+        float(bias),
+        attached,
+        need_grad,
+    )
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":

@@ -6,9 +6,11 @@ O(query_block x gallery_block) whatever N and M. The ranking is exact and determ
 cosine similarity first, equal similarities broken by the lower gallery index (``torch.topk`` alone
 is not stable, so ties at the top-k boundary are resolved explicitly).
 """
+
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ def _check_block(value, name: str) -> int:
     return value
 
 
-def _lexi_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _lexi_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` per row of small (B, C) candidate lists, by (value desc, index asc), exactly.
 
     Two stable sorts: by index, then by value (descending); equal values keep index order.
@@ -50,7 +52,7 @@ def _lexi_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Ten
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def _tile_topk(sim: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _tile_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` columns per row of a (B, C) tile, by (value desc, column asc), exactly.
 
     ``torch.topk`` gives the right k-th value but may pick any of several equal values at the
@@ -69,13 +71,13 @@ def _tile_topk(sim: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = tied.nonzero().squeeze(1)
         sub = sim if rows.numel() == b else sim.index_select(0, rows)
         top = vals.index_select(0, rows)
-        kth = top[:, k - 1:k]
-        need = k - (top > kth).sum(1)                   # slots left for values equal to the k-th
-        r, col = (sub >= kth).nonzero().unbind(1)       # row-major: column order within a row
+        kth = top[:, k - 1 : k]
+        need = k - (top > kth).sum(1)  # slots left for values equal to the k-th
+        r, col = (sub >= kth).nonzero().unbind(1)  # row-major: column order within a row
         is_eq = sub[r, col] == kth[r, 0]
         n_eq = torch.bincount(r[is_eq], minlength=rows.numel())
-        rank = is_eq.cumsum(0) - (n_eq.cumsum(0) - n_eq)[r]   # 1-based rank among a row's ties
-        keep = ~is_eq | (rank <= need[r])               # exactly k per row
+        rank = is_eq.cumsum(0) - (n_eq.cumsum(0) - n_eq)[r]  # 1-based rank among a row's ties
+        keep = ~is_eq | (rank <= need[r])  # exactly k per row
         sub_cols = col[keep].view(-1, k)
         vals[rows] = sub.gather(1, sub_cols)
         cols[rows] = sub_cols
@@ -89,7 +91,7 @@ def nearest_neighbors(
     *,
     query_block: int = 256,
     gallery_block: int = 4096,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most cosine-similar gallery items of every query, computed in tiles.
 
     Args:
@@ -110,16 +112,19 @@ def nearest_neighbors(
     if not in_batch:
         _check_matrix(ref, "ref")
         if ref.shape[1] != embeddings.shape[1]:
-            raise ValueError(f"ref must have the embedding size D = {embeddings.shape[1]} of embeddings, "
-                             f"got D = {ref.shape[1]}")
+            raise ValueError(
+                f"ref must have the embedding size D = {embeddings.shape[1]} of embeddings, "
+                f"got D = {ref.shape[1]}"
+            )
     qb = _check_block(query_block, "query_block")
     gb = _check_block(gallery_block, "gallery_block")
     n = embeddings.shape[0]
     m = n if in_batch else ref.shape[0]
     m_eff = m - 1 if in_batch else m
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m_eff:
-        raise ValueError(f"k must be an int in [1, {m_eff}] (the gallery size"
-                         f"{' N - 1' if in_batch else ''}), got {k!r}")
+        raise ValueError(
+            f"k must be an int in [1, {m_eff}] (the gallery size{' N - 1' if in_batch else ''}), got {k!r}"
+        )
 
     dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     z = F.normalize(embeddings.detach().to(dtype), dim=1)
@@ -127,21 +132,22 @@ def nearest_neighbors(
     out_vals = torch.empty(n, k, dtype=dtype, device=z.device)
     out_idx = torch.empty(n, k, dtype=torch.int64, device=z.device)
     for q0 in range(0, n, qb):
-        zq = z[q0:q0 + qb]
+        zq = z[q0 : q0 + qb]
         bq = zq.shape[0]
         run_vals = torch.full((bq, k), float("-inf"), dtype=dtype, device=z.device)
         run_idx = torch.full((bq, k), _NO_INDEX, dtype=torch.int64, device=z.device)
         for g0 in range(0, m, gb):
-            sim = zq @ g[g0:g0 + gb].T
+            sim = zq @ g[g0 : g0 + gb].T
             if in_batch and g0 < q0 + bq and q0 < g0 + sim.shape[1]:
                 rows = torch.arange(max(q0, g0), min(q0 + bq, g0 + sim.shape[1]), device=z.device)
                 sim[rows - q0, rows - g0] = float("-inf")  # the query itself
             t_vals, t_cols = _tile_topk(sim, k)
             # running entries all have lower gallery indices than this tile's, so the index
             # tie-break of the merge is the same as over the whole gallery so far
-            run_vals, run_idx = _lexi_topk(torch.cat([run_vals, t_vals], 1),
-                                           torch.cat([run_idx, t_cols + g0], 1), k)
-        out_vals[q0:q0 + bq], out_idx[q0:q0 + bq] = run_vals, run_idx
+            run_vals, run_idx = _lexi_topk(
+                torch.cat([run_vals, t_vals], 1), torch.cat([run_idx, t_cols + g0], 1), k
+            )
+        out_vals[q0 : q0 + bq], out_idx[q0 : q0 + bq] = run_vals, run_idx
     return out_vals, out_idx
 
 
@@ -154,7 +160,7 @@ def recall_at_k(
     *,
     query_block: int = 256,
     gallery_block: int = 4096,
-) -> Dict[int, float]:
+) -> dict[int, float]:
     """Recall@K of cosine-similarity retrieval (SPEC section 4), exact, without an N x M matrix.
 
     For each query the gallery (``ref``, or the other queries when ``ref`` is None, the query itself
@@ -176,13 +182,17 @@ def recall_at_k(
         raise ValueError("embeddings is empty (N = 0): recall needs at least one query")
     labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
     if (ref is None) != (ref_labels is None):
-        raise ValueError("ref and ref_labels must be given together "
-                         f"(got ref={'set' if ref is not None else None}, "
-                         f"ref_labels={'set' if ref_labels is not None else None})")
+        raise ValueError(
+            "ref and ref_labels must be given together "
+            f"(got ref={'set' if ref is not None else None}, "
+            f"ref_labels={'set' if ref_labels is not None else None})"
+        )
     if ref is None:
         if embeddings.shape[0] < 2:
-            raise ValueError("embeddings must have at least 2 rows when ref is None (each query needs "
-                             f"another item to retrieve), got {embeddings.shape[0]}")
+            raise ValueError(
+                "embeddings must have at least 2 rows when ref is None (each query needs "
+                f"another item to retrieve), got {embeddings.shape[0]}"
+            )
         gallery_labels = labels
     else:
         _check_matrix(ref, "ref")

@@ -1,4 +1,5 @@
 """nn.Module wrappers: drop-in replacements for pytorch-metric-learning's losses."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -6,9 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import ranked_list_loss
-from ._validate import check_choice, check_rll_params
 from ._dispatch import BACKENDS
+from ._validate import check_choice, check_rll_params
+from .functional import ranked_list_loss
 
 __all__ = ["RLLFused"]
 
@@ -52,7 +53,12 @@ class RLLFused(nn.Module):
         alpha_eff = 1.0 + margin / 2.0 if alpha is None else alpha
         check_rll_params(margin, alpha_eff, imbalance, Tn, Tp)
         self.margin, self.Tn, self.imbalance, self.alpha, self.Tp = margin, Tn, imbalance, alpha_eff, Tp
-        self.semantics, self.reduction, self.normalize, self.backend = semantics, reduction, normalize, backend
+        self.semantics, self.reduction, self.normalize, self.backend = (
+            semantics,
+            reduction,
+            normalize,
+            backend,
+        )
 
     def forward(
         self,
@@ -67,11 +73,24 @@ class RLLFused(nn.Module):
         if indices_tuple is not None:
             raise ValueError("indices_tuple is not supported for this loss function (RLL mines its own sets)")
         return ranked_list_loss(
-            embeddings, labels, self.margin, self.Tn, self.imbalance, self.alpha, self.Tp,
-            semantics=self.semantics, reduction=self.reduction, normalize=self.normalize,
-            ref_emb=ref_emb, ref_labels=ref_labels, backend=self.backend)
+            embeddings,
+            labels,
+            self.margin,
+            self.Tn,
+            self.imbalance,
+            self.alpha,
+            self.Tp,
+            semantics=self.semantics,
+            reduction=self.reduction,
+            normalize=self.normalize,
+            ref_emb=ref_emb,
+            ref_labels=ref_labels,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"margin={self.margin}, Tn={self.Tn}, imbalance={self.imbalance}, alpha={self.alpha}, "
-                f"Tp={self.Tp}, semantics={self.semantics!r}, reduction={self.reduction!r}, "
-                f"normalize={self.normalize}, backend={self.backend!r}")
+        return (
+            f"margin={self.margin}, Tn={self.Tn}, imbalance={self.imbalance}, alpha={self.alpha}, "
+            f"Tp={self.Tp}, semantics={self.semantics!r}, reduction={self.reduction!r}, "
+            f"normalize={self.normalize}, backend={self.backend!r}"
+        )

@@ -5,6 +5,7 @@ are constants, so the gradient needs nothing else); backward only scales it by g
 Backends: ``"cpp"`` (CPU kernel ``rll_kernels::osm_fwd``), ``"triton"`` (``osm_triton_fwd``; GPU,
 or CPU tensors under ``TRITON_INTERPRET=1``) and ``"reference"`` (dense, O(N^2) memory).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,8 +26,9 @@ __all__ = ["WeightedContrastiveFused", "weighted_contrastive_loss", "class_aware
 OSM_BACKENDS = ("auto", "cpp", "triton", "reference")
 
 
-def class_aware_attention(logits: torch.Tensor, labels: torch.Tensor, *,
-                          gaussian_sigma: Optional[float] = None) -> torch.Tensor:
+def class_aware_attention(
+    logits: torch.Tensor, labels: torch.Tensor, *, gaussian_sigma: Optional[float] = None
+) -> torch.Tensor:
     r"""Class-aware attention (CAA): :math:`a_i = \mathrm{softmax}(\text{logits}_i)_{y_i}`.
 
     ``logits`` (N, C) come from a classifier, ``labels`` (N,) are the true classes. The result is
@@ -47,8 +49,10 @@ def class_aware_attention(logits: torch.Tensor, labels: torch.Tensor, *,
     n, c = logits.shape
     labels = check_labels(labels, n, "labels", logits.device)
     if n and not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= c)).any()):
-        raise ValueError(f"labels must be class indices in [0, {c}) for logits with {c} columns, "
-                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must be class indices in [0, {c}) for logits with {c} columns, "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
     if gaussian_sigma is not None and not (isinstance(gaussian_sigma, (int, float)) and gaussian_sigma > 0):
         raise ValueError(f"gaussian_sigma must be None or a number > 0, got {gaussian_sigma!r}")
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -101,9 +105,11 @@ def _resolve(backend: str, device: torch.device) -> str:
     name = "cpp" if device.type == "cpu" else "triton"
     if avail[name] is None:
         return name
-    warn_once(f"osm-fallback-{device.type}",
-              f"rll_kernels: no fused OSM backend for {device.type} tensors ({name}: {avail[name]}); "
-              "falling back to the dense O(N^2) reference")
+    warn_once(
+        f"osm-fallback-{device.type}",
+        f"rll_kernels: no fused OSM backend for {device.type} tensors ({name}: {avail[name]}); "
+        "falling back to the dense O(N^2) reference",
+    )
     return "reference"
 
 
@@ -159,8 +165,9 @@ def weighted_contrastive_loss(
     z = embeddings.to(dt)
     z = F.normalize(z, dim=1) if normalize else z
     need_grad = torch.is_grad_enabled() and z.requires_grad
-    loss, _, _ = _fused_op(name)(z.contiguous(), labels, att, float(alpha), float(sigma), float(imbalance),
-                                 need_grad)
+    loss, _, _ = _fused_op(name)(
+        z.contiguous(), labels, att, float(alpha), float(sigma), float(imbalance), need_grad
+    )
     return loss
 
 
@@ -181,22 +188,40 @@ class WeightedContrastiveFused(nn.Module):
         loss = loss_fn(embeddings, labels, att)
     """
 
-    def __init__(self, alpha: float = 1.2, sigma: float = 0.8, imbalance: float = 0.5, *,
-                 normalize: bool = True, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        alpha: float = 1.2,
+        sigma: float = 0.8,
+        imbalance: float = 0.5,
+        *,
+        normalize: bool = True,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         check_osm_params(alpha, sigma, imbalance)
         check_choice(backend, "backend", OSM_BACKENDS)
         self.alpha, self.sigma, self.imbalance = float(alpha), float(sigma), float(imbalance)
         self.normalize, self.backend = normalize, backend
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                attention: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return weighted_contrastive_loss(embeddings, labels, attention, self.alpha, self.sigma,
-                                         self.imbalance, normalize=self.normalize, backend=self.backend)
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, attention: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return weighted_contrastive_loss(
+            embeddings,
+            labels,
+            attention,
+            self.alpha,
+            self.sigma,
+            self.imbalance,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, sigma={self.sigma}, imbalance={self.imbalance}, "
-                f"normalize={self.normalize}, backend={self.backend!r}")
+        return (
+            f"alpha={self.alpha}, sigma={self.sigma}, imbalance={self.imbalance}, "
+            f"normalize={self.normalize}, backend={self.backend!r}"
+        )
 
 
 # ---------------------------------------------------------------- fake kernels and autograd

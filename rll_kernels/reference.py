@@ -2,6 +2,7 @@
 
 They materialise N x M matrices on purpose (clarity over memory); never use them at scale.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -126,5 +127,7 @@ def ranked_list_loss(
     if reduction == "sum":
         return rows.sum()
     return rows
-from ._reference_softtriple import soft_triple_loss  # noqa: E402,F401
+
+
 from ._reference_osm import weighted_contrastive_loss  # noqa: E402,F401
+from ._reference_softtriple import soft_triple_loss  # noqa: E402,F401

@@ -8,6 +8,7 @@ differentiate) the per-column normalisation on the fly, because a normalised cop
 D x C*K centers, and its gradient, would cost more memory than the N x C*K tensors avoided
 (SOP: 232 MB vs 116 MB).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ if _ops.HAS_C and _ops.has_kernel("softtriple_fwd", "cpu"):
         return x.new_empty(n), x.new_empty(n)
 
     @torch.library.register_fake("rll_kernels::softtriple_bwd")
-    def _softtriple_bwd_fake(grad_rows, x, labels, w, lse, centers_per_class, la, gamma, margin, need_gx,
-                             need_gw):
+    def _softtriple_bwd_fake(
+        grad_rows, x, labels, w, lse, centers_per_class, la, gamma, margin, need_gx, need_gw
+    ):
         gx = torch.empty_like(x) if need_gx else x.new_empty(0)
         gw = torch.empty_like(w) if need_gw else w.new_empty(0)
         return gx, gw
@@ -54,12 +56,14 @@ if _ops.HAS_C and _ops.has_kernel("softtriple_fwd", "cpu"):
         # LSE is a saved statistic: its gradient is not propagated (it is never used by the API)
         x, labels, w, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        gx, gw = torch.ops.rll_kernels.softtriple_bwd(g_rows.contiguous(), x, labels, w, lse, *ctx.params,
-                                                      need_x, need_w)
+        gx, gw = torch.ops.rll_kernels.softtriple_bwd(
+            g_rows.contiguous(), x, labels, w, lse, *ctx.params, need_x, need_w
+        )
         return (gx if need_x else None, None, gw if need_w else None, None, None, None, None)
 
-    torch.library.register_autograd("rll_kernels::softtriple_fwd", _softtriple_backward,
-                                    setup_context=_softtriple_setup_context)
+    torch.library.register_autograd(
+        "rll_kernels::softtriple_fwd", _softtriple_backward, setup_context=_softtriple_setup_context
+    )
 
 
 # ---------------------------------------------------------------- backends
@@ -102,15 +106,18 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         why = _STATUS[backend](device)
         if why is not None:
             raise RuntimeError(
-                f"rll_kernels: SoftTriple backend {backend!r} is not available on {device}: {why}")
+                f"rll_kernels: SoftTriple backend {backend!r} is not available on {device}: {why}"
+            )
         return backend
     name = "cpp" if device.type == "cpu" else "triton"
     why = _STATUS[name](device)  # probe only the backend "auto" wants (no triton import on CPU)
     if why is None:
         return name
-    warn_once(f"softtriple-fallback-{device.type}",
-              f"rll_kernels: no fused SoftTriple backend for {device.type} tensors ({name}: {why}); "
-              "falling back to the dense reference (materialises N x C*K)")
+    warn_once(
+        f"softtriple-fallback-{device.type}",
+        f"rll_kernels: no fused SoftTriple backend for {device.type} tensors ({name}: {why}); "
+        "falling back to the dense reference (materialises N x C*K)",
+    )
     return "reference"
 
 
@@ -139,11 +146,14 @@ def _check_centers(centers, d: int, k: int, device: torch.device) -> int:
     if not isinstance(centers, torch.Tensor):
         raise ValueError(f"centers must be a torch.Tensor, got {type(centers).__name__}")
     if centers.dim() != 2 or centers.shape[0] != d:
-        raise ValueError(f"centers must be (embedding_size={d}, num_classes * centers_per_class), "
-                         f"got shape {tuple(centers.shape)}")
+        raise ValueError(
+            f"centers must be (embedding_size={d}, num_classes * centers_per_class), "
+            f"got shape {tuple(centers.shape)}"
+        )
     if centers.shape[1] == 0 or centers.shape[1] % k != 0:
-        raise ValueError(f"centers has {centers.shape[1]} columns, expected a positive multiple of "
-                         f"centers_per_class={k}")
+        raise ValueError(
+            f"centers has {centers.shape[1]} columns, expected a positive multiple of centers_per_class={k}"
+        )
     if not centers.is_floating_point():
         raise ValueError(f"centers must be a floating-point tensor, got {centers.dtype}")
     if centers.device != device:
@@ -199,13 +209,14 @@ class _SparseCentersRaw(torch.autograd.Function):
         out = torch.empty_like(centers)
         step = max(1, (1 << 22) // max(1, ck))  # D rows per chunk: temporaries of about 16 MB
         for d0 in range(0, d, step):
-            blk = centers[d0:d0 + step].view(-1, c, k)  # (dc, C, K)
-            out[d0:d0 + step].view(-1, c, k).copy_(torch.einsum("dcs,cts->dct", blk, m))
+            blk = centers[d0 : d0 + step].view(-1, c, k)  # (dc, C, K)
+            out[d0 : d0 + step].view(-1, c, k).copy_(torch.einsum("dcs,cts->dct", blk, m))
         return out, None, None
 
 
-def sparse_centers_raw(centers: torch.Tensor, centers_per_class: int, *,
-                       reg_eps: float = REG_EPS) -> torch.Tensor:
+def sparse_centers_raw(
+    centers: torch.Tensor, centers_per_class: int, *, reg_eps: float = REG_EPS
+) -> torch.Tensor:
     """SoftTriple's regulariser R from the raw (D, C*K) centers, without a normalised copy of them.
 
     Per class, the K x K Gram of the raw centers divided by the outer product of their norms (the
@@ -267,8 +278,9 @@ def soft_triple_loss(
     dt = soft_triple_compute_dtype(embeddings.dtype, centers.dtype)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if name == "reference":
-            return _reference_loss(embeddings.to(dt), labels, centers.to(dt), k, la, gamma, margin, tau,
-                                   reduction=reduction)
+            return _reference_loss(
+                embeddings.to(dt), labels, centers.to(dt), k, la, gamma, margin, tau, reduction=reduction
+            )
         x = F.normalize(embeddings.to(dt), dim=1).contiguous()
         w = centers.to(dt).contiguous()  # raw: the kernel normalises each center column itself
         rows, _ = _fused_fwd(name)(x, labels, w, k, float(la), float(gamma), float(margin))
@@ -290,9 +302,18 @@ class SoftTripleFused(torch.nn.Module):
     default (no regulariser). See :func:`soft_triple_loss` for the equation.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, centers_per_class: int = 10, la: float = 20.0,
-                 gamma: float = 0.1, margin: float = 0.01, tau: float = 0.2, *,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        centers_per_class: int = 10,
+        la: float = 20.0,
+        gamma: float = 0.1,
+        margin: float = 0.01,
+        tau: float = 0.2,
+        *,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         for nm, v in (("num_classes", num_classes), ("embedding_size", embedding_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -311,18 +332,35 @@ class SoftTripleFused(torch.nn.Module):
         # PML's default init (c_f.TorchInitWrapper(kaiming_uniform_, a=sqrt(5)))
         torch.nn.init.kaiming_uniform_(self.fc, a=math.sqrt(5))
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+    ) -> torch.Tensor:
         if labels is None:
             raise ValueError("labels are required for this loss function")
         if indices_tuple is not None:
             raise ValueError("indices_tuple is not supported for this loss function")
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb is not supported for this loss function")
-        return soft_triple_loss(embeddings, labels, self.fc, self.centers_per_class, self.la, self.gamma,
-                                self.margin, self.tau, backend=self.backend)
+        return soft_triple_loss(
+            embeddings,
+            labels,
+            self.fc,
+            self.centers_per_class,
+            self.la,
+            self.gamma,
+            self.margin,
+            self.tau,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-                f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
-                f"margin={self.margin}, tau={self.tau}, backend={self.backend!r}")
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
+            f"margin={self.margin}, tau={self.tau}, backend={self.backend!r}"
+        )

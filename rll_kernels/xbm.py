@@ -1,4 +1,5 @@
 """Cross-batch memory (XBM, Wang et al., CVPR 2020) for the fused Ranked List Loss."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -49,14 +50,22 @@ class CrossBatchMemory(nn.Module):
         loss = xbm(model(x), y, indices=idx)    # idx: dataset indices of the batch samples
     """
 
-    def __init__(self, loss: RLLFused, embedding_size: int, memory_size: int = 1024, *,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        loss: RLLFused,
+        embedding_size: int,
+        memory_size: int = 1024,
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         rll_kwargs(loss, "CrossBatchMemory")  # type check
         if loss.backend == "reference":
-            raise ValueError("CrossBatchMemory: loss.backend must be a fused backend ('auto', 'cpp', "
-                             "'triton', 'cuda'); the dense reference cannot exclude same-sample pairs, got "
-                             "'reference'")
+            raise ValueError(
+                "CrossBatchMemory: loss.backend must be a fused backend ('auto', 'cpp', "
+                "'triton', 'cuda'); the dense reference cannot exclude same-sample pairs, got "
+                "'reference'"
+            )
         for nm, v in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"CrossBatchMemory: {nm} must be a positive int, got {v!r}")
@@ -69,7 +78,7 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.int64))
         # dataset index of each entry; entries enqueued without one get unique negative ids
         self.register_buffer("index_memory", torch.zeros(memory_size, dtype=torch.int64))
-        self.register_buffer("queue_idx", torch.zeros((), dtype=torch.int64))   # next slot to write
+        self.register_buffer("queue_idx", torch.zeros((), dtype=torch.int64))  # next slot to write
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.int64))
         self.register_buffer("next_anon_id", torch.zeros((), dtype=torch.int64))
 
@@ -87,17 +96,29 @@ class CrossBatchMemory(nn.Module):
         check_embeddings(embeddings, "embeddings")
         mem = self.embedding_memory
         if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"CrossBatchMemory: embeddings must have embedding size {self.embedding_size}, "
-                             f"got {embeddings.shape[1]}")
+            raise ValueError(
+                f"CrossBatchMemory: embeddings must have embedding size {self.embedding_size}, "
+                f"got {embeddings.shape[1]}"
+            )
         if embeddings.dtype != mem.dtype:
-            raise ValueError(f"CrossBatchMemory: embeddings must have the memory's dtype {mem.dtype}, got "
-                             f"{embeddings.dtype} (convert the module with .to(dtype) or pass dtype=)")
+            raise ValueError(
+                f"CrossBatchMemory: embeddings must have the memory's dtype {mem.dtype}, got "
+                f"{embeddings.dtype} (convert the module with .to(dtype) or pass dtype=)"
+            )
         if embeddings.device != mem.device:
-            raise ValueError(f"CrossBatchMemory: embeddings must be on the memory's device {mem.device}, got "
-                             f"{embeddings.device} (move the module with .to(device))")
+            raise ValueError(
+                f"CrossBatchMemory: embeddings must be on the memory's device {mem.device}, got "
+                f"{embeddings.device} (move the module with .to(device))"
+            )
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                indices: Optional[torch.Tensor] = None, *, enqueue: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Optional[torch.Tensor] = None,
+        *,
+        enqueue: bool = True,
+    ) -> torch.Tensor:
         """Loss of the batch against batch + memory; then enqueue the batch (unless ``enqueue=False``).
 
         ``indices``: optional (N,) non-negative dataset indices of the batch samples; memory entries
@@ -119,9 +140,16 @@ class CrossBatchMemory(nn.Module):
         gallery = torch.cat([embeddings, self.embedding_memory[:filled]])  # memory: a buffer, no grad
         g_labels = torch.cat([labels, self.label_memory[:filled]])
         g_ids = torch.cat([ids, self.index_memory[:filled]])
-        out = ranked_list_loss(embeddings, labels, **rll_kwargs(self.loss, "CrossBatchMemory"),
-                               reduction=self.loss.reduction, ref_emb=gallery, ref_labels=g_labels,
-                               query_ids=ids, ref_ids=g_ids)
+        out = ranked_list_loss(
+            embeddings,
+            labels,
+            **rll_kwargs(self.loss, "CrossBatchMemory"),
+            reduction=self.loss.reduction,
+            ref_emb=gallery,
+            ref_labels=g_labels,
+            query_ids=ids,
+            ref_ids=g_ids,
+        )
         if enqueue:
             self.enqueue(embeddings, labels, ids)
         return out
@@ -140,5 +168,7 @@ class CrossBatchMemory(nn.Module):
         self.num_filled.clamp_(max=self.memory_size - n).add_(n)
 
     def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, " \
-               f"dtype={self.embedding_memory.dtype}"
+        return (
+            f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, "
+            f"dtype={self.embedding_memory.dtype}"
+        )

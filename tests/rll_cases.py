@@ -1,4 +1,5 @@
 """Input builders shared by the RLL test files."""
+
 from __future__ import annotations
 
 import torch

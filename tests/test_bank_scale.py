@@ -3,6 +3,7 @@
 The memory bound is measured in a fresh subprocess, as the growth of its peak resident set
 (VmHWM, reset through /proc/self/clear_refs where the kernel allows) over a forward + backward.
 """
+
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import textwrap
 
 import pytest
 import torch
+from tolerance import assert_close_derived, assert_close_fp64
 
 import rll_kernels
-from tolerance import assert_close_derived, assert_close_fp64
 
 CHILD = textwrap.dedent(r"""
     import json, sys, torch, rll_kernels
@@ -56,16 +57,25 @@ CHILD = textwrap.dedent(r"""
 def test_bank_memory_is_linear_and_values_match():
     n, m, d, chunk = 256, 131072, 512, 8
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    res = subprocess.run([sys.executable, "-c", CHILD, str(n), str(m), str(d), str(chunk)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(n), str(m), str(d), str(chunk)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     gib = 2**30
     # a dense N x M float32 matrix is 128 MiB; the dense reference keeps > 10 of them for backward
-    assert out["growth"] <= 1 * gib, (f"peak RSS grew by {out['growth'] / gib:.2f} GiB over forward+backward "
-                                      f"(bank {out['bank'] / gib:.2f} GiB; peak reset: {out['reset']})")
-    t = {k: tuple(torch.tensor(v, dtype=torch.float64) for v in out[k]) for k in ("fused", "torch.float32",
-                                                                               "torch.float64")}
+    assert out["growth"] <= 1 * gib, (
+        f"peak RSS grew by {out['growth'] / gib:.2f} GiB over forward+backward "
+        f"(bank {out['bank'] / gib:.2f} GiB; peak reset: {out['reset']})"
+    )
+    t = {
+        k: tuple(torch.tensor(v, dtype=torch.float64) for v in out[k])
+        for k in ("fused", "torch.float32", "torch.float64")
+    }
     assert_close_derived(t["fused"][0], t["torch.float32"][0], t["torch.float64"][0], "rows")
     assert_close_derived(t["fused"][1], t["torch.float32"][1], t["torch.float64"][1], "query grad")
 

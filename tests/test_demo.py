@@ -1,5 +1,6 @@
 """examples/train_fashion_mnist.py: a shortened run on scikit-learn's digits must improve held-out
 Recall@1 over the untrained network; data loading (IDX files, missing data) behaves."""
+
 import gzip
 import importlib.util
 import os
@@ -36,8 +37,23 @@ def common():
 def test_digits_training_improves_heldout_recall(demo, tmp_path):
     threads = torch.get_num_threads()
     try:
-        res = demo.main(["--dataset", "digits", "--losses", "rll", "--protocols", "standard",
-                         "--steps", "60", "--threads", "1", "--quiet", "--json", str(tmp_path / "r.json")])
+        res = demo.main(
+            [
+                "--dataset",
+                "digits",
+                "--losses",
+                "rll",
+                "--protocols",
+                "standard",
+                "--steps",
+                "60",
+                "--threads",
+                "1",
+                "--quiet",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     rows = res["standard"]
@@ -56,14 +72,19 @@ def test_table_and_loss_availability(demo):
     names = [n for n, _ in facs]
     assert names[0] == "RLLFused" and "PML ContrastiveLoss" in names
     import rll_kernels
-    for attr, key in (("SoftTripleFused", "SoftTripleFused"), ("WeightedContrastiveFused", "WeightedContrastiveFused")):
+
+    for attr, key in (
+        ("SoftTripleFused", "SoftTripleFused"),
+        ("WeightedContrastiveFused", "WeightedContrastiveFused"),
+    ):
         assert (key in names) == hasattr(rll_kernels, attr)
         assert any(key in m for m in msgs) != hasattr(rll_kernels, attr)
-    for name, make in facs:  # every factory builds a loss that trains on a small batch
+    for _name, make in facs:  # every factory builds a loss that trains on a small batch
         loss = make(3, 8)(torch.randn(12, 8, requires_grad=True), torch.arange(3).repeat(4))
         assert loss.dim() == 0 and torch.isfinite(loss)
-    table = demo.format_table({"standard": {"raw pixels": {"R@1": 0.5, "R@2": 0.6, "R@4": 0.7, "R@8": 0.8,
-                                                           "NMI": 0.25}}})
+    table = demo.format_table(
+        {"standard": {"raw pixels": {"R@1": 0.5, "R@2": 0.6, "R@4": 0.7, "R@8": 0.8, "NMI": 0.25}}}
+    )
     assert "| standard | raw pixels | 50.0 | 60.0 | 70.0 | 80.0 | 25.0 |" in table
     with pytest.raises(SystemExit):
         demo.parse_args(["--losses", "nope"])

@@ -3,6 +3,7 @@
 Property (SPEC section 1, "Scale-out"): the mean over ranks of the returned losses, and the
 DDP-averaged gradients, equal the loss and gradient of one process on the concatenated batch.
 """
+
 import datetime
 import os
 import sys
@@ -52,8 +53,13 @@ def worker(rank, world, cases, out_dir):
     # with other jobs on the machine); gloo then connects the ranks over the loopback interface
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method="file://" + os.path.join(out_dir, "store"),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
     errs = {}
     try:
         for name, sizes, semantics, hyper in cases:
@@ -106,16 +112,23 @@ HYPER_TP = dict(margin=0.5, Tn=4.0, imbalance=0.3, Tp=2.0, normalize=False)
 
 
 # worker failures that come from the machine (rendezvous, sockets), not from the code under test
-TRANSIENT = ("address already in use", "connection reset", "connection refused", "connection closed",
-             "broken pipe", "timed out")
+TRANSIENT = (
+    "address already in use",
+    "connection reset",
+    "connection refused",
+    "connection closed",
+    "broken pipe",
+    "timed out",
+)
 
 
 def run(world, cases, attempts=2):
     """Spawn ``world`` gloo workers and return their error dicts; one retry on a transient failure."""
     for attempt in range(attempts):
         with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.start_processes(worker, args=(world, cases, out_dir), nprocs=world, join=False,
-                                     start_method="spawn")
+            ctx = mp.start_processes(
+                worker, args=(world, cases, out_dir), nprocs=world, join=False, start_method="spawn"
+            )
             deadline = TIMEOUT_S * 3
             t0 = time.monotonic()
             try:
@@ -129,8 +142,9 @@ def run(world, cases, attempts=2):
                 files = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
                 if isinstance(e, mp.ProcessExitedException) and all(os.path.exists(f) for f in files):
                     pass  # every rank finished and saved its results; a crash in teardown is not ours
-                elif attempt + 1 < attempts and (isinstance(e, mp.ProcessExitedException)
-                                                 or any(m in str(e).lower() for m in TRANSIENT)):
+                elif attempt + 1 < attempts and (
+                    isinstance(e, mp.ProcessExitedException) or any(m in str(e).lower() for m in TRANSIENT)
+                ):
                     continue
                 else:
                     raise
@@ -140,14 +154,22 @@ def run(world, cases, attempts=2):
 @pytest.mark.slow
 @pytest.mark.parametrize("world,sizes", [(2, (7, 4)), (3, (5, 9, 3))])
 def test_distributed_equals_single_process(world, sizes):
-    cases = [(f"{sem}-{i}", sizes, sem, hyper) for sem in ("paper", "pml")
-             for i, hyper in enumerate((HYPER, HYPER_TP))]
+    cases = [
+        (f"{sem}-{i}", sizes, sem, hyper)
+        for sem in ("paper", "pml")
+        for i, hyper in enumerate((HYPER, HYPER_TP))
+    ]
     if world == 3:
         cases.append(("pml-empty-rank", (6, 0, 5), "pml", HYPER))
         cases.append(("paper-empty-rank", (6, 0, 5), "paper", HYPER))
     results = run(world, cases)
-    bad = [(r, case, k, v) for r, errs in enumerate(results) for case, e in errs.items()
-           for k, v in e.items() if not v <= 1e-10]
+    bad = [
+        (r, case, k, v)
+        for r, errs in enumerate(results)
+        for case, e in errs.items()
+        for k, v in e.items()
+        if not v <= 1e-10
+    ]
     assert not bad, f"relative errors above 1e-10 (rank, case, quantity, error): {bad}"
     assert len(results[0]) == len(cases)
 

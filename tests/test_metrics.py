@@ -1,4 +1,5 @@
 """rll_kernels.metrics: tiled Recall@K against a brute-force ranking (ties included), and NMI."""
+
 import json
 import os
 import subprocess
@@ -97,8 +98,14 @@ def test_recall_tie_rule_hand_example():
     # query 0 is equally similar to items 1 and 2; the lower index (1) ranks first
     e = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, -1.0], [-1.0, 0.0]])
     q = e[:1]
-    assert recall_at_k(q, torch.tensor([0]), (1, 2), ref=e[1:3], ref_labels=torch.tensor([1, 0])) == {1: 0.0, 2: 1.0}
-    assert recall_at_k(q, torch.tensor([0]), (1, 2), ref=e[1:3], ref_labels=torch.tensor([0, 1])) == {1: 1.0, 2: 1.0}
+    assert recall_at_k(q, torch.tensor([0]), (1, 2), ref=e[1:3], ref_labels=torch.tensor([1, 0])) == {
+        1: 0.0,
+        2: 1.0,
+    }
+    assert recall_at_k(q, torch.tensor([0]), (1, 2), ref=e[1:3], ref_labels=torch.tensor([0, 1])) == {
+        1: 1.0,
+        2: 1.0,
+    }
     # and a scaled copy is still a tie (cosine similarity)
     g = torch.stack([e[1] * 4, e[2]])
     assert recall_at_k(q, torch.tensor([0]), (1,), ref=g, ref_labels=torch.tensor([1, 0])) == {1: 0.0}
@@ -132,8 +139,10 @@ def test_recall_perfect_and_tile_invariant():
     assert recall_at_k(e, lab, (1,)) == {1: 1.0}
     assert recall_at_k(e, lab, 3) == {3: 1.0}
     x, y = torch.randn(300, 6), torch.randint(0, 10, (300,))
-    results = [recall_at_k(x, y, (1, 2, 4, 8), query_block=qb, gallery_block=gb)
-               for qb, gb in [(7, 5), (64, 33), (256, 4096), (300, 1)]]
+    results = [
+        recall_at_k(x, y, (1, 2, 4, 8), query_block=qb, gallery_block=gb)
+        for qb, gb in [(7, 5), (64, 33), (256, 4096), (300, 1)]
+    ]
     assert all(r == results[0] for r in results)
 
 
@@ -198,7 +207,8 @@ _LARGE = textwrap.dedent("""
     sec = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(sys.argv[1], captured["idx"].numpy())
-    print(json.dumps({"recall": {str(k): v for k, v in r.items()}, "rss_growth_kb": after - before, "sec": sec}))
+    out = {"recall": {str(k): v for k, v in r.items()}, "rss_growth_kb": after - before, "sec": sec}
+    print(json.dumps(out))
 """)
 
 
@@ -208,8 +218,9 @@ def test_recall_60k_by_60k_bounded_memory_and_exact(tmp_path):
     # one thread: the run time stays predictable (~30 s) on a shared machine, where two contending
     # OpenMP threads can be several times slower
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _LARGE, str(out)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LARGE, str(out)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     # an N x N fp32 matrix would be 60000^2 * 4 B = 14.4 GB; the tiles are 256 x 4096 x 4 B = 4 MB

@@ -1,4 +1,5 @@
 """OSM + CAA weighted contrastive loss (SPEC section 3): fused C++ / Triton kernels vs the dense reference."""
+
 from __future__ import annotations
 
 import itertools
@@ -111,8 +112,15 @@ def test_reference_gradient_is_the_constant_weight_formula():
 # ------------------------------------------------------------------ fused vs reference
 # (n, d, classes, alpha): few classes / a wide margin make dense weight tiles (GEMM path of the C++
 # kernel), many classes / a narrow margin sparse ones (sparse update path); n > 128 crosses tiles.
-CASES = [(2, 3, 1, 1.2), (3, 1, 2, 1.2), (17, 7, 4, 1.2), (130, 33, 3, 2.5), (257, 20, 100, 0.6),
-         (300, 64, 10, 1.2), (301, 5, 2, 1.9)]
+CASES = [
+    (2, 3, 1, 1.2),
+    (3, 1, 2, 1.2),
+    (17, 7, 4, 1.2),
+    (130, 33, 3, 2.5),
+    (257, 20, 100, 0.6),
+    (300, 64, 10, 1.2),
+    (301, 5, 2, 1.9),
+]
 
 
 @pytest.mark.parametrize("n,d,c,alpha", CASES)
@@ -137,8 +145,16 @@ def test_hyper_parameters_and_no_normalize(backend):
     x = 0.4 * torch.randn(41, 9, dtype=torch.float64)
     y = torch.randint(0, 5, (41,))
     for alpha, sigma, lam, norm in [(0.9, 0.3, 0.0, False), (1.5, 2.0, 1.0, True), (1.1, 0.8, 0.7, False)]:
-        check_fp64(backend, x, y, rand_att(41, torch.float64), alpha=alpha, sigma=sigma, imbalance=lam,
-                   normalize=norm)
+        check_fp64(
+            backend,
+            x,
+            y,
+            rand_att(41, torch.float64),
+            alpha=alpha,
+            sigma=sigma,
+            imbalance=lam,
+            normalize=norm,
+        )
 
 
 @pytest.mark.interpreter
@@ -223,8 +239,9 @@ def test_opcheck_triton_op():
 
     z = F.normalize(torch.randn(18, 5, dtype=torch.float64), dim=1).requires_grad_(True)
     y = torch.randint(0, 3, (18,))
-    torch.library.opcheck(torch.ops.rll_kernels.osm_triton_fwd, (z, y, rand_att(18, torch.float64), 1.2, 0.8,
-                                                                  0.5, True))
+    torch.library.opcheck(
+        torch.ops.rll_kernels.osm_triton_fwd, (z, y, rand_att(18, torch.float64), 1.2, 0.8, 0.5, True)
+    )
 
 
 # ------------------------------------------------------------------ attention
@@ -247,7 +264,10 @@ def test_attention_uses_the_pair_minimum():
     y = torch.tensor([0, 0, 1, 1])
     a = torch.tensor([1.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     d1, d2 = torch.dist(z[0], z[1]).item(), torch.dist(z[2], z[3]).item()
-    w1, w2 = 0.25 * math.exp(-d1**2 / 2), 0.5 * math.exp(-d2**2 / 2)  # min(a_0, a_1), min(a_2, a_3); sigma 1
+    w1, w2 = (
+        0.25 * math.exp(-(d1**2) / 2),
+        0.5 * math.exp(-(d2**2) / 2),
+    )  # min(a_0, a_1), min(a_2, a_3); sigma 1
     neg = [(i, j) for i in (0, 1) for j in (2, 3)]
     hn = [max(3.0 - torch.dist(z[i], z[j]).item(), 0) for i, j in neg]
     wn = [min(a[i], a[j]).item() * h for (i, j), h in zip(neg, hn)]
@@ -265,12 +285,16 @@ def test_bad_attention_raises(backend, bad):
     x = torch.randn(n, 3)
     y = torch.randint(0, 2, (n,))
     a = torch.full((n,), 0.5)
-    att = {"long": torch.full((n + 1,), 0.5), "short": torch.full((n - 1,), 0.5), "2d": a.view(n, 1),
-           "zero": a.clone().index_fill_(0, torch.tensor([2]), 0.0),
-           "negative": a.clone().index_fill_(0, torch.tensor([0]), -0.1),
-           "above_one": a.clone().index_fill_(0, torch.tensor([5]), 1.0001),
-           "nan": a.clone().index_fill_(0, torch.tensor([1]), float("nan")),
-           "int": torch.ones(n, dtype=torch.int64)}[bad]
+    att = {
+        "long": torch.full((n + 1,), 0.5),
+        "short": torch.full((n - 1,), 0.5),
+        "2d": a.view(n, 1),
+        "zero": a.clone().index_fill_(0, torch.tensor([2]), 0.0),
+        "negative": a.clone().index_fill_(0, torch.tensor([0]), -0.1),
+        "above_one": a.clone().index_fill_(0, torch.tensor([5]), 1.0001),
+        "nan": a.clone().index_fill_(0, torch.tensor([1]), float("nan")),
+        "int": torch.ones(n, dtype=torch.int64),
+    }[bad]
     with pytest.raises(ValueError, match="attention"):
         rll_kernels.weighted_contrastive_loss(x, y, att, backend=backend)
     if backend == "reference":
@@ -379,8 +403,17 @@ def test_module_and_dtypes():
         assert_close_fp64(m(x, y, a), reference.weighted_contrastive_loss(x, y, a), "no-grad loss")
 
 
-@pytest.mark.parametrize("kw", [dict(sigma=0.0), dict(sigma=-1.0), dict(alpha=0.0), dict(imbalance=1.5),
-                                dict(alpha=float("nan")), dict(backend="cuda")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(sigma=0.0),
+        dict(sigma=-1.0),
+        dict(alpha=0.0),
+        dict(imbalance=1.5),
+        dict(alpha=float("nan")),
+        dict(backend="cuda"),
+    ],
+)
 def test_bad_parameters_raise(kw):
     with pytest.raises(ValueError):
         rll_kernels.WeightedContrastiveFused(**kw)
@@ -390,8 +423,11 @@ def test_backend_resolution(monkeypatch):
     x = torch.randn(9, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (9,))
     real = osm_mod.osm_available_backends
-    monkeypatch.setattr(osm_mod, "osm_available_backends",
-                        lambda dev="cpu": {**real(dev), "cpp": "not built (test)", "triton": "no (test)"})
+    monkeypatch.setattr(
+        osm_mod,
+        "osm_available_backends",
+        lambda dev="cpu": {**real(dev), "cpp": "not built (test)", "triton": "no (test)"},
+    )
     with pytest.raises(RuntimeError, match="'cpp' is not available"):
         rll_kernels.weighted_contrastive_loss(x, y, backend="cpp")
     with pytest.raises(RuntimeError, match="'triton' is not available"):
@@ -413,8 +449,9 @@ def test_torch_compile_fullgraph_cpp():
     x = torch.randn(40, 9, requires_grad=True)
     y = torch.randint(0, 4, (40,))
     a = rand_att(40, torch.float32)
-    f = torch.compile(lambda x, y, a: rll_kernels.weighted_contrastive_loss(x, y, a, backend="cpp"),
-                      fullgraph=True)
+    f = torch.compile(
+        lambda x, y, a: rll_kernels.weighted_contrastive_loss(x, y, a, backend="cpp"), fullgraph=True
+    )
     (g_c,) = torch.autograd.grad(f(x, y, a), x)
     l_e, g_e = run(CPP, x, y, a)
     l_64, g_64 = run("ref", x.double(), y, a.double())

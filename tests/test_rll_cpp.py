@@ -1,11 +1,12 @@
 """Fused C++ CPU kernel vs the dense reference: values and gradients, fp64 and fp32."""
+
 import pytest
 import torch
+from rll_cases import make_batch, run_loss
+from tolerance import assert_close_derived, assert_close_fp64
 
 import rll_kernels
 from rll_kernels import reference
-from rll_cases import make_batch, run_loss
-from tolerance import assert_close_derived, assert_close_fp64
 
 fused = rll_kernels.ranked_list_loss
 SIZES_N = [1, 2, 3, 37, 129, 1000]
@@ -14,10 +15,24 @@ SIZES_D = [1, 3, 64, 300]
 
 def _both(emb, labels, ref, ref_labels, sem, red, dtype, grad_out=None, **hp):
     kw = dict(semantics=sem, reduction=red, **hp)
-    a = run_loss(lambda *x, **k: fused(*x, backend="cpp", **k), emb.to(dtype), labels,
-                 None if ref is None else ref.to(dtype), ref_labels, grad_out, **kw)
-    b = run_loss(reference.ranked_list_loss, emb.to(dtype), labels,
-                 None if ref is None else ref.to(dtype), ref_labels, grad_out, **kw)
+    a = run_loss(
+        lambda *x, **k: fused(*x, backend="cpp", **k),
+        emb.to(dtype),
+        labels,
+        None if ref is None else ref.to(dtype),
+        ref_labels,
+        grad_out,
+        **kw,
+    )
+    b = run_loss(
+        reference.ranked_list_loss,
+        emb.to(dtype),
+        labels,
+        None if ref is None else ref.to(dtype),
+        ref_labels,
+        grad_out,
+        **kw,
+    )
     return a, b
 
 
@@ -71,12 +86,16 @@ def test_ref_emb_sizes(n, d, sem):
 
 
 @pytest.mark.parametrize("sem", ["paper", "pml"])
-@pytest.mark.parametrize("hp", [
-    dict(margin=0.4, Tn=10.0, Tp=0.0, imbalance=0.5),
-    dict(margin=0.2, Tn=3.0, Tp=-10.0, imbalance=0.3, alpha=1.4),
-    dict(margin=0.6, Tn=0.0, Tp=7.0, imbalance=0.9, alpha=1.0),
-    dict(margin=0.4, Tn=100.0, Tp=50.0, imbalance=0.5),
-], ids=["default", "negTp", "Tn0", "hot"])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        dict(margin=0.4, Tn=10.0, Tp=0.0, imbalance=0.5),
+        dict(margin=0.2, Tn=3.0, Tp=-10.0, imbalance=0.3, alpha=1.4),
+        dict(margin=0.6, Tn=0.0, Tp=7.0, imbalance=0.9, alpha=1.0),
+        dict(margin=0.4, Tn=100.0, Tp=50.0, imbalance=0.5),
+    ],
+    ids=["default", "negTp", "Tn0", "hot"],
+)
 def test_hyper_parameters(sem, hp):
     emb, labels, _, _ = make_batch(77, 24)
     _check(emb, labels, None, None, sem, "mean", **hp)
@@ -151,7 +170,8 @@ def test_gradcheck_ref_emb_pml():
     e, r = emb.requires_grad_(), ref.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda x, y: fused(x, labels, ref_emb=y, ref_labels=ref_labels, semantics="pml", reduction="none"),
-        (e, r))
+        (e, r),
+    )
 
 
 def test_paper_gallery_gets_no_gradient():

@@ -1,11 +1,12 @@
 """SPEC_RESEARCH 1.6 edge cases: empty sets, duplicates, huge temperatures, tiny batches, half inputs."""
+
 import pytest
 import torch
+from rll_cases import run_loss
+from tolerance import assert_close_derived, assert_close_fp64
 
 import rll_kernels
 from rll_kernels import reference
-from rll_cases import run_loss
-from tolerance import assert_close_derived, assert_close_fp64
 
 fused = rll_kernels.ranked_list_loss
 
@@ -74,7 +75,9 @@ def test_huge_temperatures_no_overflow(sem, dtype):
     labels = torch.arange(64) // 4
     for Tn, Tp in [(100.0, 0.0), (100.0, 100.0), (1000.0, -1000.0)]:
         a = run_loss(fused, emb, labels, None, None, semantics=sem, Tn=Tn, Tp=Tp)
-        b = run_loss(reference.ranked_list_loss, emb.double(), labels, None, None, semantics=sem, Tn=Tn, Tp=Tp)
+        b = run_loss(
+            reference.ranked_list_loss, emb.double(), labels, None, None, semantics=sem, Tn=Tn, Tp=Tp
+        )
         assert torch.isfinite(a[0]).all() and torch.isfinite(a[1]).all(), (Tn, Tp)
         if dtype == torch.float64:
             assert_close_fp64(a[0], b[0], f"loss Tn={Tn}")
@@ -104,8 +107,12 @@ def test_half_inputs_are_computed_in_fp32(dtype):
     loss.backward()
     assert e.grad.dtype == dtype and torch.isfinite(e.grad.float()).all()
     # same upcast inputs: the fp32 kernel against the fp32 / fp64 references of those inputs
-    assert_close_derived(loss, reference.ranked_list_loss(emb.float(), labels),
-                         reference.ranked_list_loss(emb.double(), labels), "loss")
+    assert_close_derived(
+        loss,
+        reference.ranked_list_loss(emb.float(), labels),
+        reference.ranked_list_loss(emb.double(), labels),
+        "loss",
+    )
 
 
 def test_normalize_false_matches_reference():

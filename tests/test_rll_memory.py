@@ -1,5 +1,6 @@
 """Memory is O(N D): N = 32768, D = 256 forward+backward grows peak RSS by <= 512 MiB (issue target;
 PML would need ~35 GiB). Runs in a fresh subprocess so the peak is this computation's alone."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.parametrize("sem", ["paper", "pml"])
 def test_peak_rss_growth_n32768(sem):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "rll_memory.py"), "--n", "32768", "--d",
-                          "256", "--semantics", sem], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "rll_memory.py"),
+            "--n",
+            "32768",
+            "--d",
+            "256",
+            "--semantics",
+            sem,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(r)

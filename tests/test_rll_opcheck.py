@@ -1,4 +1,5 @@
 """torch.library conformance (opcheck) and torch.compile(fullgraph=True) through the custom op."""
+
 import pytest
 import torch
 
@@ -13,16 +14,35 @@ def _fwd_args(attached, need_grad, ids, m=None, requires_grad=False):
     kl = torch.randint(0, 4, (m,)) if m else ql
     qi = torch.arange(13) if ids else None
     ki = (torch.arange(m) if m else qi) if ids else None
-    return (q, ql, qi, k, kl, ki, 1.2, 0.8, 10.0, 2.0, 0.5, (m or 13) * 1e-5 if attached else 0.0,
-            attached, need_grad)
+    return (
+        q,
+        ql,
+        qi,
+        k,
+        kl,
+        ki,
+        1.2,
+        0.8,
+        10.0,
+        2.0,
+        0.5,
+        (m or 13) * 1e-5 if attached else 0.0,
+        attached,
+        need_grad,
+    )
 
 
 @pytest.mark.parametrize("attached", [False, True])
 @pytest.mark.parametrize("need_grad", [False, True])
 @pytest.mark.parametrize("case", ["in_batch", "ref"])
 def test_opcheck_fwd(attached, need_grad, case):
-    args = _fwd_args(attached, need_grad, ids=(case == "in_batch"), m=None if case == "in_batch" else 17,
-                     requires_grad=need_grad)
+    args = _fwd_args(
+        attached,
+        need_grad,
+        ids=(case == "in_batch"),
+        m=None if case == "in_batch" else 17,
+        requires_grad=need_grad,
+    )
     torch.library.opcheck(torch.ops.rll_kernels.rll_fwd.default, args)
 
 
@@ -31,10 +51,28 @@ def test_opcheck_bwd():
     ql = torch.randint(0, 4, (13,))
     k = torch.randn(17, 6, dtype=torch.float64)
     kl = torch.randint(0, 4, (17,))
-    _, _, stats = torch.ops.rll_kernels.rll_fwd(q, ql, None, k, kl, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, True,
-                                                False)
-    args = (torch.rand(13, dtype=torch.float64), q, ql, None, k, kl, None, stats, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0,
-            True, True, True)
+    _, _, stats = torch.ops.rll_kernels.rll_fwd(
+        q, ql, None, k, kl, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, True, False
+    )
+    args = (
+        torch.rand(13, dtype=torch.float64),
+        q,
+        ql,
+        None,
+        k,
+        kl,
+        None,
+        stats,
+        1.2,
+        0.8,
+        10.0,
+        0.0,
+        0.5,
+        0.0,
+        True,
+        True,
+        True,
+    )
     torch.library.opcheck(torch.ops.rll_kernels.rll_bwd.default, args)
 
 

@@ -1,11 +1,12 @@
 """The dense reference equals PML 2.9.0 RankedListLoss in value and gradient ("pml" semantics)."""
+
 import warnings
 
 import pytest
 import torch
+from tolerance import assert_close_fp64
 
 from rll_kernels import reference
-from tolerance import assert_close_fp64
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -51,8 +52,11 @@ def test_reference_equals_pml_random_settings(trial):
 def test_reference_equals_pml_label_structures(kind):
     n, d = 40, 16
     emb = torch.randn(n, d, dtype=torch.float64)
-    labels = {"singletons": torch.arange(n), "all_same": torch.zeros(n, dtype=torch.long),
-              "pairs": torch.arange(n) // 2}[kind]
+    labels = {
+        "singletons": torch.arange(n),
+        "all_same": torch.zeros(n, dtype=torch.long),
+        "pairs": torch.arange(n) // 2,
+    }[kind]
     _compare(emb, labels, margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0)
 
 

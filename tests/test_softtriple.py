@@ -1,4 +1,5 @@
 """SoftTriple: dense reference vs PML 2.9.0, fused backends (C++, Triton interpreter) vs reference."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,16 @@ HAS_TRITON = st.available_backends("cpu")["triton"] is None
 def _fused_backends():
     out = [pytest.param("cpp", id="cpp")]
     # the Triton kernels run on CPU tensors through the interpreter (conftest sets TRITON_INTERPRET)
-    out.append(pytest.param("triton", id="triton", marks=[
-        pytest.mark.interpreter,
-        pytest.mark.skipif(not HAS_TRITON, reason="triton not installed / TRITON_INTERPRET not set")]))
+    out.append(
+        pytest.param(
+            "triton",
+            id="triton",
+            marks=[
+                pytest.mark.interpreter,
+                pytest.mark.skipif(not HAS_TRITON, reason="triton not installed / TRITON_INTERPRET not set"),
+            ],
+        )
+    )
     return out
 
 
@@ -68,8 +76,9 @@ def test_reference_equals_pml_with_regularizer(n, c, k, d):
     tau = 0.2
     e, y, w = _problem(n, c, k, d)
     reg = pml_reg.SparseCentersRegularizer(c, k)
-    pml = pml_losses.SoftTripleLoss(c, d, centers_per_class=k, weight_regularizer=reg,
-                                    weight_reg_weight=tau).double()
+    pml = pml_losses.SoftTripleLoss(
+        c, d, centers_per_class=k, weight_regularizer=reg, weight_reg_weight=tau
+    ).double()
     with torch.no_grad():
         pml.fc.copy_(w)
     e1 = e.clone().requires_grad_(True)
@@ -129,8 +138,11 @@ def test_fused_fp32_derived_tolerance(backend, n, c, k, d, la, gamma):
 def test_reductions_and_upstream_grad(backend, reduction):
     # a non-unit upstream gradient (per row for "none") must reach both gradients
     e, y, w = _problem(19, 6, 4, 11, all_classes=True)
-    up = (torch.rand(19, dtype=torch.float64) + 0.5 if reduction == "none"
-          else torch.tensor(2.5, dtype=torch.float64))
+    up = (
+        torch.rand(19, dtype=torch.float64) + 0.5
+        if reduction == "none"
+        else torch.tensor(2.5, dtype=torch.float64)
+    )
 
     def run(fn, **kw):
         e1, w1 = e.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -147,11 +159,12 @@ def test_gradcheck_cpp():
     e.requires_grad_(True)
     w.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: soft_triple_loss(a, y, b, 3, 5.0, 0.3, 0.1, 0.2, backend="cpp"), (e, w))
+        lambda a, b: soft_triple_loss(a, y, b, 3, 5.0, 0.3, 0.1, 0.2, backend="cpp"), (e, w)
+    )
     # per-row losses: every row's gradient separately
     assert torch.autograd.gradcheck(
-        lambda a, b: soft_triple_loss(a, y, b, 3, 5.0, 0.3, 0.1, 0.0, reduction="none", backend="cpp"),
-        (e, w))
+        lambda a, b: soft_triple_loss(a, y, b, 3, 5.0, 0.3, 0.1, 0.0, reduction="none", backend="cpp"), (e, w)
+    )
 
 
 @pytest.mark.interpreter
@@ -161,7 +174,8 @@ def test_gradcheck_triton():
     e.requires_grad_(True)
     w.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: soft_triple_loss(a, y, b, 2, 5.0, 0.3, 0.1, 0.2, backend="triton"), (e, w))
+        lambda a, b: soft_triple_loss(a, y, b, 2, 5.0, 0.3, 0.1, 0.2, backend="triton"), (e, w)
+    )
 
 
 @pytest.mark.slow
@@ -196,9 +210,10 @@ def test_opcheck_cpp_ops():
     wn = F.normalize(w, dim=0).requires_grad_(True)
     torch.library.opcheck(torch.ops.rll_kernels.softtriple_fwd.default, (x, y, wn, 3, 20.0, 0.1, 0.01))
     rows, lse = torch.ops.rll_kernels.softtriple_fwd(x.detach(), y, wn.detach(), 3, 20.0, 0.1, 0.01)
-    torch.library.opcheck(torch.ops.rll_kernels.softtriple_bwd.default,
-                          (torch.rand_like(rows), x.detach(), y, wn.detach(), lse, 3, 20.0, 0.1, 0.01,
-                           True, True))
+    torch.library.opcheck(
+        torch.ops.rll_kernels.softtriple_bwd.default,
+        (torch.rand_like(rows), x.detach(), y, wn.detach(), lse, 3, 20.0, 0.1, 0.01, True, True),
+    )
 
 
 @pytest.mark.interpreter
@@ -211,9 +226,10 @@ def test_opcheck_triton_ops():
     w.requires_grad_(True)
     torch.library.opcheck(tst.softtriple_triton_fwd, (x, y, w, 3, 20.0, 0.1, 0.01))
     rows, lse = tst.softtriple_triton_fwd(x.detach(), y, w.detach(), 3, 20.0, 0.1, 0.01)
-    torch.library.opcheck(tst.softtriple_triton_bwd,
-                          (torch.rand_like(rows), x.detach(), y, w.detach(), lse, 3, 20.0, 0.1, 0.01,
-                           True, True))
+    torch.library.opcheck(
+        tst.softtriple_triton_bwd,
+        (torch.rand_like(rows), x.detach(), y, w.detach(), lse, 3, 20.0, 0.1, 0.01, True, True),
+    )
 
 
 # ---------------------------------------------------------------- module, dtypes, PML interop
@@ -231,8 +247,9 @@ def test_module_equals_pml_and_loads_its_state_dict():
     lm.backward()
     lp.backward()
     # fp32 both: the derived tolerance against the fp64 reference
-    l64, ge64, gw64 = _loss_and_grads(ref_loss, e.double(), y, pml.fc.detach().double(), k,
-                                      20.0, 0.1, 0.01, 0.0)
+    l64, ge64, gw64 = _loss_and_grads(
+        ref_loss, e.double(), y, pml.fc.detach().double(), k, 20.0, 0.1, 0.01, 0.0
+    )
     assert_close_derived(lm.detach(), lp.detach(), l64, "loss")
     assert_close_derived(e1.grad, e2.grad, ge64, "grad embeddings")
     assert_close_derived(mod.fc.grad, pml.fc.grad, gw64, "grad centers")
@@ -276,8 +293,9 @@ def test_labels_out_of_range(bad):
 
 def test_bad_arguments():
     e, y, w = _problem(6, 5, 2, 4)
-    with pytest.raises(ValueError,
-                       match="centers has 10 columns, expected a positive multiple of centers_per_class=3"):
+    with pytest.raises(
+        ValueError, match="centers has 10 columns, expected a positive multiple of centers_per_class=3"
+    ):
         soft_triple_loss(e, y, w, 3)
     with pytest.raises(ValueError, match=r"centers must be \(embedding_size=4"):
         soft_triple_loss(e, y, w.t(), 2)

@@ -4,15 +4,16 @@ Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITO
 conftest.py), so the sizes stay small (N <= ~100) and the blocks large. On a CUDA machine the same
 tests run on the GPU; `make gpu-check` adds the large sizes and the timings.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 import rll_kernels
 from rll_kernels import reference
 from rll_kernels.triton import status
-from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _why = status(DEV)
@@ -22,7 +23,7 @@ pytestmark = [
 ]
 
 if _why is None:
-    from rll_kernels.triton import rll as trl  # noqa: E402  (registers the custom ops)
+    from rll_kernels.triton import rll as trl
 
 
 def _labels(n: int, classes: int) -> torch.Tensor:
@@ -50,10 +51,10 @@ def _zeros_if_none(g, like):
 
 # ------------------------------------------------------------------ fp64 parity (rel. error <= 1e-10)
 CASES = [  # (N, M or None for in-batch, D, classes)
-    (37, None, 24, 5),     # ragged: N not a multiple of the blocks, D not a power of 2
-    (64, None, 16, 8),     # exact blocks
-    (33, 45, 50, 4),       # ref_emb, ragged both ways
-    (1, 70, 8, 3),         # a single query against a gallery
+    (37, None, 24, 5),  # ragged: N not a multiple of the blocks, D not a power of 2
+    (64, None, 16, 8),  # exact blocks
+    (33, 45, 50, 4),  # ref_emb, ragged both ways
+    (1, 70, 8, 3),  # a single query against a gallery
 ]
 
 
@@ -111,8 +112,15 @@ def test_many_small_tiles(semantics, k_chunk, monkeypatch):
     ref = 0.2 * torch.randn(m, d, dtype=torch.float64, device=DEV)
     y, ry = _labels(n, 3), _labels(m, 3)
     w = torch.randn(n, dtype=torch.float64, device=DEV)
-    kw = dict(semantics=semantics, reduction="none", Tn=30.0, Tp=-3.0 if semantics == "pml" else 0.0,
-              normalize=False, alpha=1.8, margin=0.6)
+    kw = dict(
+        semantics=semantics,
+        reduction="none",
+        Tn=30.0,
+        Tp=-3.0 if semantics == "pml" else 0.0,
+        normalize=False,
+        alpha=1.8,
+        margin=0.6,
+    )
     lt, gxt, grt = _loss_and_grads(_triton, x, y, ref, ry, w, **kw)
     lr, gxr, grr = _loss_and_grads(reference.ranked_list_loss, x, y, ref, ry, w, **kw)
     assert_close_fp64(lt, lr, "loss")
@@ -136,7 +144,9 @@ def test_paper_two_pass_path(dtype, monkeypatch):
         assert_close_fp64(lt, l64, "loss")
         assert_close_fp64(gxt, gx64, "grad embeddings")
     else:
-        l32, gx32, _ = _loss_and_grads(reference.ranked_list_loss, x.float(), y, ref.float(), ry, w.float(), **kw)
+        l32, gx32, _ = _loss_and_grads(
+            reference.ranked_list_loss, x.float(), y, ref.float(), ry, w.float(), **kw
+        )
         assert_close_derived(lt, l32, l64, "loss")
         assert_close_derived(gxt, gx32, gx64, "grad embeddings")
 
@@ -144,29 +154,40 @@ def test_paper_two_pass_path(dtype, monkeypatch):
 # ------------------------------------------------------------------ edge cases (fp64)
 def _edge_inputs(kind: str):
     n, d = 41, 12
-    if kind == "one_class":          # no negatives anywhere
+    if kind == "one_class":  # no negatives anywhere
         return torch.randn(n, d, dtype=torch.float64), torch.zeros(n, dtype=torch.int64), {}
-    if kind == "all_distinct":       # no positives anywhere
+    if kind == "all_distinct":  # no positives anywhere
         return torch.randn(n, d, dtype=torch.float64), torch.arange(n), {}
-    if kind == "singletons_mixed":   # some rows without any positive
+    if kind == "singletons_mixed":  # some rows without any positive
         y = torch.cat([torch.arange(10), torch.randint(10, 13, (n - 10,))])
         return torch.randn(n, d, dtype=torch.float64), y, {}
-    if kind == "duplicates":         # exact duplicates with the same and with other labels (d = 0)
+    if kind == "duplicates":  # exact duplicates with the same and with other labels (d = 0)
         base = torch.randn(20, d, dtype=torch.float64)
         x = torch.cat([base, base[:12], 3.0 * base[:9]])  # scaled copies normalise to duplicates
         y = torch.cat([torch.randint(0, 4, (20,)), torch.randint(0, 4, (12,)), torch.randint(0, 4, (9,))])
         return x, y, {}
-    if kind == "Tn100":              # overflow guard: exp(100 * 1.2) overflows without max-subtraction
+    if kind == "Tn100":  # overflow guard: exp(100 * 1.2) overflows without max-subtraction
         return torch.randn(n, d, dtype=torch.float64), torch.randint(0, 4, (n,)), {"Tn": 100.0, "Tp": 50.0}
     if kind == "Tp_negative":
         return torch.randn(n, d, dtype=torch.float64), torch.randint(0, 4, (n,)), {"Tp": -5.0, "margin": 0.9}
-    if kind == "no_normalize":       # raw embeddings, larger distances, big margin
-        return (0.3 * torch.randn(n, d, dtype=torch.float64), torch.randint(0, 3, (n,)),
-                {"normalize": False, "alpha": 1.5, "margin": 0.6})
+    if kind == "no_normalize":  # raw embeddings, larger distances, big margin
+        return (
+            0.3 * torch.randn(n, d, dtype=torch.float64),
+            torch.randint(0, 3, (n,)),
+            {"normalize": False, "alpha": 1.5, "margin": 0.6},
+        )
     raise AssertionError(kind)
 
 
-EDGES = ["one_class", "all_distinct", "singletons_mixed", "duplicates", "Tn100", "Tp_negative", "no_normalize"]
+EDGES = [
+    "one_class",
+    "all_distinct",
+    "singletons_mixed",
+    "duplicates",
+    "Tn100",
+    "Tp_negative",
+    "no_normalize",
+]
 
 
 @pytest.mark.parametrize("semantics", ["paper", "pml"])
@@ -183,9 +204,22 @@ def test_edge_cases_fp64(kind, semantics):
     assert_close_fp64(gxt, gxr, f"{kind} grad")
     if kind == "one_class":
         # every negative set empty: L_N = 0, so the loss is (1 - lambda) L_P only
-        stats = trl.rll_triton_fwd(torch.nn.functional.normalize(x, dim=1), y, torch.arange(len(y), device=DEV),
-                                   torch.nn.functional.normalize(x, dim=1), y, torch.arange(len(y), device=DEV),
-                                   1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, False)[2]
+        stats = trl.rll_triton_fwd(
+            torch.nn.functional.normalize(x, dim=1),
+            y,
+            torch.arange(len(y), device=DEV),
+            torch.nn.functional.normalize(x, dim=1),
+            y,
+            torch.arange(len(y), device=DEV),
+            1.2,
+            0.8,
+            10.0,
+            0.0,
+            0.5,
+            0.0,
+            False,
+            False,
+        )[2]
         assert torch.isneginf(stats[:, 2]).all() and (stats[:, 3] == 0).all()
 
 
@@ -196,7 +230,9 @@ def test_duplicate_of_other_label_is_a_negative_at_d0():
     y = torch.cat([torch.zeros(8, dtype=torch.int64), torch.ones(1, dtype=torch.int64)]).to(DEV)
     ids = torch.arange(9, device=DEV)
     alpha = 1.2
-    rows, _, st = trl.rll_triton_fwd(x, y, ids, x, y, ids, alpha, alpha - 0.4, 10.0, 0.0, 0.5, 0.0, False, False)
+    rows, _, st = trl.rll_triton_fwd(
+        x, y, ids, x, y, ids, alpha, alpha - 0.4, 10.0, 0.0, 0.5, 0.0, False, False
+    )
     # row 0's only negative is its duplicate: L_N(0) = alpha - 0, log den_N = Tn * alpha
     assert abs(st[0, 3].item() - alpha) <= 1e-12 and abs(st[0, 2].item() - 10.0 * alpha) <= 1e-12
     assert_close_fp64(rows, reference.ranked_list_loss(x, y, reduction="none", normalize=False), "rows")
@@ -211,8 +247,9 @@ def test_ids_and_den_rows_match_cpp(semantics):
     x = torch.randn(n, d, dtype=torch.float64)
     # bank rows 0..19 carry the ids of queries 0..19 (an older copy of the same samples, moved and
     # relabelled here so that the pairs would count if the ids did not exclude them)
-    bank = torch.cat([x[:20] + 0.8 * torch.randn(20, d, dtype=torch.float64),
-                      torch.randn(m - 20, d, dtype=torch.float64)])
+    bank = torch.cat(
+        [x[:20] + 0.8 * torch.randn(20, d, dtype=torch.float64), torch.randn(m - 20, d, dtype=torch.float64)]
+    )
     y = torch.randint(0, 4, (n,))
     by = torch.randint(0, 4, (m,))
     qid, bid = torch.arange(n), torch.cat([torch.arange(20), torch.arange(100, 100 + m - 20)])
@@ -251,8 +288,9 @@ def test_half_inputs(dtype, semantics, Tn):
     # the reference on the same (half-rounded) points, without re-normalising, in fp32 and fp64
     def ref(t):
         t = t.detach().clone().requires_grad_()
-        r = reference.ranked_list_loss(t, y, margin, Tn, lam, alpha, 0.0, semantics=semantics,
-                                       reduction="none", normalize=False)
+        r = reference.ranked_list_loss(
+            t, y, margin, Tn, lam, alpha, 0.0, semantics=semantics, reduction="none", normalize=False
+        )
         (g,) = torch.autograd.grad((r * w.to(r.dtype)).sum(), [t])
         return r.detach(), g
 
@@ -304,7 +342,9 @@ def test_detached_backward_pass_equals_forward_gradient():
     out = {}
     for dt in (torch.float64, torch.float32):
         _, gradq, stats = trl.rll_triton_fwd(q.to(dt), ql, None, k.to(dt), kl, None, *p, False, True)
-        gq, gk = trl.rll_triton_bwd(g.to(dt), q.to(dt), ql, None, k.to(dt), kl, None, stats, *p, False, True, False)
+        gq, gk = trl.rll_triton_bwd(
+            g.to(dt), q.to(dt), ql, None, k.to(dt), kl, None, stats, *p, False, True, False
+        )
         assert gk.numel() == 0
         out[dt] = (gradq * g.to(dt)[:, None], gq)
     assert_close_fp64(out[torch.float64][1], out[torch.float64][0], "fp64 bwd vs fwd gradient")
@@ -322,8 +362,25 @@ def test_empty_gallery_and_queries():
     assert (rows == 0).all() and (g == 0).all() and torch.isneginf(st[:, [0, 2]]).all()
     rows, g, st = trl.rll_triton_fwd(k0, l0, None, q, lab, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
     assert rows.shape == (0,) and g.shape == (0, 8) and st.shape == (0, 4)
-    gq, gk = trl.rll_triton_bwd(torch.ones(5, device=DEV), q, lab, None, k0, l0, None, st.new_zeros(5, 4),
-                                1.2, 0.8, 10.0, 0.0, 0.5, 0.0, True, True, True)
+    gq, gk = trl.rll_triton_bwd(
+        torch.ones(5, device=DEV),
+        q,
+        lab,
+        None,
+        k0,
+        l0,
+        None,
+        st.new_zeros(5, 4),
+        1.2,
+        0.8,
+        10.0,
+        0.0,
+        0.5,
+        0.0,
+        True,
+        True,
+        True,
+    )
     assert (gq == 0).all() and gk.shape == (0, 8)
 
 
@@ -354,7 +411,9 @@ def test_dispatch():
     # a module with backend="triton" gives the reference's value
     x = torch.randn(30, 8, device=DEV, dtype=torch.float64)
     y = _labels(30, 4)
-    assert_close_fp64(rll_kernels.RLLFused(backend="triton")(x, y), reference.ranked_list_loss(x, y), "module")
+    assert_close_fp64(
+        rll_kernels.RLLFused(backend="triton")(x, y), reference.ranked_list_loss(x, y), "module"
+    )
 
 
 # ------------------------------------------------------------------ opcheck and torch.compile
@@ -388,8 +447,9 @@ def test_torch_compile_fullgraph():
     paper, pml, _ = _op_samples()
 
     def f(q, ql, qid, k, kl, kid):
-        rows, _, _ = torch.ops.rll_kernels.rll_triton_fwd(q, ql, qid, k, kl, kid, 1.2, 0.8, 10.0, 1.0, 0.5,
-                                                          k.shape[0] * 1e-5, True, True)
+        rows, _, _ = torch.ops.rll_kernels.rll_triton_fwd(
+            q, ql, qid, k, kl, kid, 1.2, 0.8, 10.0, 1.0, 0.5, k.shape[0] * 1e-5, True, True
+        )
         return rows.sum()
 
     q, ql, qid, k, kl, kid = pml[:6]
@@ -417,8 +477,10 @@ def test_launch_config_pruning(cap, kind):
             if bd == 512 and dtype == torch.float32 and kind != "fwd":
                 # large D: the D-chunked configs stay in the race, on sm_90 with wgmma-sized (>= 64-row) tiles
                 rows = 64 if cap == 90 else 16
-                assert any(c.kwargs["K_CHUNK"] > 0 and c.kwargs["BLOCK_M" if kind != "bwd_k" else "BLOCK_N"] >= rows
-                           for c in kept), kept
+                assert any(
+                    c.kwargs["K_CHUNK"] > 0 and c.kwargs["BLOCK_M" if kind != "bwd_k" else "BLOCK_N"] >= rows
+                    for c in kept
+                ), kept
 
 
 def test_pick_config_without_timing():
@@ -456,7 +518,8 @@ _AOT_SCRIPT = """
 import sys
 from rll_kernels.triton._rll_aot import compile_kernel, summary
 cases = [("fwd_paper", "fp32", 90, 0), ("fwd_stats", "fp32", 90, 0), ("bwd_q", "fp32", 90, 32),
-         ("bwd_k", "fp32", 90, 0), ("fwd_paper", "fp16", 80, 32), ("bwd_k", "bf16", 80, 32), ("fwd_paper", "fp64", 80, 0)]
+         ("bwd_k", "fp32", 90, 0), ("fwd_paper", "fp16", 80, 32), ("bwd_k", "bf16", 80, 32),
+         ("fwd_paper", "fp64", 80, 0)]
 for kind, dt, cap, kc in cases:
     info = summary(compile_kernel(kind, dt, cap, 32, 32, 64, 4, 2, k_chunk=kc))
     assert info["mma"] + info["wgmma"] > 0, (kind, dt, cap, info)  # the tile GEMMs reach the tensor cores
@@ -474,6 +537,8 @@ def test_aot_compile_for_sm80_sm90():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("{'shared'") == 7

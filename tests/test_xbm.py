@@ -1,11 +1,12 @@
 """CrossBatchMemory: batch vs [batch; memory] with same-sample pairs left out, ring buffer, state."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_fp64
 
 import rll_kernels
 from rll_kernels import CrossBatchMemory, RLLFused, reference
-from tolerance import assert_close_fp64
 
 D = 8
 
@@ -85,8 +86,15 @@ def test_three_steps_match_dense_oracle(semantics, with_indices):
             anon += 9
         e1, e2 = e0.clone().requires_grad_(), e0.clone().requires_grad_()
         got = xbm(e1, y, indices=idx)
-        exp = dense_oracle(e2, y, ids, torch.cat([e2, mem_e[-20:]]), torch.cat([y, mem_y[-20:]]),
-                           torch.cat([ids, mem_i[-20:]]), semantics)
+        exp = dense_oracle(
+            e2,
+            y,
+            ids,
+            torch.cat([e2, mem_e[-20:]]),
+            torch.cat([y, mem_y[-20:]]),
+            torch.cat([ids, mem_i[-20:]]),
+            semantics,
+        )
         (2.0 * got).backward()
         (2.0 * exp).backward()
         assert_close_fp64(got, exp, f"loss step {step}")
@@ -143,8 +151,14 @@ def test_state_dict_roundtrip():
     a(e, y)
     a(e + 1, y, indices=torch.arange(7))
     sd = a.state_dict()
-    assert {"embedding_memory", "label_memory", "index_memory", "queue_idx", "num_filled",
-            "next_anon_id"} <= set(sd)
+    assert {
+        "embedding_memory",
+        "label_memory",
+        "index_memory",
+        "queue_idx",
+        "num_filled",
+        "next_anon_id",
+    } <= set(sd)
     b = CrossBatchMemory(RLLFused(), D, 10, dtype=torch.float64)
     b.load_state_dict(sd)
     e3, y3 = batch(5)

@@ -2,6 +2,7 @@
 
 Submodules import triton lazily so that `import rll_kernels` never needs it.
 """
+
 from __future__ import annotations
 
 import importlib.util

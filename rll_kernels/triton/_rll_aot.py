@@ -7,6 +7,7 @@ configuration needs and its tensor-core instruction count. It needs triton (with
 no GPU and no CUDA driver, and it must run with ``TRITON_INTERPRET`` unset: under the interpreter the
 kernels are Python functions, not compilable ones. A GPU run must still confirm the speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,26 @@ import sys
 import time
 
 KINDS = ("fwd_paper", "fwd_stats", "bwd_q", "bwd_k")
-_TRITON_DT = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"), "fp64": ("fp64", "fp64")}
+_TRITON_DT = {
+    "fp32": ("fp32", "fp32"),
+    "fp16": ("fp16", "fp32"),
+    "bf16": ("bf16", "fp32"),
+    "fp64": ("fp64", "fp64"),
+}
 
 
-def compile_kernel(kind: str, dtype: str, cap: int, block_m: int, block_n: int, block_d: int, num_warps: int,
-                   num_stages: int, fp32_precision: str = "tf32x3", k_chunk: int = 0):
+def compile_kernel(
+    kind: str,
+    dtype: str,
+    cap: int,
+    block_m: int,
+    block_n: int,
+    block_d: int,
+    num_warps: int,
+    num_stages: int,
+    fp32_precision: str = "tf32x3",
+    k_chunk: int = 0,
+):
     """Compile one kernel variant for ``sm_<cap>``; returns the CompiledKernel (``.asm``, ``.metadata``)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (kernels are interpreted otherwise)")
@@ -29,21 +45,46 @@ def compile_kernel(kind: str, dtype: str, cap: int, block_m: int, block_n: int, 
     from ._rll_kernels import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
 
     elem, acc = _TRITON_DT[dtype]
-    fn = {"fwd_paper": rll_fwd_kernel, "fwd_stats": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel,
-          "bwd_k": rll_bwd_k_kernel}[kind]
+    fn = {
+        "fwd_paper": rll_fwd_kernel,
+        "fwd_stats": rll_fwd_kernel,
+        "bwd_q": rll_bwd_q_kernel,
+        "bwd_k": rll_bwd_k_kernel,
+    }[kind]
     gram, gz = ("tf32x3", "tf32") if fp32_precision == "mixed" else (fp32_precision, fp32_precision)
-    consts = dict(HAS_IDS=True, UPCAST_QK=False, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, K_CHUNK=k_chunk,
-                  PREC_QK=gram if dtype == "fp32" else "ieee", PREC_GZ="ieee" if dtype == "fp64" else gz)
+    consts = dict(
+        HAS_IDS=True,
+        UPCAST_QK=False,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        K_CHUNK=k_chunk,
+        PREC_QK=gram if dtype == "fp32" else "ieee",
+        PREC_GZ="ieee" if dtype == "fp64" else gz,
+    )
     if kind.startswith("fwd"):
         consts.update(HAS_BIAS=kind == "fwd_stats", PAPER_GRAD=kind == "fwd_paper")
     else:
         consts.update(ATTACHED=True)
-    ptr = {"Q": elem, "K": elem, "QL": "i64", "KL": "i64", "QID": "i64", "KID": "i64", "PRM": acc, "LOSS": acc,
-           "STATS": acc, "GR": acc, "GQ": acc if kind.startswith("fwd") else elem, "GK": elem}
+    ptr = {
+        "Q": elem,
+        "K": elem,
+        "QL": "i64",
+        "KL": "i64",
+        "QID": "i64",
+        "KID": "i64",
+        "PRM": acc,
+        "LOSS": acc,
+        "STATS": acc,
+        "GR": acc,
+        "GQ": acc if kind.startswith("fwd") else elem,
+        "GK": elem,
+    }
     sig = {a: ("constexpr" if a in consts else f"*{ptr[a]}" if a in ptr else "i32") for a in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(
+        src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
 
 
 def summary(k) -> dict:
@@ -57,11 +98,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(_TRITON_DT))
     ap.add_argument("--kind", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--block-d", type=int, default=128)
-    ap.add_argument("--config", nargs="+", default=["64,64,4,3"],
-                    help="BLOCK_M,BLOCK_N,num_warps,num_stages[,K_CHUNK]")
+    ap.add_argument(
+        "--config", nargs="+", default=["64,64,4,3"], help="BLOCK_M,BLOCK_N,num_warps,num_stages[,K_CHUNK]"
+    )
     args = ap.parse_args(argv)
     ok = True
-    print("| sm | dtype | kernel | BLOCK_M,BLOCK_N,warps,stages[,K_CHUNK] | BLOCK_D | shared KiB | mma.sync | wgmma | s |")
+    print(
+        "| sm | dtype | kernel | BLOCK_M,BLOCK_N,warps,stages[,K_CHUNK] | BLOCK_D | shared KiB "
+        "| mma.sync | wgmma | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for cap in args.cap:
         for dt in args.dtype:
@@ -70,15 +115,25 @@ def main(argv=None) -> int:
                     bm, bn, w, s, *kc = (int(v) for v in cfg.split(","))
                     t0 = time.time()
                     try:
-                        info = summary(compile_kernel(kind, dt, cap, bm, bn, args.block_d, w, s,
-                                                      k_chunk=kc[0] if kc else 0))
-                        print(f"| {cap} | {dt} | {kind} | {cfg} | {args.block_d} | {info['shared'] / 1024:.0f} | "
-                              f"{info['mma']} | {info['wgmma']} | {time.time() - t0:.0f} |", flush=True)
+                        info = summary(
+                            compile_kernel(
+                                kind, dt, cap, bm, bn, args.block_d, w, s, k_chunk=kc[0] if kc else 0
+                            )
+                        )
+                        print(
+                            f"| {cap} | {dt} | {kind} | {cfg} | {args.block_d} "
+                            f"| {info['shared'] / 1024:.0f} | "
+                            f"{info['mma']} | {info['wgmma']} | {time.time() - t0:.0f} |",
+                            flush=True,
+                        )
                     except Exception as e:  # report and go on: the table is the product
                         ok = False
                         msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
-                        print(f"| {cap} | {dt} | {kind} | {cfg} | {args.block_d} | FAILED: {type(e).__name__} "
-                              f"{msg} | | | |", flush=True)
+                        print(
+                            f"| {cap} | {dt} | {kind} | {cfg} | {args.block_d} | FAILED: {type(e).__name__} "
+                            f"{msg} | | | |",
+                            flush=True,
+                        )
     return 0 if ok else 1
 
 

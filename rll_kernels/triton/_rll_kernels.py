@@ -20,6 +20,7 @@ N x M matrix ever exists (memory O((N + M) D)):
 Hyper-parameters arrive as a small tensor in the accumulation dtype (Triton passes Python floats
 as fp32, which would break fp64 parity): [alpha, beta, Tn, Tp, lambda, den_bias, dup_rel].
 """
+
 from __future__ import annotations
 
 import triton
@@ -39,9 +40,24 @@ def _pair_dist(dot, nq, nk, rel):
 
 
 @triton.jit
-def _gram_chunked(A, B, offs_a, offs_b, a_ok, b_ok, stride_a, stride_b, D, PRM, UPCAST: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                  K_CHUNK: tl.constexpr):
+def _gram_chunked(
+    A,
+    B,
+    offs_a,
+    offs_b,
+    a_ok,
+    b_ok,
+    stride_a,
+    stride_b,
+    D,
+    PRM,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_CHUNK: tl.constexpr,
+):
     """Gram tile A_I B_J^T accumulated over D in chunks of K_CHUNK (only chunk tiles are staged), and
     the squared norms of the B rows."""
     acc_t = PRM.dtype.element_ty
@@ -50,8 +66,12 @@ def _gram_chunked(A, B, offs_a, offs_b, a_ok, b_ok, stride_a, stride_b, D, PRM, 
     for c0 in range(0, BLOCK_D, K_CHUNK):
         offs_c = c0 + tl.arange(0, K_CHUNK)
         c_ok = offs_c < D
-        a = tl.load(A + offs_a[:, None] * stride_a + offs_c[None, :], mask=a_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(B + offs_b[:, None] * stride_b + offs_c[None, :], mask=b_ok[:, None] & c_ok[None, :], other=0.0)
+        a = tl.load(
+            A + offs_a[:, None] * stride_a + offs_c[None, :], mask=a_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        b = tl.load(
+            B + offs_b[:, None] * stride_b + offs_c[None, :], mask=b_ok[:, None] & c_ok[None, :], other=0.0
+        )
         ba = b.to(acc_t)
         nb += tl.sum(ba * ba, 1)
         if UPCAST:
@@ -62,13 +82,16 @@ def _gram_chunked(A, B, offs_a, offs_b, a_ok, b_ok, stride_a, stride_b, D, PRM, 
 
 
 @triton.jit
-def _row_norms(A, offs, ok, stride, D, PRM, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, K_CHUNK: tl.constexpr):
+def _row_norms(
+    A, offs, ok, stride, D, PRM, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, K_CHUNK: tl.constexpr
+):
     acc_t = PRM.dtype.element_ty
     n = tl.zeros([BLOCK_R], acc_t)
     for c0 in range(0, BLOCK_D, K_CHUNK):
         offs_c = c0 + tl.arange(0, K_CHUNK)
-        a = tl.load(A + offs[:, None] * stride + offs_c[None, :], mask=ok[:, None] & (offs_c < D)[None, :],
-                    other=0.0).to(acc_t)
+        a = tl.load(
+            A + offs[:, None] * stride + offs_c[None, :], mask=ok[:, None] & (offs_c < D)[None, :], other=0.0
+        ).to(acc_t)
         n += tl.sum(a * a, 1)
     return n
 
@@ -104,8 +127,9 @@ def _online_finish(m, l, a, bias, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _tile_G(dot, nq, nk, same, diff, wq_p, wq_n, lgp, Lp, lgn, Ln, alpha, beta, Tn, Tp, rel,
-            ATTACHED: tl.constexpr):
+def _tile_G(
+    dot, nq, nk, same, diff, wq_p, wq_n, lgp, Lp, lgn, Ln, alpha, beta, Tn, Tp, rel, ATTACHED: tl.constexpr
+):
     """G = dL/dd / d of a tile from the saved row statistics (arguments broadcast to the tile).
 
     same/diff already hold the validity; wq_p = (1 - lambda) g_i, wq_n = lambda g_i."""
@@ -126,11 +150,34 @@ def _tile_G(dot, nq, nk, same, diff, wq_p, wq_n, lgp, Lp, lgn, Ln, alpha, beta, 
 
 
 @triton.jit
-def rll_fwd_kernel(Q, K, QL, KL, QID, KID, PRM, LOSS, STATS, GQ,
-                   N, M, D, stride_q, stride_k, stride_g,
-                   HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, PAPER_GRAD: tl.constexpr,
-                   UPCAST_QK: tl.constexpr, PREC_QK: tl.constexpr, PREC_GZ: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr = 0):
+def rll_fwd_kernel(
+    Q,
+    K,
+    QL,
+    KL,
+    QID,
+    KID,
+    PRM,
+    LOSS,
+    STATS,
+    GQ,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PAPER_GRAD: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+    PREC_QK: tl.constexpr,
+    PREC_GZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr = 0,
+):
     acc_t = PRM.dtype.element_ty
     alpha = tl.load(PRM + 0)
     beta = tl.load(PRM + 1)
@@ -146,8 +193,9 @@ def rll_fwd_kernel(Q, K, QL, KL, QID, KID, PRM, LOSS, STATS, GQ,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     if K_CHUNK == 0:  # the whole BLOCK_M x D query tile stays resident
-        q = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        q = tl.load(
+            Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
         qa = q.to(acc_t)
         nq = tl.sum(qa * qa, 1)
         if UPCAST_QK:
@@ -174,19 +222,41 @@ def rll_fwd_kernel(Q, K, QL, KL, QID, KID, PRM, LOSS, STATS, GQ,
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = offs_n < M
         if K_CHUNK == 0:
-            k = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+            k = tl.load(
+                K + offs_n[:, None] * stride_k + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             ka = k.to(acc_t)
             nk = tl.sum(ka * ka, 1)
             if UPCAST_QK:
                 k = ka
             dot = tl.dot(q, tl.trans(k), input_precision=PREC_QK, out_dtype=acc_t)
         else:
-            dot, nk = _gram_chunked(Q, K, offs_m, offs_n, row_ok, col_ok, stride_q, stride_k, D, PRM, UPCAST_QK,
-                                    PREC_QK, BLOCK_M, BLOCK_N, BLOCK_D, K_CHUNK)
+            dot, nk = _gram_chunked(
+                Q,
+                K,
+                offs_m,
+                offs_n,
+                row_ok,
+                col_ok,
+                stride_q,
+                stride_k,
+                D,
+                PRM,
+                UPCAST_QK,
+                PREC_QK,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                K_CHUNK,
+            )
             if PAPER_GRAD:  # the whole gallery tile, for the G K product
-                ka = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                             other=0.0).to(acc_t)
+                ka = tl.load(
+                    K + offs_n[:, None] * stride_k + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                ).to(acc_t)
         kl = tl.load(KL + offs_n, mask=col_ok, other=0)
         valid = row_ok[:, None] & col_ok[None, :]
         if HAS_IDS:
@@ -221,18 +291,43 @@ def rll_fwd_kernel(Q, K, QL, KL, QID, KID, PRM, LOSS, STATS, GQ,
         fp = tl.where(lg_p == NEG_INF, 0.0, (1.0 - lam) * tl.exp(m_p - tl.where(lg_p == NEG_INF, 0.0, lg_p)))
         fn = tl.where(lg_n == NEG_INF, 0.0, -lam * tl.exp(m_n - tl.where(lg_n == NEG_INF, 0.0, lg_n)))
         if K_CHUNK > 0:
-            qa = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(acc_t)
+            qa = tl.load(
+                Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(acc_t)
         g = (fp * cs_p + fn * cs_n)[:, None] * qa - fp[:, None] * acc_p - fn[:, None] * acc_n
         tl.store(GQ + offs_m[:, None] * stride_g + offs_d[None, :], g, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def rll_bwd_q_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GQ,
-                     N, M, D, stride_q, stride_k, stride_g,
-                     HAS_IDS: tl.constexpr, ATTACHED: tl.constexpr,
-                     UPCAST_QK: tl.constexpr, PREC_QK: tl.constexpr, PREC_GZ: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr = 0):
+def rll_bwd_q_kernel(
+    GR,
+    Q,
+    K,
+    QL,
+    KL,
+    QID,
+    KID,
+    STATS,
+    PRM,
+    GQ,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    ATTACHED: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+    PREC_QK: tl.constexpr,
+    PREC_GZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr = 0,
+):
     acc_t = PRM.dtype.element_ty
     alpha = tl.load(PRM + 0)
     beta = tl.load(PRM + 1)
@@ -247,8 +342,9 @@ def rll_bwd_q_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GQ,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     if K_CHUNK == 0:  # the whole BLOCK_M x D query tile stays resident
-        q = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        q = tl.load(
+            Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
         qa = q.to(acc_t)
         nq = tl.sum(qa * qa, 1)
         if UPCAST_QK:
@@ -273,18 +369,40 @@ def rll_bwd_q_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GQ,
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = offs_n < M
         if K_CHUNK == 0:
-            k = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+            k = tl.load(
+                K + offs_n[:, None] * stride_k + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             ka = k.to(acc_t)
             nk = tl.sum(ka * ka, 1)
             if UPCAST_QK:
                 k = ka
             dot = tl.dot(q, tl.trans(k), input_precision=PREC_QK, out_dtype=acc_t)
         else:
-            dot, nk = _gram_chunked(Q, K, offs_m, offs_n, row_ok, col_ok, stride_q, stride_k, D, PRM, UPCAST_QK,
-                                    PREC_QK, BLOCK_M, BLOCK_N, BLOCK_D, K_CHUNK)
-            ka = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(acc_t)
+            dot, nk = _gram_chunked(
+                Q,
+                K,
+                offs_m,
+                offs_n,
+                row_ok,
+                col_ok,
+                stride_q,
+                stride_k,
+                D,
+                PRM,
+                UPCAST_QK,
+                PREC_QK,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                K_CHUNK,
+            )
+            ka = tl.load(
+                K + offs_n[:, None] * stride_k + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(acc_t)
         kl = tl.load(KL + offs_n, mask=col_ok, other=0)
         valid = row_ok[:, None] & col_ok[None, :]
         if HAS_IDS:
@@ -292,23 +410,63 @@ def rll_bwd_q_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GQ,
             valid = valid & (qid[:, None] != kid[None, :])
         same = valid & (ql[:, None] == kl[None, :])
         diff = valid & (ql[:, None] != kl[None, :])
-        G = _tile_G(dot, nq[:, None], nk[None, :], same, diff, wq_p[:, None], wq_n[:, None],
-                    lgp[:, None], Lp[:, None], lgn[:, None], Ln[:, None], alpha, beta, Tn, Tp, rel, ATTACHED)
+        G = _tile_G(
+            dot,
+            nq[:, None],
+            nk[None, :],
+            same,
+            diff,
+            wq_p[:, None],
+            wq_n[:, None],
+            lgp[:, None],
+            Lp[:, None],
+            lgn[:, None],
+            Ln[:, None],
+            alpha,
+            beta,
+            Tn,
+            Tp,
+            rel,
+            ATTACHED,
+        )
         rs += tl.sum(G, 1)
         acc += tl.dot(G, ka, input_precision=PREC_GZ, out_dtype=acc_t)
     if K_CHUNK > 0:
-        qa = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(acc_t)
+        qa = tl.load(
+            Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(acc_t)
     g = rs[:, None] * qa - acc
     tl.store(GQ + offs_m[:, None] * stride_g + offs_d[None, :], g, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def rll_bwd_k_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GK,
-                     N, M, D, stride_q, stride_k, stride_g,
-                     HAS_IDS: tl.constexpr, ATTACHED: tl.constexpr,
-                     UPCAST_QK: tl.constexpr, PREC_QK: tl.constexpr, PREC_GZ: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr = 0):
+def rll_bwd_k_kernel(
+    GR,
+    Q,
+    K,
+    QL,
+    KL,
+    QID,
+    KID,
+    STATS,
+    PRM,
+    GK,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    ATTACHED: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+    PREC_QK: tl.constexpr,
+    PREC_GZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr = 0,
+):
     # one program per BLOCK_N gallery rows; loops over query tiles of BLOCK_M (tiles are gallery-major)
     acc_t = PRM.dtype.element_ty
     alpha = tl.load(PRM + 0)
@@ -324,8 +482,9 @@ def rll_bwd_k_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GK,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     if K_CHUNK == 0:  # the whole BLOCK_N x D gallery tile stays resident
-        k = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        k = tl.load(
+            K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
         ka = k.to(acc_t)
         nk = tl.sum(ka * ka, 1)
         if UPCAST_QK:
@@ -343,18 +502,40 @@ def rll_bwd_k_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GK,
         offs_m = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = offs_m < N
         if K_CHUNK == 0:
-            q = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+            q = tl.load(
+                Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             qa = q.to(acc_t)
             nq = tl.sum(qa * qa, 1)
             if UPCAST_QK:
                 q = qa
             dot = tl.dot(k, tl.trans(q), input_precision=PREC_QK, out_dtype=acc_t)  # (BLOCK_N, BLOCK_M)
         else:
-            dot, nq = _gram_chunked(K, Q, offs_n, offs_m, col_ok, row_ok, stride_k, stride_q, D, PRM, UPCAST_QK,
-                                    PREC_QK, BLOCK_N, BLOCK_M, BLOCK_D, K_CHUNK)
-            qa = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(acc_t)
+            dot, nq = _gram_chunked(
+                K,
+                Q,
+                offs_n,
+                offs_m,
+                col_ok,
+                row_ok,
+                stride_k,
+                stride_q,
+                D,
+                PRM,
+                UPCAST_QK,
+                PREC_QK,
+                BLOCK_N,
+                BLOCK_M,
+                BLOCK_D,
+                K_CHUNK,
+            )
+            qa = tl.load(
+                Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(acc_t)
         ql = tl.load(QL + offs_m, mask=row_ok, other=0)
         valid = col_ok[:, None] & row_ok[None, :]
         if HAS_IDS:
@@ -367,14 +548,31 @@ def rll_bwd_k_kernel(GR, Q, K, QL, KL, QID, KID, STATS, PRM, GK,
         Lp = tl.load(STATS + offs_m * 4 + 1, mask=row_ok, other=0.0).to(acc_t)
         lgn = tl.load(STATS + offs_m * 4 + 2, mask=row_ok, other=NEG_INF).to(acc_t)
         Ln = tl.load(STATS + offs_m * 4 + 3, mask=row_ok, other=0.0).to(acc_t)
-        GT = _tile_G(dot, nq[None, :], nk[:, None], same, diff, ((1.0 - lam) * g_row)[None, :],
-                     (lam * g_row)[None, :], lgp[None, :], Lp[None, :], lgn[None, :], Ln[None, :],
-                     alpha, beta, Tn, Tp, rel, ATTACHED)
+        GT = _tile_G(
+            dot,
+            nq[None, :],
+            nk[:, None],
+            same,
+            diff,
+            ((1.0 - lam) * g_row)[None, :],
+            (lam * g_row)[None, :],
+            lgp[None, :],
+            Lp[None, :],
+            lgn[None, :],
+            Ln[None, :],
+            alpha,
+            beta,
+            Tn,
+            Tp,
+            rel,
+            ATTACHED,
+        )
         cs += tl.sum(GT, 1)
         acc += tl.dot(GT, qa, input_precision=PREC_GZ, out_dtype=acc_t)
     # dL/dk_j = sum_i G_ij (k_j - q_i)
     if K_CHUNK > 0:
-        ka = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(acc_t)
+        ka = tl.load(
+            K + offs_n[:, None] * stride_k + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(acc_t)
     g = cs[:, None] * ka - acc
     tl.store(GK + offs_n[:, None] * stride_g + offs_d[None, :], g, mask=col_ok[:, None] & d_ok[None, :])

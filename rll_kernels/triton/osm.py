@@ -11,6 +11,7 @@ S+ = sum w+, S- = sum w- rescale the two gradients at the end, in PyTorch. Memor
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``tl.dot`` uses
 ``input_precision="ieee"``: TF32 distances would break the duplicate rule and the fp32 accuracy.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,9 +26,24 @@ from . import interpret_mode
 
 
 @triton.jit
-def _osm_rows_kernel(Z, NRM, LAB, ATT, PRM, ROWS, GP, GN, N, D,
-                     HAS_ATT: tl.constexpr, NEED_GRAD: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+def _osm_rows_kernel(
+    Z,
+    NRM,
+    LAB,
+    ATT,
+    PRM,
+    ROWS,
+    GP,
+    GN,
+    N,
+    D,
+    HAS_ATT: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -94,8 +110,9 @@ def _osm_rows_kernel(Z, NRM, LAB, ATT, PRM, ROWS, GP, GN, N, D,
             cn = tl.where(dup, zero, wn * h / tl.maximum(d, 1e-30))
             rsp += tl.sum(cp, axis=1)
             rsn += tl.sum(cn, axis=1)
-            zj = tl.load(Z + cols[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                         other=0.0)
+            zj = tl.load(
+                Z + cols[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+            )
             accp = tl.dot(cp, zj, accp, input_precision="ieee")
             accn = tl.dot(cn, zj, accn, input_precision="ieee")
     if pid_d == 0:
@@ -120,9 +137,15 @@ def _blocks(d: int) -> tuple[int, int, int, int, int]:
 
 
 @torch.library.custom_op("rll_kernels::osm_triton_fwd", mutates_args=())
-def osm_triton_fwd(z: torch.Tensor, labels: torch.Tensor, attention: Optional[torch.Tensor], alpha: float,
-                   sigma: float, imbalance: float,
-                   need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def osm_triton_fwd(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    attention: Optional[torch.Tensor],
+    alpha: float,
+    sigma: float,
+    imbalance: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``rll_kernels::osm_fwd``: (loss (), dL/dz (N, D) or (0,), sums (4,) float64)."""
     if z.dim() != 2 or z.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"osm_triton_fwd: z must be 2-D float32/float64, got {tuple(z.shape)} {z.dtype}")
@@ -136,9 +159,25 @@ def osm_triton_fwd(z: torch.Tensor, labels: torch.Tensor, attention: Optional[to
     att = attention.detach().to(z.dtype).contiguous() if attention is not None else z.new_empty(1)
     bm, bn, bk, bd, nw = _blocks(d)
     grid = (triton.cdiv(n, bm), triton.cdiv(d, bd) if need_grad else 1)
-    _osm_rows_kernel[grid](z, nrm, labels.contiguous(), att, prm, rows, gp, gn, n, d,
-                           HAS_ATT=attention is not None, NEED_GRAD=need_grad,
-                           BM=bm, BN=bn, BK=bk, BD=bd, num_warps=nw)
+    _osm_rows_kernel[grid](
+        z,
+        nrm,
+        labels.contiguous(),
+        att,
+        prm,
+        rows,
+        gp,
+        gn,
+        n,
+        d,
+        HAS_ATT=attention is not None,
+        NEED_GRAD=need_grad,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        BD=bd,
+        num_warps=nw,
+    )
     sums = rows.to(torch.float64).sum(0) * 0.5  # ordered pairs: every unordered pair counted twice
     s_p, t_p, s_n, t_n = (float(v) for v in sums.tolist())
     lp = 0.5 * t_p / s_p if s_p > 0 else 0.0

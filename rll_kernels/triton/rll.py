@@ -26,11 +26,12 @@ Gram form, so distances near the set boundaries and duplicates move) or ``mixed`
 tf32x3, the gradient GEMMs G Z in tf32: exact sets, gradients with ~5e-4 relative error).
 The interpreter computes every fp32 ``tl.dot`` in fp32 whatever the setting.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -106,12 +107,39 @@ def _block_d(d: int) -> int:
 # accumulate the Gram tile over D in chunks, so only chunk tiles are staged: at large D these are the
 # ones that fit tensor-core-sized (wgmma: BLOCK_M >= 64) tiles; they re-read the tiles from L2.
 _CONFIGS = {
-    90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 4), (128, 128, 8, 3),
-         (32, 64, 4, 3), (32, 128, 8, 3), (16, 64, 4, 3), (16, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2),
-         (64, 32, 8, 3, 64), (64, 64, 8, 3, 64), (128, 32, 8, 3, 64), (64, 32, 4, 3, 64)],
-    80: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3),
-         (32, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2),
-         (64, 32, 8, 3, 64), (64, 64, 8, 2, 64), (64, 32, 4, 3, 64), (32, 64, 8, 2, 64)],
+    90: [
+        (128, 64, 8, 3),
+        (64, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 8, 4),
+        (128, 128, 8, 3),
+        (32, 64, 4, 3),
+        (32, 128, 8, 3),
+        (16, 64, 4, 3),
+        (16, 128, 8, 2),
+        (32, 32, 4, 2),
+        (16, 32, 4, 2),
+        (64, 32, 8, 3, 64),
+        (64, 64, 8, 3, 64),
+        (128, 32, 8, 3, 64),
+        (64, 32, 4, 3, 64),
+    ],
+    80: [
+        (128, 64, 8, 2),
+        (64, 128, 8, 2),
+        (64, 64, 4, 3),
+        (64, 32, 4, 4),
+        (32, 64, 4, 3),
+        (32, 128, 8, 2),
+        (16, 64, 4, 3),
+        (16, 128, 8, 2),
+        (32, 32, 4, 2),
+        (16, 32, 4, 2),
+        (64, 32, 8, 3, 64),
+        (64, 64, 8, 2, 64),
+        (64, 32, 4, 3, 64),
+        (32, 64, 8, 2, 64),
+    ],
 }
 _SMEM = {90: 227 * 1024, 80: 163 * 1024}
 
@@ -129,7 +157,7 @@ def _prune(kind: str, cap: int):
         keep, cost = [], []
         for c in configs:
             bm, bn, kc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("K_CHUNK", 0)
-            if 0 < kc and kc >= bd:
+            if kc > 0 and kc >= bd:
                 continue  # same as K_CHUNK = 0
             rows = bn if kind == "bwd_k" else bm  # rows owned by the program (accumulator rows)
             inner = bm if kind == "bwd_k" else bn  # rows streamed per step
@@ -151,20 +179,29 @@ def _prune(kind: str, cap: int):
     return prune
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(kind: str, cap: int):
     fn = _KERNELS[kind]
     configs = _configs(cap)
     # BLOCK_D (D rounded up to a power of 2) rather than D: one tuning per size class, not per D
     key = ["BLOCK_D", "HAS_IDS"] + (["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"])
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": _prune(kind, 90 if cap >= 90 else 80)})(fn)
+    return triton.autotune(
+        configs=configs,
+        key=key,
+        prune_configs_by={"early_config_prune": _prune(kind, 90 if cap >= 90 else 80)},
+    )(fn)
 
 
 def _configs(cap: int) -> list:
     table = _CONFIGS[90 if cap >= 90 else 80]
-    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
-                          num_warps=t[2], num_stages=t[3]) for t in table]
+    return [
+        triton.Config(
+            {"BLOCK_M": t[0], "BLOCK_N": t[1], "K_CHUNK": t[4] if len(t) > 4 else 0},
+            num_warps=t[2],
+            num_stages=t[3],
+        )
+        for t in table
+    ]
 
 
 def pick_config(kind: str, cap: int, args: tuple, flags: dict):
@@ -190,7 +227,8 @@ def _launch(kind: str, grid_rows: int, args: tuple, device: torch.device, **flag
         if os.environ.get("RLL_TRITON_AUTOTUNE", "1") == "0":
             c = pick_config(kind, cap, args, flags)
             _KERNELS[kind][(triton.cdiv(grid_rows, c.kwargs[row_block]),)](
-                *args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                *args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages
+            )
             return
         fn = _tuned(kind, cap)
         fn[lambda meta: (triton.cdiv(grid_rows, meta[row_block]),)](*args, **flags)
@@ -203,32 +241,41 @@ def _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> None:
     if k.dim() != 2:
         raise ValueError(f"rll_triton: k must be 2-D (M, D), got {k.dim()}-D")
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"rll_triton: q and k must have the same embedding size, got {q.shape[1]} and {k.shape[1]}")
+        raise ValueError(
+            f"rll_triton: q and k must have the same embedding size, got {q.shape[1]} and {k.shape[1]}"
+        )
     if q.dtype != k.dtype:
         raise ValueError(f"rll_triton: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     if q.dtype not in _DTYPES:
         raise ValueError(f"rll_triton: q must be one of {_DTYPES}, got {q.dtype}")
     for name, t, n in (("q_labels", q_labels, q.shape[0]), ("k_labels", k_labels, k.shape[0])):
         if t.dim() != 1 or t.shape[0] != n or t.dtype != torch.int64:
-            raise ValueError(f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}"
+            )
     if (q_ids is None) != (k_ids is None):
         raise ValueError("rll_triton: q_ids and k_ids must be given together")
     if q_ids is not None:
         for name, t, n in (("q_ids", q_ids, q.shape[0]), ("k_ids", k_ids, k.shape[0])):
             if t.dim() != 1 or t.shape[0] != n or t.dtype != torch.int64:
-                raise ValueError(f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}"
+                )
     for t in (q, q_labels, k, k_labels) + ((q_ids, k_ids) if q_ids is not None else ()):
         if t.device != q.device:
             raise ValueError(f"rll_triton: all tensors must be on {q.device}, got {t.device}")
     if q.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("rll_triton: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
-                           "importing rll_kernels")
+        raise RuntimeError(
+            "rll_triton: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "importing rll_kernels"
+        )
 
 
 def _check_params(alpha: float, beta: float, imbalance: float, den_bias: float) -> None:
     if not alpha > beta:
-        raise ValueError(f"rll_triton: alpha must exceed beta = alpha - margin (margin > 0), got alpha={alpha} "
-                         f"beta={beta}")
+        raise ValueError(
+            f"rll_triton: alpha must exceed beta = alpha - margin (margin > 0), got alpha={alpha} beta={beta}"
+        )
     if not 0.0 <= imbalance <= 1.0:
         raise ValueError(f"rll_triton: imbalance must lie in [0, 1], got {imbalance}")
     if not den_bias >= 0.0:
@@ -236,8 +283,16 @@ def _check_params(alpha: float, beta: float, imbalance: float, den_bias: float) 
 
 
 def _params(q: torch.Tensor, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.Tensor:
-    return _params_cached(str(q.device), _acc_dtype(q.dtype), float(alpha), float(beta), float(Tn), float(Tp),
-                          float(imbalance), float(den_bias))
+    return _params_cached(
+        str(q.device),
+        _acc_dtype(q.dtype),
+        float(alpha),
+        float(beta),
+        float(Tn),
+        float(Tp),
+        float(imbalance),
+        float(den_bias),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -258,10 +313,21 @@ def _ids_args(q_ids, k_ids, q_labels, k_labels):
 # ------------------------------------------------------------------ custom ops
 @torch.library.custom_op("rll_kernels::rll_triton_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def rll_triton_fwd(
-    q: torch.Tensor, q_labels: torch.Tensor, q_ids: Optional[torch.Tensor], k: torch.Tensor,
-    k_labels: torch.Tensor, k_ids: Optional[torch.Tensor], alpha: float, beta: float, Tn: float, Tp: float,
-    imbalance: float, den_bias: float, attached: bool, need_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    q_labels: torch.Tensor,
+    q_ids: Optional[torch.Tensor],
+    k: torch.Tensor,
+    k_labels: torch.Tensor,
+    k_ids: Optional[torch.Tensor],
+    alpha: float,
+    beta: float,
+    Tn: float,
+    Tp: float,
+    imbalance: float,
+    den_bias: float,
+    attached: bool,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RLL forward on a Triton kernel (same arguments and outputs as ``rll_kernels::rll_fwd``)."""
     _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
     _check_params(alpha, beta, imbalance, den_bias)
@@ -270,7 +336,11 @@ def rll_triton_fwd(
     acc = _acc_dtype(q.dtype)
     loss = torch.empty(n, dtype=acc, device=q.device)
     stats = torch.empty(n, 4, dtype=acc, device=q.device)
-    gradq = torch.empty(n, d, dtype=acc, device=q.device) if paper_grad else torch.empty(0, dtype=acc, device=q.device)
+    gradq = (
+        torch.empty(n, d, dtype=acc, device=q.device)
+        if paper_grad
+        else torch.empty(0, dtype=acc, device=q.device)
+    )
     if n == 0:
         return loss, gradq, stats
     q, k = q.detach().contiguous(), k.detach().contiguous()
@@ -279,21 +349,61 @@ def rll_triton_fwd(
     prm = _params(q, alpha, beta, Tn, Tp, imbalance, den_bias)
     one_pass = paper_grad and d <= _one_pass_max_d()
     g_arg = gradq if one_pass else loss  # placeholder pointer when no gradient is written
-    args = (q, k, ql, kl, qid, kid, prm, loss, stats, g_arg, n, k.shape[0], d, q.stride(0), k.stride(0),
-            gradq.stride(0) if one_pass else d)
+    args = (
+        q,
+        k,
+        ql,
+        kl,
+        qid,
+        kid,
+        prm,
+        loss,
+        stats,
+        g_arg,
+        n,
+        k.shape[0],
+        d,
+        q.stride(0),
+        k.stride(0),
+        gradq.stride(0) if one_pass else d,
+    )
     flags = dict(HAS_IDS=has_ids, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
     _launch("fwd", n, args, q.device, HAS_BIAS=den_bias > 0.0, PAPER_GRAD=one_pass, **flags)
     if paper_grad and not one_pass:
         # large D: the query gradient of every row (grad_rows = 1) from the saved statistics
         ones = torch.ones(n, dtype=acc, device=q.device)
-        _launch("bwd_q", n, (ones, q, k, ql, kl, qid, kid, stats, prm, gradq, n, k.shape[0], d, q.stride(0),
-                             k.stride(0), gradq.stride(0)), q.device, ATTACHED=False, **flags)
+        _launch(
+            "bwd_q",
+            n,
+            (
+                ones,
+                q,
+                k,
+                ql,
+                kl,
+                qid,
+                kid,
+                stats,
+                prm,
+                gradq,
+                n,
+                k.shape[0],
+                d,
+                q.stride(0),
+                k.stride(0),
+                gradq.stride(0),
+            ),
+            q.device,
+            ATTACHED=False,
+            **flags,
+        )
     return loss, gradq, stats
 
 
 @rll_triton_fwd.register_fake
-def _rll_triton_fwd_fake(q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias,
-                         attached, need_grad):
+def _rll_triton_fwd_fake(
+    q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias, attached, need_grad
+):
     torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rll_triton_fwd: q and k must be 2-D")
     torch._check(q.shape[1] == k.shape[1], lambda: "rll_triton_fwd: q and k embedding sizes differ")
     n, d = q.shape
@@ -304,11 +414,24 @@ def _rll_triton_fwd_fake(q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn
 
 @torch.library.custom_op("rll_kernels::rll_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def rll_triton_bwd(
-    grad_rows: torch.Tensor, q: torch.Tensor, q_labels: torch.Tensor, q_ids: Optional[torch.Tensor],
-    k: torch.Tensor, k_labels: torch.Tensor, k_ids: Optional[torch.Tensor], stats: torch.Tensor, alpha: float,
-    beta: float, Tn: float, Tp: float, imbalance: float, den_bias: float, attached: bool, need_gq: bool,
+    grad_rows: torch.Tensor,
+    q: torch.Tensor,
+    q_labels: torch.Tensor,
+    q_ids: Optional[torch.Tensor],
+    k: torch.Tensor,
+    k_labels: torch.Tensor,
+    k_ids: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    alpha: float,
+    beta: float,
+    Tn: float,
+    Tp: float,
+    imbalance: float,
+    den_bias: float,
+    attached: bool,
+    need_gq: bool,
     need_gk: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused RLL backward from the saved row statistics (same contract as ``rll_kernels::rll_bwd``)."""
     _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
     _check_params(alpha, beta, imbalance, den_bias)
@@ -330,17 +453,44 @@ def rll_triton_bwd(
     prm = _params(q, alpha, beta, Tn, Tp, imbalance, den_bias)
     flags = dict(HAS_IDS=has_ids, ATTACHED=attached, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
     if need_gq:
-        _launch("bwd_q", n, (g, qc, kc, ql, kl, qid, kid, st, prm, gq, n, m, d, qc.stride(0), kc.stride(0),
-                             gq.stride(0)), q.device, **flags)
+        _launch(
+            "bwd_q",
+            n,
+            (g, qc, kc, ql, kl, qid, kid, st, prm, gq, n, m, d, qc.stride(0), kc.stride(0), gq.stride(0)),
+            q.device,
+            **flags,
+        )
     if need_gk:
-        _launch("bwd_k", m, (g, qc, kc, ql, kl, qid, kid, st, prm, gk, n, m, d, qc.stride(0), kc.stride(0),
-                             gk.stride(0)), q.device, **flags)
+        _launch(
+            "bwd_k",
+            m,
+            (g, qc, kc, ql, kl, qid, kid, st, prm, gk, n, m, d, qc.stride(0), kc.stride(0), gk.stride(0)),
+            q.device,
+            **flags,
+        )
     return gq, gk
 
 
 @rll_triton_bwd.register_fake
-def _rll_triton_bwd_fake(grad_rows, q, q_labels, q_ids, k, k_labels, k_ids, stats, alpha, beta, Tn, Tp,
-                         imbalance, den_bias, attached, need_gq, need_gk):
+def _rll_triton_bwd_fake(
+    grad_rows,
+    q,
+    q_labels,
+    q_ids,
+    k,
+    k_labels,
+    k_ids,
+    stats,
+    alpha,
+    beta,
+    Tn,
+    Tp,
+    imbalance,
+    den_bias,
+    attached,
+    need_gq,
+    need_gk,
+):
     gq = torch.empty_like(q) if need_gq else q.new_empty(0)
     gk = torch.empty_like(k) if need_gk else k.new_empty(0)
     return gq, gk
@@ -370,8 +520,19 @@ def _backward(ctx, g_rows, _g_grad, _g_stats):
     q, q_labels, q_ids, k, k_labels, k_ids, stats = ctx.saved_tensors
     need_k = need_k and ctx.attached  # the gallery is a constant with detached weights
     gq, gk = torch.ops.rll_kernels.rll_triton_bwd(
-        g_rows.contiguous(), q, q_labels, q_ids, k, k_labels, k_ids, stats, *ctx.params,
-        ctx.attached, need_q, need_k)
+        g_rows.contiguous(),
+        q,
+        q_labels,
+        q_ids,
+        k,
+        k_labels,
+        k_ids,
+        stats,
+        *ctx.params,
+        ctx.attached,
+        need_q,
+        need_k,
+    )
     return (gq if need_q else None, None, None, gk if need_k else None) + (None,) * 10
 
 

@@ -18,6 +18,7 @@ The launches are wrapped in opaque ``torch.library.custom_op`` s with ``register
 pass ``opcheck``. GEMMs use ``input_precision="ieee"`` (no TF32) so float32 matches the reference
 to the derived tolerance.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,17 +31,36 @@ NORM_EPS = 1e-12
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
-                 BM: tl.constexpr, BCKP: tl.constexpr, BD: tl.constexpr):
+def _logits_tile(
+    x_ptr,
+    w_ptr,
+    rn_ptr,
+    offs_m,
+    mask_m,
+    col,
+    valid_j,
+    D,
+    stride_xn,
+    stride_wd,
+    BM: tl.constexpr,
+    BCKP: tl.constexpr,
+    BD: tl.constexpr,
+):
     """s[m, j] = x_m . w_col(j) / |w_col(j)| for a row block and a class tile (0 where masked)."""
     acc = tl.zeros((BM, BCKP), dtype=x_ptr.dtype.element_ty)  # float32 or float64
     for d0 in range(0, D, BD):
         offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
         mask_d = offs_d < D
-        xb = tl.load(x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        wb = tl.load(w_ptr + offs_d[:, None] * stride_wd + col[None, :],
-                     mask=mask_d[:, None] & valid_j[None, :], other=0.0)
+        xb = tl.load(
+            x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        wb = tl.load(
+            w_ptr + offs_d[:, None] * stride_wd + col[None, :],
+            mask=mask_d[:, None] & valid_j[None, :],
+            other=0.0,
+        )
         acc += tl.dot(xb, wb, input_precision="ieee")
     rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
     return acc * rn[None, :]
@@ -61,8 +81,22 @@ def _class_sims(s, valid_j, inv_gamma, BM: tl.constexpr, BC: tl.constexpr, KP: t
 
 
 @triton.jit
-def _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin,
-               BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
+def _grad_tile(
+    s,
+    y,
+    lse,
+    g_row,
+    mask_m,
+    c0,
+    C,
+    valid_j,
+    inv_gamma,
+    la,
+    la_margin,
+    BM: tl.constexpr,
+    BC: tl.constexpr,
+    KP: tl.constexpr,
+):
     """G[m, j] = dL/ds for a tile: g_i la (P_ic - [c = y_i]) q_ick (1 + (s_ick - S_ic)/gamma)."""
     S, e, den = _class_sims(s, valid_j, inv_gamma, BM, BC, KP)
     cls = c0 + tl.arange(0, BC)
@@ -87,9 +121,27 @@ def _tile_columns(c0, C, K, BC: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _st_fwd_kernel(x_ptr, y_ptr, w_ptr, rn_ptr, loss_ptr, lse_ptr, N, D, C, K, stride_xn, stride_wd,
-                   inv_gamma, la, la_margin,
-                   BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+def _st_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    rn_ptr,
+    loss_ptr,
+    lse_ptr,
+    N,
+    D,
+    C,
+    K,
+    stride_xn,
+    stride_wd,
+    inv_gamma,
+    la,
+    la_margin,
+    BM: tl.constexpr,
+    BC: tl.constexpr,
+    KP: tl.constexpr,
+    BD: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BM + tl.arange(0, BM)
     mask_m = offs_m < N
@@ -100,8 +152,9 @@ def _st_fwd_kernel(x_ptr, y_ptr, w_ptr, rn_ptr, loss_ptr, lse_ptr, N, D, C, K, s
     zt = tl.zeros((BM,), dtype=dt)
     for c0 in range(0, C, BC):
         col, valid_j = _tile_columns(c0, C, K, BC, KP)
-        s = _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
-                         BM, BC * KP, BD)
+        s = _logits_tile(
+            x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd, BM, BC * KP, BD
+        )
         S, e, den = _class_sims(s, valid_j, inv_gamma, BM, BC, KP)
         cls = c0 + tl.arange(0, BC)
         is_y = cls[None, :] == y[:, None]
@@ -117,9 +170,29 @@ def _st_fwd_kernel(x_ptr, y_ptr, w_ptr, rn_ptr, loss_ptr, lse_ptr, N, D, C, K, s
 
 
 @triton.jit
-def _st_bwd_dx_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, lse_ptr, gxp_ptr, N, D, C, K, stride_xn, stride_wd,
-                      inv_gamma, la, la_margin, SPLIT,
-                      BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+def _st_bwd_dx_kernel(
+    g_ptr,
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    rn_ptr,
+    lse_ptr,
+    gxp_ptr,
+    N,
+    D,
+    C,
+    K,
+    stride_xn,
+    stride_wd,
+    inv_gamma,
+    la,
+    la_margin,
+    SPLIT,
+    BM: tl.constexpr,
+    BC: tl.constexpr,
+    KP: tl.constexpr,
+    BD: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     offs_m = pid * BM + tl.arange(0, BM)
@@ -130,16 +203,20 @@ def _st_bwd_dx_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, lse_ptr, gxp_ptr, N, D
     part = gxp_ptr + split * N * D  # this program's rows of this split: owned, no atomics
     for c0 in range(split * BC, C, SPLIT * BC):
         col, valid_j = _tile_columns(c0, C, K, BC, KP)
-        s = _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
-                         BM, BC * KP, BD)
+        s = _logits_tile(
+            x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd, BM, BC * KP, BD
+        )
         g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin, BM, BC, KP)
         rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
         g = g * rn[None, :]
         for d0 in range(0, D, BD):
             offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
             mask_d = offs_d < D
-            wb = tl.load(w_ptr + offs_d[:, None] * stride_wd + col[None, :],
-                         mask=mask_d[:, None] & valid_j[None, :], other=0.0)
+            wb = tl.load(
+                w_ptr + offs_d[:, None] * stride_wd + col[None, :],
+                mask=mask_d[:, None] & valid_j[None, :],
+                other=0.0,
+            )
             ptrs = part + offs_m[:, None] * D + offs_d[None, :]
             msk = mask_m[:, None] & mask_d[None, :]
             cur = tl.load(ptrs, mask=msk, other=0.0)
@@ -147,9 +224,29 @@ def _st_bwd_dx_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, lse_ptr, gxp_ptr, N, D
 
 
 @triton.jit
-def _st_bwd_dw_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, q_ptr, lse_ptr, gw_ptr, N, D, C, K, stride_xn,
-                      stride_wd, inv_gamma, la, la_margin,
-                      BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+def _st_bwd_dw_kernel(
+    g_ptr,
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    rn_ptr,
+    q_ptr,
+    lse_ptr,
+    gw_ptr,
+    N,
+    D,
+    C,
+    K,
+    stride_xn,
+    stride_wd,
+    inv_gamma,
+    la,
+    la_margin,
+    BM: tl.constexpr,
+    BC: tl.constexpr,
+    KP: tl.constexpr,
+    BD: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     c0 = pid * BC
     col, valid_j = _tile_columns(c0, C, K, BC, KP)
@@ -161,16 +258,20 @@ def _st_bwd_dw_kernel(g_ptr, x_ptr, y_ptr, w_ptr, rn_ptr, q_ptr, lse_ptr, gw_ptr
         y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         g_row = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-        s = _logits_tile(x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd,
-                         BM, BC * KP, BD)
+        s = _logits_tile(
+            x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd, BM, BC * KP, BD
+        )
         g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin, BM, BC, KP)
         cs += tl.sum(g * s, axis=0)
         g = g * rn[None, :]
         for d0 in range(0, D, BD):
             offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
             mask_d = offs_d < D
-            xb = tl.load(x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            xb = tl.load(
+                x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             ptrs = gw_ptr + offs_d[:, None] * stride_wd + col[None, :]
             msk = mask_d[:, None] & valid_j[None, :]
             cur = tl.load(ptrs, mask=msk, other=0.0)
@@ -207,16 +308,26 @@ def _check(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, k: int) -> No
     torch._check(x.dim() == 2 and w.dim() == 2, lambda: "softtriple_triton: x and w must be 2-D")
     torch._check(x.shape[1] == w.shape[0], lambda: "softtriple_triton: x and w embedding sizes differ")
     torch._check(k >= 1 and w.shape[1] % k == 0, lambda: "softtriple_triton: w columns not a multiple of K")
-    torch._check(x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64),
-                 lambda: f"softtriple_triton: x and w must both be float32 or float64, got {x.dtype}, "
-                         f"{w.dtype}")
-    torch._check(labels.dtype == torch.int64 and labels.shape == (x.shape[0],),
-                 lambda: "softtriple_triton: labels must be int64 of shape (N,)")
+    torch._check(
+        x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64),
+        lambda: f"softtriple_triton: x and w must both be float32 or float64, got {x.dtype}, {w.dtype}",
+    )
+    torch._check(
+        labels.dtype == torch.int64 and labels.shape == (x.shape[0],),
+        lambda: "softtriple_triton: labels must be int64 of shape (N,)",
+    )
 
 
 @torch.library.custom_op("rll_kernels::softtriple_triton_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def softtriple_triton_fwd(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, centers_per_class: int,
-                          la: float, gamma: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def softtriple_triton_fwd(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    w: torch.Tensor,
+    centers_per_class: int,
+    la: float,
+    gamma: float,
+    margin: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row cross-entropy l_i (N,), LSE_i (N,)) of SoftTriple on normalised x and raw centers w."""
     _check(x, labels, w, centers_per_class)
     x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
@@ -230,8 +341,26 @@ def softtriple_triton_fwd(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor
     rn, _ = _column_scales(w)
     bm, bc, kp, bd = _blocks(n, d, k)
     _st_fwd_kernel[(triton.cdiv(n, bm),)](
-        x, labels, w, rn, loss, lse, n, d, c, k, x.stride(0), w.stride(0),
-        1.0 / gamma, float(la), float(la * margin), BM=bm, BC=bc, KP=kp, BD=bd)
+        x,
+        labels,
+        w,
+        rn,
+        loss,
+        lse,
+        n,
+        d,
+        c,
+        k,
+        x.stride(0),
+        w.stride(0),
+        1.0 / gamma,
+        float(la),
+        float(la * margin),
+        BM=bm,
+        BC=bc,
+        KP=kp,
+        BD=bd,
+    )
     return loss, lse
 
 
@@ -243,9 +372,19 @@ def _(x, labels, w, centers_per_class, la, gamma, margin):
 
 
 @torch.library.custom_op("rll_kernels::softtriple_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def softtriple_triton_bwd(grad_rows: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
-                          lse: torch.Tensor, centers_per_class: int, la: float, gamma: float, margin: float,
-                          need_gx: bool, need_gw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softtriple_triton_bwd(
+    grad_rows: torch.Tensor,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    w: torch.Tensor,
+    lse: torch.Tensor,
+    centers_per_class: int,
+    la: float,
+    gamma: float,
+    margin: float,
+    need_gx: bool,
+    need_gw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad x (N, D) or (0,), grad of the raw centers w (D, C*K) or (0,)) from the saved LSE."""
     _check(x, labels, w, centers_per_class)
     x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
@@ -266,13 +405,15 @@ def softtriple_triton_bwd(grad_rows: torch.Tensor, x: torch.Tensor, labels: torc
         # enough programs to fill a GPU; one split under the interpreter (CPU tensors)
         split = 1 if x.device.type == "cpu" else max(1, min(ntiles, 264 // nblk))
         parts = x.new_zeros(split, n, d)
-        _st_bwd_dx_kernel[(nblk, split)](g, x, labels, w, rn, lse, parts, *args, split,
-                                          BM=bm, BC=bc, KP=kp, BD=bd)
+        _st_bwd_dx_kernel[(nblk, split)](
+            g, x, labels, w, rn, lse, parts, *args, split, BM=bm, BC=bc, KP=kp, BD=bd
+        )
         gx = parts.sum(0) if split > 1 else parts[0]
     if need_gw:
         gw = torch.zeros_like(w)
-        _st_bwd_dw_kernel[(triton.cdiv(c, bc),)](g, x, labels, w, rn, q, lse, gw, *args,
-                                                 BM=bm, BC=bc, KP=kp, BD=bd)
+        _st_bwd_dw_kernel[(triton.cdiv(c, bc),)](
+            g, x, labels, w, rn, q, lse, gw, *args, BM=bm, BC=bc, KP=kp, BD=bd
+        )
     return gx, gw
 
 
