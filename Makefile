@@ -51,7 +51,7 @@ bench: $(BUILD) $(BENCHDEPS)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 # gpu-check: on a CUDA machine (a CUDA build of torch in the venv), the Triton tests on the GPU, parity
-# at N up to 16384, timings vs reference / PML / torch.compile and the issue's goal; without CUDA it
+# at N up to 16384, timings vs reference / PML / torch.compile and the GPU goal; without CUDA it
 # prints the roofline, says so and exits 0. GPU_CHECK_ARGS="--quick" for a shorter run.
 gpu-check: $(BUILD)
 	$(VPY) -m rll_kernels.env_report
@@ -63,7 +63,7 @@ demo: $(BUILD)
 clean:
 	rm -rf build *.egg-info rll_kernels/*.so $(BUILD)
 
-# SoftTriple (issue 7): fused C++ vs PML at SOP scale (N=256, C=11318, K=10, D=512, fp32, 2 threads)
+# SoftTriple: fused C++ vs PML at SOP scale (N=256, C=11318, K=10, D=512, fp32, 2 threads)
 .PHONY: bench-softtriple
 bench-softtriple: $(BUILD)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/bench_softtriple.py $(BENCH_ARGS)

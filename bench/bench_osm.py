@@ -1,4 +1,4 @@
-"""Benchmark: OSM + CAA weighted contrastive loss, forward + backward (SPEC section 3).
+"""Benchmark: OSM + CAA weighted contrastive loss, forward + backward (docs/semantics.md §4).
 
 Providers, timed on the same inputs, interleaved round by round in one process (medians):
   fused     rll_kernels.weighted_contrastive_loss (auto backend: cpp on CPU, triton on CUDA)

@@ -1,4 +1,4 @@
-"""Issue-2 performance targets of the fused C++ CPU RLL kernel, measured in one process.
+"""Performance targets of the fused C++ CPU RLL kernel, measured in one process.
 
     python bench/bench_rll_targets.py [--reps 7] [--skip-memory]
 

@@ -56,7 +56,7 @@ class Case:
 
 
 def full_grid() -> list[Case]:
-    """The issue's grid: in-batch N x D and a 256-query bank sweep, both semantics."""
+    """The benchmark grid: in-batch N x D and a 256-query bank sweep, both semantics."""
     cases = [
         Case(N=n, D=d, semantics=s) for s in SEMANTICS for d in (128, 512) for n in (256, 1024, 4096, 16384)
     ]
@@ -98,7 +98,7 @@ def gemm_shape(case: Case) -> tuple[int, int, int]:
 
 
 # bytes per (i, j) pair held at the peak of forward + backward (fp32), by provider family
-# (PML saves ~33 B/pair for backward plus temporaries: SPEC_RESEARCH section 1.3)
+# (PML saves ~33 B/pair for backward plus temporaries: docs/semantics.md §2.8)
 BYTES_PER_PAIR = {"reference": 40.0, "pml": 40.0, "compile": 12.0, "keops": 0.0, "fused": 0.0}
 
 

@@ -235,15 +235,15 @@ def parity(backends, sizes, half_size) -> bool:
             torch.cuda.empty_cache()
     # half inputs: the Triton op reads them directly (fp32 accumulation); reference on the same points
     if "triton" in backends:
-        from rll_kernels.triton import rll as trl
-
         n, d = half_size
         x64, y = _inputs(n, d, torch.float64, seed=1)
         ids = torch.arange(n, device=DEV)
         for dt in (torch.float16, torch.bfloat16):
             z = torch.nn.functional.normalize(x64, dim=1).to(dt)
             for Tn in (10.0, 100.0):
-                rows = trl.rll_triton_fwd(z, y, ids, z, y, ids, 1.2, 0.8, Tn, 0.0, 0.5, 0.0, False, False)[0]
+                rows = torch.ops.rll_kernels.rll_triton_fwd(
+                    z, y, ids, z, y, ids, 1.2, 0.8, Tn, 0.0, 0.5, 0.0, False, False
+                )[0]
                 f = lambda t: reference.ranked_list_loss(t, y, 0.4, Tn, normalize=False, reduction="none")  # noqa
                 ok &= _err_ok(f"triton {dt} Tn={Tn} rows", rows, f(z.float()), f(z.double()))
                 finite = bool(torch.isfinite(rows).all())
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
         return 1
     import rll_kernels
 
-    avail = rll_kernels.available_backends("cuda")
+    avail = rll_kernels.available_backends("cuda", "rll")
     backends = [b for b in ("triton", "cuda") if avail.get(b) is None]
     for b in ("triton", "cuda"):
         print(f"backend {b}: {'usable' if avail.get(b) is None else avail.get(b)}")
@@ -517,7 +517,7 @@ def dry_run(args) -> int:
     import rll_kernels
 
     DEV = "cpu"
-    backends = [b for b in ("triton",) if rll_kernels.available_backends("cpu").get(b) is None]
+    backends = [b for b in ("triton",) if rll_kernels.available_backends("cpu", "rll").get(b) is None]
     ok = parity(backends, [(40, 16)], (48, 16))
     dtypes = [torch.float32, torch.float16]
     results = timings(backends, [(40, 16)], dtypes, not args.no_compile, None)

@@ -111,7 +111,7 @@ def fused_backends(device: torch.device) -> list[str]:
     """
     import rll_kernels
 
-    avail = rll_kernels.available_backends(device)
+    avail = rll_kernels.available_backends(device, "rll")
     order = ("cuda", "triton", "cpp")
     names = [b for b in order if avail.get(b, "absent") is None]
     if device.type == "cpu":

@@ -307,13 +307,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> osm_fwd_cpu(const at::Tensor& z, 
 }  // namespace osm
 }  // namespace rll
 
-TORCH_LIBRARY_FRAGMENT(rll_kernels, m) {
-  // OSM + CAA weighted contrastive loss over all unordered pairs i < j of z (SPEC section 3).
-  // attention: optional (N,) a_i in (0, 1], never differentiated. Weights are constants.
-  // Returns (loss (), dL/dz (N, D) when need_grad else (0,), sums (4,) float64 [S+, T+, S-, T-]).
-  m.def(
-      "osm_fwd(Tensor z, Tensor labels, Tensor? attention, float alpha, float sigma, float imbalance, "
-      "bool need_grad) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(rll_kernels, CPU, m) { m.impl("osm_fwd", &rll::osm::osm_fwd_cpu); }

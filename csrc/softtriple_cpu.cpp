@@ -353,18 +353,6 @@ std::tuple<at::Tensor, at::Tensor> softtriple_bwd_cpu(const at::Tensor& grad_row
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rll_kernels, m) {
-  // SoftTriple forward on normalised inputs: x (N, D), labels (N,) int64 in [0, C), w (D, C*K).
-  // Returns (per-row cross-entropy l_i (N,), per-row log-sum-exp LSE_i (N,)).
-  m.def(
-      "softtriple_fwd(Tensor x, Tensor labels, Tensor w, int centers_per_class, float la, float gamma, "
-      "float margin) -> (Tensor, Tensor)");
-  // SoftTriple backward from the saved LSE: (grad x (N, D) or (0,), grad w (D, C*K) or (0,)).
-  m.def(
-      "softtriple_bwd(Tensor grad_rows, Tensor x, Tensor labels, Tensor w, Tensor lse, int centers_per_class, "
-      "float la, float gamma, float margin, bool need_gx, bool need_gw) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(rll_kernels, CPU, m) {
   m.impl("softtriple_fwd", &softtriple_fwd_cpu);
   m.impl("softtriple_bwd", &softtriple_bwd_cpu);

@@ -9,10 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._validate import check_embeddings, check_labels
-from ._wrapped import rll_kwargs
+from ._checks import check_embeddings, check_labels
 from .functional import ranked_list_loss
-from .modules import RLLFused
+from .modules import RLLFused, rll_kwargs
 
 __all__ = ["DistributedLossWrapper"]
 
@@ -65,7 +64,7 @@ class DistributedLossWrapper(nn.Module):
                     = \frac{W}{n} \sum_{i \in r} L_{\mathrm{RLL}}(e_i; G),
 
     so :math:`\frac{1}{W}\sum_r \mathcal{L}_r` is the loss of the global batch, and DDP's average
-    of the ranks' gradients is its gradient (SPEC section 1, "Scale-out").
+    of the ranks' gradients is its gradient (docs/semantics.md §2.7).
 
     ``"paper"`` semantics: the gallery is a constant; the gather is not differentiated.
     ``"pml"``: the gather is ``torch.distributed.nn.functional.all_gather``, so each gallery row's
@@ -96,8 +95,8 @@ class DistributedLossWrapper(nn.Module):
         if loss.backend == "reference":
             raise ValueError(
                 "DistributedLossWrapper: loss.backend must be a fused backend ('auto', 'cpp', "
-                "'triton', 'cuda'); the dense reference cannot exclude the global self-pairs, "
-                "got 'reference'"
+                "'triton', 'cuda'): the dense reference's O(n_local x n_total) memory defeats its "
+                "purpose, got 'reference'"
             )
         self.loss = loss
         self.group = group

@@ -11,8 +11,8 @@ def report() -> str:
     import torch
 
     import rll_kernels
-    from rll_kernels import _ops
-    from rll_kernels._dispatch import available_backends
+    from rll_kernels import _extension
+    from rll_kernels._backends import available_backends
 
     lines = [
         f"rll_kernels {rll_kernels.__version__}",
@@ -32,13 +32,16 @@ def report() -> str:
         lines.append(f"nvcc: {out[-1] if out else nvcc}")
     else:
         lines.append("nvcc: not found")
-    lines.append(f"C++ extension: {'built' if _ops.HAS_C else 'NOT built: ' + str(_ops.C_IMPORT_ERROR)}")
-    lines.append(
-        f"CUDA kernels compiled in: {'yes (experimental)' if _ops.has_kernel('rll_fwd', 'cuda') else 'no'}"
-    )
+    why = _extension.cpp_unavailable_reason()
+    lines.append(f"C++ extension: {'built' if why is None else 'NOT usable: ' + why}")
+    cuda_in = _extension.has_kernel("rll_fwd", "cuda")
+    lines.append(f"CUDA kernels compiled in: {'yes (experimental)' if cuda_in else 'no'}")
+    lines.append("backends (device, loss, backend):")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name, why in available_backends(dev).items():
-            lines.append(f"  {dev:4s} {name:9s} {'usable' if why is None else 'unusable: ' + why}")
+        for loss, table in available_backends(dev).items():
+            for name, reason in table.items():
+                state = "usable" if reason is None else "unusable: " + reason
+                lines.append(f"  {dev:4s} {loss:10s} {name:9s} {state}")
     return "\n".join(lines)
 
 

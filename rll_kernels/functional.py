@@ -1,4 +1,10 @@
-"""Functional API of the fused losses."""
+"""Functional API of the fused losses: argument checks, backend choice, one op call per loss call.
+
+``ranked_list_loss`` (docs/semantics.md §2), ``soft_triple_loss`` (§3), ``weighted_contrastive_loss``
+and ``class_aware_attention`` (§4). Each function checks its arguments (rll_kernels/_checks.py),
+resolves the backend in the registry (rll_kernels/_backends.py) and calls the loss's op
+(rll_kernels/ops/), or the dense reference.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,60 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import ops as _ops  # noqa: F401  (registers the ops' fake kernels and autograd)
 from . import reference
-from ._dispatch import fused_ops, resolve_backend
-from ._validate import check_choice, check_embeddings, check_labels, check_rll_params
+from ._backends import fused_op, resolve
+from ._checks import (
+    check_attention,
+    check_centers,
+    check_choice,
+    check_embeddings,
+    check_gallery,
+    check_label_range,
+    check_labels,
+    check_logits,
+    check_osm_params,
+    check_rll_params,
+    check_softtriple_params,
+    compute_dtype,
+)
+from .ops.softtriple import sparse_centers_raw
 
-__all__ = ["ranked_list_loss"]
-
-PML_EPS = 1e-5  # PML adds 1e-5 per gallery column to each softmax denominator
+__all__ = ["class_aware_attention", "ranked_list_loss", "soft_triple_loss", "weighted_contrastive_loss"]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 are computed in fp32 (the loss is returned in fp32); fp64 stays fp64
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+# ---------------------------------------------------------------- Ranked List Loss
+def _rll_operand(x: torch.Tensor, normalize: bool, backend: str) -> torch.Tensor:
+    """An embedding tensor as the op reads it: in the compute dtype, L2-normalised if asked.
+
+    The Triton kernels read fp16/bf16 directly (fp32 accumulation): normalised in fp32, handed over
+    in the input dtype; the C++ CPU kernel computes half inputs in fp32.
+    """
+    z = x.to(compute_dtype(x.dtype))
+    z = F.normalize(z, dim=1) if normalize else z
+    if backend == "triton" and x.dtype in (torch.float16, torch.bfloat16):
+        z = z.to(x.dtype)
+    return z
+
+
+def _rll_ids(query_ids, ref_ids, n: int, m: int, in_batch: bool, device: torch.device):
+    """The (query, gallery) ids of the op: the pair i = i excluded in-batch unless ids are given."""
+    if (query_ids is None) != (ref_ids is None):
+        raise ValueError("query_ids and ref_ids must be given together")
+    if query_ids is None:
+        if not in_batch:
+            return None, None
+        ids = torch.arange(n, device=device)
+        return ids, ids
+    return check_labels(query_ids, n, "query_ids", device), check_labels(ref_ids, m, "ref_ids", device)
 
 
 def ranked_list_loss(
@@ -40,7 +88,7 @@ def ranked_list_loss(
     ref_ids: Optional[torch.Tensor] = None,
     den_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    r"""Ranked List Loss, fused (SPEC section 1). Never materialises the N x M distance matrix.
+    r"""Ranked List Loss, fused (docs/semantics.md §2). Never materialises the N x M distance matrix.
 
     With :math:`z = e/\|e\|`, :math:`d_{ij} = \|z_i - g_j\|_2`, :math:`\beta = \alpha - m`:
 
@@ -75,36 +123,9 @@ def ranked_list_loss(
     check_embeddings(embeddings, "embeddings")
     labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
     in_batch = ref_emb is None
-    if (ref_emb is None) != (ref_labels is None):
-        raise ValueError(
-            "ref_emb and ref_labels must be given together "
-            f"(got ref_emb={'set' if ref_emb is not None else None}, "
-            f"ref_labels={'set' if ref_labels is not None else None})"
-        )
-    if not in_batch:
-        if not isinstance(ref_emb, torch.Tensor):
-            raise ValueError(f"ref_emb must be a torch.Tensor, got {type(ref_emb).__name__}")
-        if ref_emb.device != embeddings.device:
-            raise ValueError(
-                f"ref_emb must be on the embeddings' device {embeddings.device}, got {ref_emb.device}"
-            )
-        if ref_emb.dtype != embeddings.dtype:
-            raise ValueError(
-                f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}"
-            )
-        check_embeddings(ref_emb, "ref_emb")
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}"
-            )
-        ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", embeddings.device)
-    if (query_ids is None) != (ref_ids is None):
-        raise ValueError("query_ids and ref_ids must be given together")
-
-    name = resolve_backend(backend, embeddings.device)
+    ref_labels = check_gallery(embeddings, ref_emb, ref_labels)
+    name = resolve("rll", backend, embeddings.device)
     if name == "reference":
-        if query_ids is not None or den_rows is not None:
-            raise ValueError("query_ids/ref_ids/den_rows need a fused backend")
         return reference.ranked_list_loss(
             embeddings,
             labels,
@@ -118,46 +139,26 @@ def ranked_list_loss(
             normalize=normalize,
             ref_emb=ref_emb,
             ref_labels=ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
+            den_rows=den_rows,
         )
-
-    dt = _compute_dtype(embeddings.dtype)
-    # the Triton kernels read fp16/bf16 directly (fp32 accumulation): normalise in fp32, hand over half;
-    # the C++ CPU kernel computes half inputs in fp32
-    half = (
-        embeddings.dtype
-        if (name == "triton" and embeddings.dtype in (torch.float16, torch.bfloat16))
-        else None
-    )
-    q = embeddings.to(dt)
-    q = F.normalize(q, dim=1) if normalize else q
-    q = q.to(half) if half is not None else q
-    if in_batch:
-        k, k_labels = q, labels
-        if query_ids is None:
-            query_ids = torch.arange(q.shape[0], device=q.device)
-            ref_ids = query_ids
-    else:
-        k = ref_emb.to(dt)
-        k = F.normalize(k, dim=1) if normalize else k
-        k = k.to(half) if half is not None else k
-        k_labels = ref_labels
-    if query_ids is not None:
-        query_ids = check_labels(query_ids, q.shape[0], "query_ids", q.device)
-        ref_ids = check_labels(ref_ids, k.shape[0], "ref_ids", q.device)
+    q = _rll_operand(embeddings, normalize, name)
+    k, k_labels = (q, labels) if in_batch else (_rll_operand(ref_emb, normalize, name), ref_labels)
+    q_ids, k_ids = _rll_ids(query_ids, ref_ids, q.shape[0], k.shape[0], in_batch, q.device)
     attached = semantics == "pml"
     if not attached:
         k = k.detach()  # the gallery is fixed ("paper")
     m_rows = k.shape[0] if den_rows is None else int(den_rows)
     bias = m_rows * 1e-5 if attached else 0.0
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    fwd, _ = fused_ops(name)
-    rows, _, _ = fwd(
+    rows, _, _ = fused_op("rll", name)(
         q.contiguous(),
         labels,
-        query_ids,
+        q_ids,
         k.contiguous(),
         k_labels,
-        ref_ids,
+        k_ids,
         float(alpha),
         float(alpha - margin),
         float(Tn),
@@ -167,8 +168,143 @@ def ranked_list_loss(
         attached,
         need_grad,
     )
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
+    return _reduce(rows, reduction)
+
+
+# ---------------------------------------------------------------- SoftTriple
+def soft_triple_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    centers_per_class: int = 10,
+    la: float = 20.0,
+    gamma: float = 0.1,
+    margin: float = 0.01,
+    tau: float = 0.2,
+    *,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""SoftTriple loss (Qian et al., ICCV 2019), fused: never materialises N x C*K (docs/semantics.md §3).
+
+    With :math:`x_i = e_i/\|e_i\|`, :math:`\hat w_{ck} = W_{:, cK+k}/\|W_{:, cK+k}\|`,
+    :math:`s_{ick} = x_i^\top \hat w_{ck}`:
+
+    .. math::
+        S_{ic} = \sum_k \mathrm{softmax}_k(s_{ick}/\gamma)\, s_{ick}, \qquad
+        \ell_i = -\log \mathrm{softmax}_c\big(\lambda (S_{ic} - \delta [c = y_i])\big)_{y_i}
+
+        L = \frac{1}{N}\sum_i \ell_i + \tau R, \qquad
+        R = \frac{1}{C K (K-1)} \sum_c \sum_{t<s} \sqrt{2 + 10^{-5} - 2\,\hat w_{ct}^\top \hat w_{cs}}
+
+    Args:
+        embeddings: (N, D). labels: (N,) integers in [0, C).
+        centers: (D, C*K) centers, column ``c*K + k`` is center k of class c (PML's ``fc``).
+        centers_per_class: K. la: lambda. gamma: K-softmax temperature. margin: delta.
+        tau: regulariser weight (R is skipped when ``tau == 0`` or K = 1; PML's default is off).
+        reduction: ``"mean"`` (the loss above), ``"sum"`` (sum of :math:`\ell_i` + tau R) or
+            ``"none"`` (the per-row :math:`\ell_i`, without R).
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpp"``, ``"triton"`` or ``"reference"``.
+
+    Computed (and returned) in float64 if the embeddings or the centers are float64, else float32;
+    gradients reach both the embeddings and the centers.
+    """
+    check_softtriple_params(centers_per_class, la, gamma, margin, tau)
+    check_choice(reduction, "reduction", ("mean", "sum", "none"))
+    check_embeddings(embeddings, "embeddings")
+    labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
+    k = centers_per_class
+    num_classes = check_centers(centers, embeddings.shape[1], k, embeddings.device)
+    check_label_range(labels, num_classes)
+    name = resolve("softtriple", backend, embeddings.device)
+    dt = compute_dtype(embeddings.dtype, centers.dtype)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        if name == "reference":
+            return reference.soft_triple_loss(
+                embeddings.to(dt), labels, centers.to(dt), k, la, gamma, margin, tau, reduction=reduction
+            )
+        x = F.normalize(embeddings.to(dt), dim=1).contiguous()
+        w = centers.to(dt).contiguous()  # raw: the kernel normalises each center column itself
+        rows, _ = fused_op("softtriple", name)(x, labels, w, k, float(la), float(gamma), float(margin))
+        if reduction == "none":
+            return rows
+        loss = _reduce(rows, reduction)
+        if tau > 0 and k > 1:
+            loss = loss + tau * sparse_centers_raw(w, k)
+        return loss
+
+
+# ---------------------------------------------------------------- OSM + CAA
+def class_aware_attention(
+    logits: torch.Tensor, labels: torch.Tensor, *, gaussian_sigma: Optional[float] = None
+) -> torch.Tensor:
+    r"""Class-aware attention (CAA): :math:`a_i = \mathrm{softmax}(\text{logits}_i)_{y_i}`.
+
+    ``logits`` (N, C) come from a classifier, ``labels`` (N,) are the true classes. The result is
+    detached (the loss never differentiates the attention) and clamped below at the smallest
+    normal number of its dtype, so it always lies in (0, 1]. Computed in float32 (float64 stays
+    float64).
+
+    ``gaussian_sigma``: the official Caffe configuration maps p through a Gaussian kernel centred
+    at 1, :math:`a_i = \exp(-(1 - p_i)^2 / (2\sigma^2))` with :math:`\sigma = 0.68`, which keeps
+    outliers at >= 0.34 instead of ~0 (docs/semantics.md §4.2); None (default) gives the
+    poster's plain probability.
+    """
+    labels = check_logits(logits, labels, gaussian_sigma)
+    dt = compute_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.detach().to(dt), dim=1)
+    p = logp.gather(1, labels.view(-1, 1)).squeeze(1).exp()
+    if gaussian_sigma is not None:
+        p = torch.exp(-((1.0 - p) ** 2) / (2.0 * float(gaussian_sigma) ** 2))
+    return p.clamp(min=torch.finfo(dt).tiny, max=1.0)
+
+
+def weighted_contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    attention: Optional[torch.Tensor] = None,
+    alpha: float = 1.2,
+    sigma: float = 0.8,
+    imbalance: float = 0.5,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""OSM + CAA weighted contrastive loss, fused (docs/semantics.md §4). O(N D) memory.
+
+    Over all unordered pairs :math:`i < j`, with :math:`d_{ij} = \|z_i - z_j\|`,
+    :math:`h = [\alpha - d]_+`, :math:`a_{ij} = \min(a_i, a_j)`:
+
+    .. math::
+        w^+ = e^{-d^2/(2\sigma^2)} a_{ij},\quad w^- = h\,a_{ij},\quad
+        L = (1-\lambda)\,\tfrac12 \frac{\sum_{pos} w^+ d^2}{\sum_{pos} w^+}
+            + \lambda\,\tfrac12 \frac{\sum_{neg} w^- h^2}{\sum_{neg} w^-}
+
+    Weights are constants, both ends of a pair get gradient, the normalisers are global, and an
+    empty set gives 0. See :func:`rll_kernels.reference.weighted_contrastive_loss`.
+
+    Args:
+        embeddings: (N, D) float tensor. labels: (N,) integer labels.
+        attention: optional (N,) values in (0, 1] (e.g. :func:`class_aware_attention`); never
+            differentiated. None means all ones.
+        alpha: negative margin. sigma: OSM bandwidth (code convention exp(-d^2/(2 sigma^2))).
+        imbalance: lambda. normalize: L2-normalise the embeddings first (official code).
+        backend: ``"auto"`` (cpp on CPU, triton on CUDA), ``"cpp"``, ``"triton"``, ``"reference"``.
+    """
+    check_osm_params(alpha, sigma, imbalance)
+    check_embeddings(embeddings, "embeddings")
+    labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
+    dt = compute_dtype(embeddings.dtype)
+    att = check_attention(attention, embeddings.shape[0], dt, embeddings.device)
+    name = resolve("osm", backend, embeddings.device)
+    if name == "reference":
+        return reference.weighted_contrastive_loss(
+            embeddings, labels, att, alpha, sigma, imbalance, normalize=normalize
+        )
+    z = embeddings.to(dt)
+    z = F.normalize(z, dim=1) if normalize else z
+    need_grad = torch.is_grad_enabled() and z.requires_grad
+    loss, _, _ = fused_op("osm", name)(
+        z.contiguous(), labels, att, float(alpha), float(sigma), float(imbalance), need_grad
+    )
+    return loss

@@ -1,4 +1,4 @@
-"""Retrieval metrics for embeddings: Recall@K (tiled, exact) and NMI (SPEC section 4).
+"""Retrieval metrics for embeddings: Recall@K (tiled, exact) and NMI (docs/semantics.md §5).
 
 ``recall_at_k`` never builds the N x M similarity matrix: queries are taken in blocks, the gallery
 in chunks, and a running top-k (value, index) list is kept per query, so memory is
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_labels
+from ._checks import check_labels
 
 __all__ = ["recall_at_k", "nmi", "nearest_neighbors"]
 
@@ -161,7 +161,7 @@ def recall_at_k(
     query_block: int = 256,
     gallery_block: int = 4096,
 ) -> dict[int, float]:
-    """Recall@K of cosine-similarity retrieval (SPEC section 4), exact, without an N x M matrix.
+    """Recall@K of cosine-similarity retrieval (docs/semantics.md §5.1), exact, without an N x M matrix.
 
     For each query the gallery (``ref``, or the other queries when ``ref`` is None, the query itself
     excluded) is ranked by cosine similarity, higher first, ties broken by the lower gallery index.
@@ -219,7 +219,7 @@ def nmi(
     n_init: int = 3,
     seed: int = 0,
 ) -> float:
-    """Normalised mutual information between k-means clusters and the labels (SPEC section 4).
+    """Normalised mutual information between k-means clusters and the labels (docs/semantics.md §5.2).
 
     k-means (scikit-learn, ``n_init`` restarts, fixed ``seed``) with as many clusters as distinct
     labels, then ``sklearn.metrics.normalized_mutual_info_score`` (arithmetic mean normaliser).

@@ -1,17 +1,27 @@
-"""nn.Module wrappers: drop-in replacements for pytorch-metric-learning's losses."""
+"""nn.Module wrappers of the fused losses, as torch.nn holds its losses: ``RLLFused``,
+``SoftTripleFused`` and ``WeightedContrastiveFused``. Hyper-parameters are checked once, when the
+module is built; ``forward`` calls the functional API (rll_kernels/functional.py).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ._dispatch import BACKENDS
-from ._validate import check_choice, check_rll_params
-from .functional import ranked_list_loss
+from ._backends import BACKENDS
+from ._checks import (
+    check_choice,
+    check_osm_params,
+    check_positive_int,
+    check_rll_params,
+    check_softtriple_params,
+)
+from .functional import ranked_list_loss, soft_triple_loss, weighted_contrastive_loss
 
-__all__ = ["RLLFused"]
+__all__ = ["RLLFused", "SoftTripleFused", "WeightedContrastiveFused", "rll_kwargs"]
 
 
 class RLLFused(nn.Module):
@@ -22,7 +32,7 @@ class RLLFused(nn.Module):
                + \lambda \sum_{N_i} \mathrm{softmax}(T_n (\alpha - d))(\alpha - d)
 
     over the non-trivial positives :math:`P_i = \{y_j = y_i, d_{ij} > \beta = \alpha - m\}` and
-    negatives :math:`N_i = \{y_j \ne y_i, d_{ij} < \alpha\}` of each query (SPEC section 1).
+    negatives :math:`N_i = \{y_j \ne y_i, d_{ij} < \alpha\}` of each query (docs/semantics.md §2).
     ``alpha=None`` means ``1 + margin / 2`` (PML's default). See
     :func:`rll_kernels.functional.ranked_list_loss` for ``semantics``, ``reduction`` and ``backend``.
 
@@ -49,7 +59,7 @@ class RLLFused(nn.Module):
         super().__init__()
         check_choice(semantics, "semantics", ("paper", "pml"))
         check_choice(reduction, "reduction", ("mean", "sum", "none"))
-        check_choice(backend, "backend", BACKENDS)
+        check_choice(backend, "backend", BACKENDS["rll"])
         alpha_eff = 1.0 + margin / 2.0 if alpha is None else alpha
         check_rll_params(margin, alpha_eff, imbalance, Tn, Tp)
         self.margin, self.Tn, self.imbalance, self.alpha, self.Tp = margin, Tn, imbalance, alpha_eff, Tp
@@ -94,3 +104,147 @@ class RLLFused(nn.Module):
             f"Tp={self.Tp}, semantics={self.semantics!r}, reduction={self.reduction!r}, "
             f"normalize={self.normalize}, backend={self.backend!r}"
         )
+
+
+class SoftTripleFused(torch.nn.Module):
+    r"""Fused SoftTriple loss with its centers as the parameter ``fc`` (D x C*K, PML's name and shape).
+
+    A PML ``SoftTripleLoss`` state_dict loads unchanged. ``fc`` stays float32 whatever the input
+    dtype (fp16/bf16 embeddings are computed in fp32; PML casts ``fc`` to the input dtype, PML
+    issues #293/#309) unless the module itself is converted (``.double()``). ``tau=0`` equals PML's
+    default (no regulariser). See :func:`soft_triple_loss` for the equation.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        centers_per_class: int = 10,
+        la: float = 20.0,
+        gamma: float = 0.1,
+        margin: float = 0.01,
+        tau: float = 0.2,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(embedding_size, "embedding_size")
+        check_softtriple_params(centers_per_class, la, gamma, margin, tau)
+        check_choice(backend, "backend", BACKENDS["softtriple"])
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.centers_per_class = centers_per_class
+        self.la, self.gamma, self.margin, self.tau = la, gamma, margin, tau
+        self.backend = backend
+        self.fc = torch.nn.Parameter(torch.empty(embedding_size, num_classes * centers_per_class))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PML's default init (c_f.TorchInitWrapper(kaiming_uniform_, a=sqrt(5)))
+        torch.nn.init.kaiming_uniform_(self.fc, a=math.sqrt(5))
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+    ) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("labels are required for this loss function")
+        if indices_tuple is not None:
+            raise ValueError("indices_tuple is not supported for this loss function")
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("ref_emb is not supported for this loss function")
+        return soft_triple_loss(
+            embeddings,
+            labels,
+            self.fc,
+            self.centers_per_class,
+            self.la,
+            self.gamma,
+            self.margin,
+            self.tau,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
+            f"margin={self.margin}, tau={self.tau}, backend={self.backend!r}"
+        )
+
+
+class WeightedContrastiveFused(nn.Module):
+    r"""OSM + CAA weighted contrastive loss with fused kernels (Wang et al., AAAI 2019).
+
+    .. math::
+        L = (1-\lambda)\,\tfrac12 \frac{\sum_{pos} w^+ d^2}{\sum_{pos} w^+}
+            + \lambda\,\tfrac12 \frac{\sum_{neg} w^- [\alpha - d]_+^2}{\sum_{neg} w^-}
+
+    with :math:`w^+ = e^{-d^2/(2\sigma^2)} \min(a_i, a_j)`, :math:`w^- = [\alpha - d]_+ \min(a_i, a_j)`
+    over the unordered pairs of the batch (docs/semantics.md §4).
+
+    Example::
+
+        loss_fn = WeightedContrastiveFused(alpha=1.2, sigma=0.8, imbalance=0.5)
+        att = class_aware_attention(classifier_logits, labels)   # optional, in (0, 1]
+        loss = loss_fn(embeddings, labels, att)
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.2,
+        sigma: float = 0.8,
+        imbalance: float = 0.5,
+        *,
+        normalize: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_osm_params(alpha, sigma, imbalance)
+        check_choice(backend, "backend", BACKENDS["osm"])
+        self.alpha, self.sigma, self.imbalance = float(alpha), float(sigma), float(imbalance)
+        self.normalize, self.backend = normalize, backend
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, attention: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return weighted_contrastive_loss(
+            embeddings,
+            labels,
+            attention,
+            self.alpha,
+            self.sigma,
+            self.imbalance,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, sigma={self.sigma}, imbalance={self.imbalance}, "
+            f"normalize={self.normalize}, backend={self.backend!r}"
+        )
+
+
+def rll_kwargs(loss: RLLFused, owner: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`rll_kernels.ranked_list_loss` equal to ``loss``'s settings.
+
+    Raises ValueError when ``loss`` is not an :class:`RLLFused` (``owner`` names the wrapper).
+    """
+    if not isinstance(loss, RLLFused):
+        raise ValueError(f"{owner}: loss must be an rll_kernels.RLLFused, got {type(loss).__name__}")
+    return dict(
+        margin=loss.margin,
+        Tn=loss.Tn,
+        imbalance=loss.imbalance,
+        alpha=loss.alpha,
+        Tp=loss.Tp,
+        semantics=loss.semantics,
+        normalize=loss.normalize,
+        backend=loss.backend,
+    )

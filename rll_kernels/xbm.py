@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._validate import check_embeddings, check_labels
-from ._wrapped import rll_kwargs
+from ._checks import check_embeddings, check_labels
 from .functional import ranked_list_loss
-from .modules import RLLFused
+from .modules import RLLFused, rll_kwargs
 
 __all__ = ["CrossBatchMemory"]
 
@@ -63,8 +62,8 @@ class CrossBatchMemory(nn.Module):
         if loss.backend == "reference":
             raise ValueError(
                 "CrossBatchMemory: loss.backend must be a fused backend ('auto', 'cpp', "
-                "'triton', 'cuda'); the dense reference cannot exclude same-sample pairs, got "
-                "'reference'"
+                "'triton', 'cuda'): a memory bank ranked by the dense O(N*M) reference defeats "
+                "its purpose, got 'reference'"
             )
         for nm, v in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

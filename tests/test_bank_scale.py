@@ -1,4 +1,5 @@
-"""Queries against a large memory bank: O((N + M) D) memory at N=256, M=131072, D=512 (issue 6.1).
+"""Queries against a large memory bank: O((N + M) D) memory at N=256, M=131072, D=512
+(docs/semantics.md §2.7).
 
 The memory bound is measured in a fresh subprocess, as the growth of its peak resident set
 (VmHWM, reset through /proc/self/clear_refs where the kernel allows) over a forward + backward.

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 import rll_kernels
-from rll_kernels import _ops, reference
+from rll_kernels import _extension, reference
 
-HAS_CUDA_KERNELS = torch.cuda.is_available() and _ops.has_kernel("rll_fwd", "cuda")
+HAS_CUDA_KERNELS = torch.cuda.is_available() and _extension.has_kernel("rll_fwd", "cuda")
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(
@@ -163,4 +163,4 @@ def test_opcheck_cuda():
 
 def test_auto_never_picks_cuda():
     x = torch.randn(8, 4, device="cuda")
-    assert rll_kernels._dispatch.resolve_backend("auto", x.device) != "cuda"
+    assert rll_kernels._backends.resolve("rll", "auto", x.device) != "cuda"

@@ -1,6 +1,6 @@
 """DistributedLossWrapper on gloo (2 and 3 processes, uneven batches, both semantics).
 
-Property (SPEC section 1, "Scale-out"): the mean over ranks of the returned losses, and the
+Property (docs/semantics.md §2.7): the mean over ranks of the returned losses, and the
 DDP-averaged gradients, equal the loss and gradient of one process on the concatenated batch.
 """
 

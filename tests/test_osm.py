@@ -1,4 +1,5 @@
-"""OSM + CAA weighted contrastive loss (SPEC section 3): fused C++ / Triton kernels vs the dense reference."""
+"""OSM + CAA weighted contrastive loss (docs/semantics.md §4): fused C++ / Triton kernels vs the dense
+reference."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rll_kernels
-from rll_kernels import osm as osm_mod
-from rll_kernels import reference
+from rll_kernels import _backends, reference
 from tests.tolerance import assert_close_derived, assert_close_fp64
 
 CPP = "cpp"
@@ -56,7 +56,7 @@ def check_fp32(backend, x64, y, att64=None, **kw):
 
 # ------------------------------------------------------------------ the reference itself
 def loop_loss(z, y, a, alpha, sigma, lam):
-    """SPEC section 3 written as plain Python loops over the pairs i < j (independent of the reference)."""
+    """docs/semantics.md §4.1 as plain Python loops over the pairs i < j (independent of the reference)."""
     sp = tp = sn = tn = 0.0
     n = len(y)
     for i, j in itertools.combinations(range(n), 2):
@@ -175,7 +175,7 @@ def test_triton_fp32_derived_tolerance():
 
 # ------------------------------------------------------------------ gradient checks
 class _FrozenWeights(torch.autograd.Function):
-    """Value: SPEC section 3 with the weights frozen at x0 (so finite differences see constant
+    """Value: docs/semantics.md §4.1 with the weights frozen at x0 (so finite differences see constant
     weights); backward: the backend's gradient at x0. gradcheck compares the two."""
 
     @staticmethod
@@ -235,8 +235,6 @@ def test_opcheck_cpp_op():
 
 @pytest.mark.interpreter
 def test_opcheck_triton_op():
-    from rll_kernels.triton import osm as _tosm  # noqa: F401  (registers the custom op)
-
     z = F.normalize(torch.randn(18, 5, dtype=torch.float64), dim=1).requires_grad_(True)
     y = torch.randint(0, 3, (18,))
     torch.library.opcheck(
@@ -422,17 +420,15 @@ def test_bad_parameters_raise(kw):
 def test_backend_resolution(monkeypatch):
     x = torch.randn(9, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (9,))
-    real = osm_mod.osm_available_backends
-    monkeypatch.setattr(
-        osm_mod,
-        "osm_available_backends",
-        lambda dev="cpu": {**real(dev), "cpp": "not built (test)", "triton": "no (test)"},
+    real = _backends.available_backends("cpu", "osm")
+    monkeypatch.setitem(
+        _backends._AVAILABLE, ("osm", "cpu"), {**real, "cpp": "not built (test)", "triton": "no (test)"}
     )
     with pytest.raises(RuntimeError, match="'cpp' is not available"):
         rll_kernels.weighted_contrastive_loss(x, y, backend="cpp")
     with pytest.raises(RuntimeError, match="'triton' is not available"):
         rll_kernels.weighted_contrastive_loss(x, y, backend="triton")
-    monkeypatch.setattr("rll_kernels._dispatch._warned", set())
+    monkeypatch.setattr(_backends, "_warned", set())
     with pytest.warns(RuntimeWarning, match="falling back"):
         l1 = rll_kernels.weighted_contrastive_loss(x, y)
     with warnings.catch_warnings():

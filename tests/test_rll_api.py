@@ -37,21 +37,21 @@ def test_backend_reference_equals_cpp():
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_unavailable_named_backend_raises(name):
-    if rll_kernels.available_backends("cpu")[name] is None:
+    if rll_kernels.available_backends("cpu", "rll")[name] is None:
         pytest.skip(f"{name} is usable on CPU tensors in this environment")
     with pytest.raises(RuntimeError, match=name):
         fused(torch.randn(4, 3), torch.arange(4), backend=name)
 
 
 def test_fallback_to_reference_warns_once(monkeypatch):
-    from rll_kernels import _dispatch
+    from rll_kernels import _backends
 
-    monkeypatch.setattr(
-        _dispatch,
-        "available_backends",
-        lambda device="cpu": {"reference": None, "cpp": "not built (test)", "triton": "no", "cuda": "no"},
+    monkeypatch.setitem(
+        _backends._AVAILABLE,
+        ("rll", "cpu"),
+        {"reference": None, "cpp": "not built (test)", "triton": "no", "cuda": "no"},
     )
-    _dispatch._warned.clear()
+    monkeypatch.setattr(_backends, "_warned", set())
     emb, labels = torch.randn(8, 3), torch.arange(8) // 2
     with pytest.warns(RuntimeWarning, match="falling back"):
         a = fused(emb, labels)

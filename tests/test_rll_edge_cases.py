@@ -1,4 +1,5 @@
-"""SPEC_RESEARCH 1.6 edge cases: empty sets, duplicates, huge temperatures, tiny batches, half inputs."""
+"""Edge cases (docs/semantics.md §2.5): empty sets, duplicates, huge temperatures, tiny batches, half
+inputs."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Memory is O(N D): N = 32768, D = 256 forward+backward grows peak RSS by <= 512 MiB (issue target;
+"""Memory is O(N D): N = 32768, D = 256 forward+backward grows peak RSS by <= 512 MiB
+(the memory bound of docs/semantics.md §2.6;
 PML would need ~35 GiB). Runs in a fresh subprocess so the peak is this computation's alone."""
 
 import json

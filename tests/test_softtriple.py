@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 
 import rll_kernels
-from rll_kernels import SoftTripleFused, soft_triple_loss
-from rll_kernels import softtriple as st
-from rll_kernels._reference_softtriple import soft_triple_regularizer
+from rll_kernels import SoftTripleFused, _backends, soft_triple_loss
 from rll_kernels.reference import soft_triple_loss as ref_loss
+from rll_kernels.reference import soft_triple_regularizer
 from tests.tolerance import assert_close_derived, assert_close_fp64
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_reg = pytest.importorskip("pytorch_metric_learning.regularizers")
 
-HAS_TRITON = st.available_backends("cpu")["triton"] is None
+HAS_TRITON = rll_kernels.available_backends("cpu", "softtriple")["triton"] is None
 
 
 def _fused_backends():
@@ -219,15 +218,13 @@ def test_opcheck_cpp_ops():
 @pytest.mark.interpreter
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed / TRITON_INTERPRET not set")
 def test_opcheck_triton_ops():
-    from rll_kernels.triton import softtriple as tst
-
     e, y, w = _problem(9, 5, 3, 6)
     x = F.normalize(e, dim=1).requires_grad_(True)
     w.requires_grad_(True)
-    torch.library.opcheck(tst.softtriple_triton_fwd, (x, y, w, 3, 20.0, 0.1, 0.01))
-    rows, lse = tst.softtriple_triton_fwd(x.detach(), y, w.detach(), 3, 20.0, 0.1, 0.01)
+    torch.library.opcheck(torch.ops.rll_kernels.softtriple_triton_fwd.default, (x, y, w, 3, 20.0, 0.1, 0.01))
+    rows, lse = torch.ops.rll_kernels.softtriple_triton_fwd(x.detach(), y, w.detach(), 3, 20.0, 0.1, 0.01)
     torch.library.opcheck(
-        tst.softtriple_triton_bwd,
+        torch.ops.rll_kernels.softtriple_triton_bwd.default,
         (torch.rand_like(rows), x.detach(), y, w.detach(), lse, 3, 20.0, 0.1, 0.01, True, True),
     )
 
@@ -308,15 +305,17 @@ def test_bad_arguments():
 
 
 def test_named_unavailable_backend_raises(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    real = _backends.available_backends("cpu", "softtriple")
+    monkeypatch.setitem(_backends._AVAILABLE, ("softtriple", "cpu"), {**real, "triton": "no (test)"})
     e, y, w = _problem(6, 5, 2, 4)
     with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu"):
         soft_triple_loss(e, y, w, 2, backend="triton")
 
 
 def test_fallback_to_reference_warns_once(monkeypatch):
-    monkeypatch.setattr(st, "_CPP_REGISTERED", False)
-    monkeypatch.setattr(rll_kernels._dispatch, "_warned", set())
+    real = _backends.available_backends("cpu", "softtriple")
+    monkeypatch.setitem(_backends._AVAILABLE, ("softtriple", "cpu"), {**real, "cpp": "not built (test)"})
+    monkeypatch.setattr(_backends, "_warned", set())
     e, y, w = _problem(6, 5, 2, 4)
     with pytest.warns(RuntimeWarning, match="falling back to the dense reference"):
         out = soft_triple_loss(e, y, w, 2)

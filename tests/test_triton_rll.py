@@ -1,4 +1,4 @@
-"""Triton backend of the Ranked List Loss (issue 3) against the dense reference.
+"""Triton backend of the Ranked List Loss against the dense reference.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set by
 conftest.py), so the sizes stay small (N <= ~100) and the blocks large. On a CUDA machine the same
@@ -204,7 +204,7 @@ def test_edge_cases_fp64(kind, semantics):
     assert_close_fp64(gxt, gxr, f"{kind} grad")
     if kind == "one_class":
         # every negative set empty: L_N = 0, so the loss is (1 - lambda) L_P only
-        stats = trl.rll_triton_fwd(
+        stats = torch.ops.rll_kernels.rll_triton_fwd(
             torch.nn.functional.normalize(x, dim=1),
             y,
             torch.arange(len(y), device=DEV),
@@ -224,13 +224,13 @@ def test_edge_cases_fp64(kind, semantics):
 
 
 def test_duplicate_of_other_label_is_a_negative_at_d0():
-    # SPEC: a duplicate (d = 0) of another label stays in N_i (PML drops it) with value alpha
+    # docs/semantics.md §2.5: a duplicate (d = 0) of another label stays in N_i (PML drops it), value alpha
     x = torch.randn(8, 6, dtype=torch.float64, device=DEV)
     x = torch.nn.functional.normalize(torch.cat([x, 2.0 * x[:1]]), dim=1)
     y = torch.cat([torch.zeros(8, dtype=torch.int64), torch.ones(1, dtype=torch.int64)]).to(DEV)
     ids = torch.arange(9, device=DEV)
     alpha = 1.2
-    rows, _, st = trl.rll_triton_fwd(
+    rows, _, st = torch.ops.rll_kernels.rll_triton_fwd(
         x, y, ids, x, y, ids, alpha, alpha - 0.4, 10.0, 0.0, 0.5, 0.0, False, False
     )
     # row 0's only negative is its duplicate: L_N(0) = alpha - 0, log den_N = Tn * alpha
@@ -241,7 +241,7 @@ def test_duplicate_of_other_label_is_a_negative_at_d0():
 # ------------------------------------------------------------------ ids (memory banks, global self-pairs)
 @pytest.mark.parametrize("semantics", ["paper", "pml"])
 def test_ids_and_den_rows_match_cpp(semantics):
-    if DEV != "cpu" or rll_kernels.available_backends("cpu")["cpp"] is not None:
+    if DEV != "cpu" or rll_kernels.available_backends("cpu", "rll")["cpp"] is not None:
         pytest.skip("the C++ CPU backend is the comparison here")
     n, m, d = 30, 50, 16
     x = torch.randn(n, d, dtype=torch.float64)
@@ -278,7 +278,9 @@ def test_half_inputs(dtype, semantics, Tn):
     alpha, margin, lam = 1.2, 0.4, 0.5
     args = (alpha, alpha - margin, Tn, 0.0, lam, bias, attached)
     zq = z.clone().requires_grad_()
-    rows, gradq, stats = trl.rll_triton_fwd(zq, y, ids, zq if attached else z, y, ids, *args, True)
+    rows, gradq, stats = torch.ops.rll_kernels.rll_triton_fwd(
+        zq, y, ids, zq if attached else z, y, ids, *args, True
+    )
     assert rows.dtype == torch.float32 and stats.dtype == torch.float32
     assert torch.isfinite(rows).all() and torch.isfinite(stats[:, [1, 3]]).all()
     w = torch.randn(n, device=DEV)
@@ -341,8 +343,10 @@ def test_detached_backward_pass_equals_forward_gradient():
     p = (1.2, 0.8, 20.0, 0.0, 0.3, 0.0)
     out = {}
     for dt in (torch.float64, torch.float32):
-        _, gradq, stats = trl.rll_triton_fwd(q.to(dt), ql, None, k.to(dt), kl, None, *p, False, True)
-        gq, gk = trl.rll_triton_bwd(
+        _, gradq, stats = torch.ops.rll_kernels.rll_triton_fwd(
+            q.to(dt), ql, None, k.to(dt), kl, None, *p, False, True
+        )
+        gq, gk = torch.ops.rll_kernels.rll_triton_bwd(
             g.to(dt), q.to(dt), ql, None, k.to(dt), kl, None, stats, *p, False, True, False
         )
         assert gk.numel() == 0
@@ -358,11 +362,15 @@ def test_empty_gallery_and_queries():
     lab = torch.zeros(5, dtype=torch.int64, device=DEV)
     k0 = torch.empty(0, 8, device=DEV)
     l0 = torch.empty(0, dtype=torch.int64, device=DEV)
-    rows, g, st = trl.rll_triton_fwd(q, lab, None, k0, l0, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
+    rows, g, st = torch.ops.rll_kernels.rll_triton_fwd(
+        q, lab, None, k0, l0, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True
+    )
     assert (rows == 0).all() and (g == 0).all() and torch.isneginf(st[:, [0, 2]]).all()
-    rows, g, st = trl.rll_triton_fwd(k0, l0, None, q, lab, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
+    rows, g, st = torch.ops.rll_kernels.rll_triton_fwd(
+        k0, l0, None, q, lab, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True
+    )
     assert rows.shape == (0,) and g.shape == (0, 8) and st.shape == (0, 4)
-    gq, gk = trl.rll_triton_bwd(
+    gq, gk = torch.ops.rll_kernels.rll_triton_bwd(
         torch.ones(5, device=DEV),
         q,
         lab,
@@ -389,25 +397,29 @@ def test_bad_inputs_raise_value_error():
     lab = torch.zeros(5, dtype=torch.int64, device=DEV)
     args = (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
     with pytest.raises(ValueError, match="k must be 2-D"):
-        trl.rll_triton_fwd(q, lab, None, q[None], lab, None, *args)
+        torch.ops.rll_kernels.rll_triton_fwd(q, lab, None, q[None], lab, None, *args)
     with pytest.raises(ValueError, match="same embedding size"):
-        trl.rll_triton_fwd(q, lab, None, q[:, :4], lab, None, *args)
+        torch.ops.rll_kernels.rll_triton_fwd(q, lab, None, q[:, :4], lab, None, *args)
     with pytest.raises(ValueError, match="q_labels must be int64"):
-        trl.rll_triton_fwd(q, lab.int(), None, q, lab, None, *args)
+        torch.ops.rll_kernels.rll_triton_fwd(q, lab.int(), None, q, lab, None, *args)
     with pytest.raises(ValueError, match="alpha must exceed beta"):
-        trl.rll_triton_fwd(q, lab, None, q, lab, None, 0.5, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
+        torch.ops.rll_kernels.rll_triton_fwd(
+            q, lab, None, q, lab, None, 0.5, 0.8, 10.0, 0.0, 0.5, 0.0, False, True
+        )
     with pytest.raises(ValueError, match="must be one of"):
-        trl.rll_triton_fwd(q.to(torch.int32), lab, None, q.to(torch.int32), lab, None, *args)
+        torch.ops.rll_kernels.rll_triton_fwd(
+            q.to(torch.int32), lab, None, q.to(torch.int32), lab, None, *args
+        )
 
 
 def test_dispatch():
-    avail = rll_kernels.available_backends(DEV)
+    avail = rll_kernels.available_backends(DEV, "rll")
     assert avail["triton"] is None
     # auto picks Triton on CUDA tensors; on CPU tensors "cpp" stays the default
-    from rll_kernels._dispatch import resolve_backend
+    from rll_kernels._backends import resolve
 
-    assert resolve_backend("auto", torch.device(DEV)) == ("triton" if DEV == "cuda" else "cpp")
-    assert resolve_backend("triton", torch.device(DEV)) == "triton"
+    assert resolve("rll", "auto", torch.device(DEV)) == ("triton" if DEV == "cuda" else "cpp")
+    assert resolve("rll", "triton", torch.device(DEV)) == "triton"
     # a module with backend="triton" gives the reference's value
     x = torch.randn(30, 8, device=DEV, dtype=torch.float64)
     y = _labels(30, 4)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tolerance import assert_close_fp64
 
 import rll_kernels
@@ -12,31 +11,25 @@ D = 8
 
 
 def dense_oracle(q, ql, qid, g, gl, gid, semantics, margin=0.4, Tn=10.0, lam=0.5, Tp=0.0):
-    """Dense RLL of queries q vs gallery g, pairs with equal ids left out (SPEC section 1).
+    """Dense RLL of queries q vs gallery g, pairs with equal ids left out (docs/semantics.md §1.5).
 
-    Built from reference.pairwise_distance/_weighted_mean with an explicit exclusion mask; the
-    bias of "pml" counts every gallery row, excluded or not (as in-batch, where the diagonal counts).
+    The dense reference with its id exclusion; the bias of "pml" counts every gallery row, excluded
+    or not (as in-batch, where the diagonal counts).
     """
-    alpha = 1.0 + margin / 2.0
-    beta = alpha - margin
-    z = F.normalize(q, dim=1)
-    k = F.normalize(g, dim=1)
-    pml = semantics == "pml"
-    if not pml:
-        k = k.detach()
-    excl = qid.view(-1, 1) == gid.view(1, -1)
-    d = reference.pairwise_distance(z, k, excl)
-    same = ql.view(-1, 1) == gl.view(1, -1)
-    pos = same & ~excl & (d > beta)
-    neg = ~same & ~excl & (d < alpha)
-    vp, vn = d - beta, alpha - d
-    sp, sn = Tp * vp, Tn * vn
-    if not pml:
-        sp, sn = sp.detach(), sn.detach()
-    bias = g.shape[0] * 1e-5 if pml else 0.0
-    wm = reference._weighted_mean
-    rows = (1 - lam) * wm(sp, vp, pos, bias) + lam * wm(sn, vn, neg, bias)
-    return rows.mean()
+    return reference.ranked_list_loss(
+        q,
+        ql,
+        margin,
+        Tn,
+        lam,
+        None,
+        Tp,
+        semantics=semantics,
+        ref_emb=g,
+        ref_labels=gl,
+        query_ids=qid,
+        ref_ids=gid,
+    )
 
 
 def batch(n, n_cls=4, dtype=torch.float64):

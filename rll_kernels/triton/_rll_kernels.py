@@ -1,4 +1,4 @@
-"""Triton kernels of the fused Ranked List Loss (SPEC section 1).
+"""Triton kernels of the fused Ranked List Loss (docs/semantics.md §2.6).
 
 Three kernels, each one program per block of rows streaming the other side in tiles, so no
 N x M matrix ever exists (memory O((N + M) D)):

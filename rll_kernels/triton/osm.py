@@ -1,4 +1,5 @@
-"""Triton kernel of the OSM + CAA weighted contrastive loss (SPEC section 3).
+"""Triton kernel of the OSM + CAA weighted contrastive loss (docs/semantics.md §4), behind the op
+``rll_kernels::osm_triton_fwd`` (registered in rll_kernels/ops/osm.py).
 
 One pass over the pair tiles, FlashAttention-forward style: program (row block I, feature chunk
 c) streams every column block J, computes the distance tile from a ``tl.dot`` over D, the
@@ -20,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validate import dup_rel_tol
-from ..osm import osm_backward, osm_fake, osm_setup_context
+from .._checks import dup_rel_tol
 from . import interpret_mode
 
 
@@ -136,8 +136,7 @@ def _blocks(d: int) -> tuple[int, int, int, int, int]:
     return 64, 32, 32, bd, 4
 
 
-@torch.library.custom_op("rll_kernels::osm_triton_fwd", mutates_args=())
-def osm_triton_fwd(
+def osm_forward(
     z: torch.Tensor,
     labels: torch.Tensor,
     attention: Optional[torch.Tensor],
@@ -190,7 +189,3 @@ def osm_triton_fwd(
     else:
         grad = z.new_empty(0)
     return loss, grad, sums
-
-
-osm_triton_fwd.register_fake(osm_fake)
-torch.library.register_autograd("rll_kernels::osm_triton_fwd", osm_backward, setup_context=osm_setup_context)

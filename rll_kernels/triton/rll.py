@@ -1,7 +1,6 @@
-r"""Triton backend of the Ranked List Loss: launchers and the opaque custom ops.
-
-``rll_kernels::rll_triton_fwd`` / ``rll_kernels::rll_triton_bwd`` take exactly the arguments of the
-C++ ``rll_fwd`` / ``rll_bwd`` schemas (csrc/ops.cpp) and return the same tensors:
+r"""Triton backend of the Ranked List Loss: the launchers behind the ops ``rll_kernels::rll_triton_fwd``
+and ``rll_triton_bwd`` (registered in rll_kernels/ops/rll.py with the schemas of
+rll_kernels/ops/_schemas.py, the same contract as the C++ ``rll_fwd`` / ``rll_bwd``). They return:
 
 * forward: (per-row losses (N,), the query gradient of each row's loss (N, D) when
   ``need_grad and not attached`` else (0,), row statistics (N, 4) = [log den_P, L_P, log den_N, L_N]);
@@ -15,9 +14,9 @@ With :math:`G_{ij} = \partial L/\partial d_{ij} / d_{ij}`:
 
 Inputs may be fp32, fp64, fp16 or bf16. Accumulation is fp32 (fp64 for fp64 inputs); for half
 inputs the row losses, statistics and the forward's query gradient are fp32, the backward's
-gradients have the input dtype. The ops are opaque ``torch.library.custom_op`` (device types cpu and
-cuda: CPU tensors run through the Triton interpreter, ``TRITON_INTERPRET=1``), with explicit fake
-kernels and autograd, the form that passes ``opcheck`` and ``torch.compile(fullgraph=True)``.
+gradients have the input dtype. The ops are registered for CPU and CUDA tensors (CPU tensors run
+through the Triton interpreter, ``TRITON_INTERPRET=1``); their fake kernels and autograd are the ones
+of the C++ op (rll_kernels/ops/rll.py).
 
 Environment: ``RLL_TRITON_FP32_PRECISION`` selects ``tl.dot``'s ``input_precision`` for fp32 operands
 on GPU: ``tf32x3`` (default: three tf32 MMAs per product, about fp32 accuracy), ``ieee`` (fp32 FMA, no
@@ -39,7 +38,7 @@ import triton
 from . import interpret_mode
 from ._rll_kernels import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
 
-__all__ = ["rll_triton_fwd", "rll_triton_bwd", "INTERPRET"]
+__all__ = ["INTERPRET", "rll_backward", "rll_forward"]
 
 # TRITON_INTERPRET is read when @triton.jit decorates a kernel (at import of _rll_kernels)
 INTERPRET = interpret_mode()
@@ -299,7 +298,9 @@ def _params(q: torch.Tensor, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.
 def _params_cached(device: str, acc: torch.dtype, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.Tensor:
     # cached: a host-to-device copy per call would synchronise the stream (pageable memory); the
     # kernels only read it
-    rel = 64.0 * torch.finfo(acc).eps  # duplicate threshold (SPEC): 64 eps of the accumulation type
+    rel = (
+        64.0 * torch.finfo(acc).eps
+    )  # duplicate threshold (docs/semantics.md §1.3): 64 eps of the accumulation type
     return torch.tensor([alpha, beta, Tn, Tp, imbalance, den_bias, rel], dtype=acc, device=device)
 
 
@@ -311,8 +312,7 @@ def _ids_args(q_ids, k_ids, q_labels, k_labels):
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("rll_kernels::rll_triton_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def rll_triton_fwd(
+def rll_forward(
     q: torch.Tensor,
     q_labels: torch.Tensor,
     q_ids: Optional[torch.Tensor],
@@ -400,20 +400,7 @@ def rll_triton_fwd(
     return loss, gradq, stats
 
 
-@rll_triton_fwd.register_fake
-def _rll_triton_fwd_fake(
-    q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias, attached, need_grad
-):
-    torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rll_triton_fwd: q and k must be 2-D")
-    torch._check(q.shape[1] == k.shape[1], lambda: "rll_triton_fwd: q and k embedding sizes differ")
-    n, d = q.shape
-    acc = _acc_dtype(q.dtype)
-    grad = q.new_empty(n, d, dtype=acc) if (need_grad and not attached) else q.new_empty(0, dtype=acc)
-    return q.new_empty(n, dtype=acc), grad, q.new_empty(n, 4, dtype=acc)
-
-
-@torch.library.custom_op("rll_kernels::rll_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def rll_triton_bwd(
+def rll_backward(
     grad_rows: torch.Tensor,
     q: torch.Tensor,
     q_labels: torch.Tensor,
@@ -469,71 +456,3 @@ def rll_triton_bwd(
             **flags,
         )
     return gq, gk
-
-
-@rll_triton_bwd.register_fake
-def _rll_triton_bwd_fake(
-    grad_rows,
-    q,
-    q_labels,
-    q_ids,
-    k,
-    k_labels,
-    k_ids,
-    stats,
-    alpha,
-    beta,
-    Tn,
-    Tp,
-    imbalance,
-    den_bias,
-    attached,
-    need_gq,
-    need_gk,
-):
-    gq = torch.empty_like(q) if need_gq else q.new_empty(0)
-    gk = torch.empty_like(k) if need_gk else k.new_empty(0)
-    return gq, gk
-
-
-# ------------------------------------------------------------------ autograd (mirrors rll_kernels/_ops.py)
-def _setup_context(ctx, inputs, output):
-    q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, lam, bias, attached, need_grad = inputs
-    _, gradq, stats = output
-    ctx.params = (alpha, beta, Tn, Tp, lam, bias)
-    ctx.attached = attached
-    ctx.q_dtype = q.dtype
-    ctx.grad_in_forward = need_grad and not attached
-    if ctx.grad_in_forward:
-        # "paper": the query gradient of every row was computed in the forward pass
-        ctx.save_for_backward(gradq)
-    else:
-        ctx.save_for_backward(q, q_labels, q_ids, k, k_labels, k_ids, stats)
-
-
-def _backward(ctx, g_rows, _g_grad, _g_stats):
-    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    if ctx.grad_in_forward:
-        (gradq,) = ctx.saved_tensors
-        gq = (gradq * g_rows.unsqueeze(1)).to(ctx.q_dtype) if need_q else None
-        return (gq,) + (None,) * 13
-    q, q_labels, q_ids, k, k_labels, k_ids, stats = ctx.saved_tensors
-    need_k = need_k and ctx.attached  # the gallery is a constant with detached weights
-    gq, gk = torch.ops.rll_kernels.rll_triton_bwd(
-        g_rows.contiguous(),
-        q,
-        q_labels,
-        q_ids,
-        k,
-        k_labels,
-        k_ids,
-        stats,
-        *ctx.params,
-        ctx.attached,
-        need_q,
-        need_k,
-    )
-    return (gq if need_q else None, None, None, gk if need_k else None) + (None,) * 10
-
-
-rll_triton_fwd.register_autograd(_backward, setup_context=_setup_context)

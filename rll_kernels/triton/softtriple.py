@@ -1,5 +1,6 @@
-"""Fused SoftTriple loss in Triton (SPEC section 2): custom ops ``rll_kernels::softtriple_triton_fwd``
-and ``softtriple_triton_bwd``, same contract as the C++ ``softtriple_fwd`` / ``softtriple_bwd``.
+"""Fused SoftTriple loss in Triton (docs/semantics.md §3): the launchers behind the ops
+``rll_kernels::softtriple_triton_fwd`` and ``softtriple_triton_bwd`` (registered in
+rll_kernels/ops/softtriple.py; the same contract as the C++ ``softtriple_fwd`` / ``softtriple_bwd``).
 
 x (N, D) is normalised; w (D, C*K) is the raw center parameter, normalised per column on the fly
 (r_ck = 1 / max(|w_ck|, 1e-12)). A tile holds BC classes x KP center slots (KP = next power of 2 of
@@ -13,10 +14,9 @@ reshaped to (BM, BC, KP) for the segmented K-softmax.
   class tile, which owns its columns of dW over all row blocks, then applies F.normalize's
   projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck).
 
-The launches are wrapped in opaque ``torch.library.custom_op`` s with ``register_fake`` and
-``register_autograd``, so they also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests) and
-pass ``opcheck``. GEMMs use ``input_precision="ieee"`` (no TF32) so float32 matches the reference
-to the derived tolerance.
+The ops are registered for CPU and CUDA tensors, so they also run on CPU tensors under
+``TRITON_INTERPRET=1`` (tests). GEMMs use ``input_precision="ieee"`` (no TF32) so float32 matches
+the reference to the derived tolerance.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["softtriple_triton_fwd", "softtriple_triton_bwd"]
+__all__ = ["softtriple_backward", "softtriple_forward"]
 
 NORM_EPS = 1e-12
 
@@ -318,8 +318,7 @@ def _check(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, k: int) -> No
     )
 
 
-@torch.library.custom_op("rll_kernels::softtriple_triton_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def softtriple_triton_fwd(
+def softtriple_forward(
     x: torch.Tensor,
     labels: torch.Tensor,
     w: torch.Tensor,
@@ -364,15 +363,7 @@ def softtriple_triton_fwd(
     return loss, lse
 
 
-@softtriple_triton_fwd.register_fake
-def _(x, labels, w, centers_per_class, la, gamma, margin):
-    _check(x, labels, w, centers_per_class)
-    n = x.shape[0]
-    return x.new_empty(n), x.new_empty(n)
-
-
-@torch.library.custom_op("rll_kernels::softtriple_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def softtriple_triton_bwd(
+def softtriple_backward(
     grad_rows: torch.Tensor,
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -415,28 +406,3 @@ def softtriple_triton_bwd(
             g, x, labels, w, rn, q, lse, gw, *args, BM=bm, BC=bc, KP=kp, BD=bd
         )
     return gx, gw
-
-
-@softtriple_triton_bwd.register_fake
-def _(grad_rows, x, labels, w, lse, centers_per_class, la, gamma, margin, need_gx, need_gw):
-    gx = torch.empty_like(x) if need_gx else x.new_empty(0)
-    gw = torch.empty_like(w) if need_gw else w.new_empty(0)
-    return gx, gw
-
-
-def _setup_context(ctx, inputs, output):
-    x, labels, w, k, la, gamma, margin = inputs
-    _, lse = output
-    ctx.params = (k, la, gamma, margin)
-    ctx.save_for_backward(x, labels, w, lse)
-
-
-def _backward(ctx, g_rows, _g_lse):
-    # LSE is a saved statistic: its gradient is not propagated (it is never used by the API)
-    x, labels, w, lse = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    gx, gw = softtriple_triton_bwd(g_rows, x, labels, w, lse, *ctx.params, need_x, need_w)
-    return (gx if need_x else None, None, gw if need_w else None, None, None, None, None)
-
-
-softtriple_triton_fwd.register_autograd(_backward, setup_context=_setup_context)

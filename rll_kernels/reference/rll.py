@@ -1,6 +1,6 @@
-"""Dense pure-PyTorch references: the ground truth every fused backend is tested against.
+"""Dense Ranked List Loss: the ground truth every fused backend is tested against (docs/semantics.md §2).
 
-They materialise N x M matrices on purpose (clarity over memory); never use them at scale.
+It materialises N x M matrices on purpose (clarity over memory); never use it at scale.
 """
 
 from __future__ import annotations
@@ -10,30 +10,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._validate import dup_rel_tol
+from .._checks import compute_dtype
+from ._common import id_exclusion, pairwise_distance
 
-__all__ = ["ranked_list_loss", "pairwise_distance"]
-
-
-def pairwise_distance(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    exclude: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    r"""Euclidean distance matrix from the Gram form, with the SPEC duplicate rule.
-
-    :math:`d^2_{ij} = |q_i|^2 + |k_j|^2 - 2 q_i \cdot k_j`, clamped at 0. A pair with
-    :math:`d^2 \le 64\,\epsilon\,(|q_i|^2 + |k_j|^2)` is a duplicate: it gets ``d = 0`` and a zero
-    gradient (no ``sqrt`` is ever taken at 0, so no NaN). ``exclude`` (bool, N x M) marks pairs
-    that are not pairs at all (the diagonal in-batch); they also get ``d = 0`` and no gradient.
-    """
-    nq = (q * q).sum(1, keepdim=True)
-    nk = (k * k).sum(1, keepdim=True).t()
-    d2 = (nq + nk - 2.0 * (q @ k.t())).clamp_min(0.0)
-    dead = d2 <= dup_rel_tol(q.dtype) * (nq + nk)
-    if exclude is not None:
-        dead = dead | exclude
-    return torch.where(dead, torch.zeros_like(d2), torch.where(dead, torch.ones_like(d2), d2).sqrt())
+__all__ = ["ranked_list_loss"]
 
 
 def _weighted_mean(logits, values, mask, bias: float):
@@ -69,8 +49,11 @@ def ranked_list_loss(
     normalize: bool = True,
     ref_emb: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
+    query_ids: Optional[torch.Tensor] = None,
+    ref_ids: Optional[torch.Tensor] = None,
+    den_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    r"""Ranked List Loss (Wang et al., CVPR 2019 / TPAMI 2021), dense reference (SPEC section 1).
+    r"""Ranked List Loss (Wang et al., CVPR 2019 / TPAMI 2021), dense reference (docs/semantics.md §2).
 
     With :math:`z = e/\|e\|`, :math:`d_{ij} = \|z_i - g_j\|`, :math:`\beta = \alpha - m`:
 
@@ -84,7 +67,9 @@ def ranked_list_loss(
 
     ``semantics="paper"``: softmax weights and the gallery are constants (gradient reaches the
     query only). ``semantics="pml"``: plain autograd through everything, and ``M * 1e-5`` added
-    to each denominator, as PML 2.9.0 ``RankedListLoss``.
+    to each denominator, as PML 2.9.0 ``RankedListLoss``. ``query_ids`` / ``ref_ids``: a pair with
+    equal ids is excluded (default: the pair i = i in-batch; docs/semantics.md §1.5); ``den_rows``: the
+    gallery size M of the bias (default: the gallery's rows).
     """
     if semantics not in ("paper", "pml"):
         raise ValueError(f"semantics must be 'paper' or 'pml', got {semantics!r}")
@@ -96,7 +81,7 @@ def ranked_list_loss(
     in_batch = ref_emb is None
     if in_batch:
         ref_emb, ref_labels = embeddings, labels
-    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(embeddings.dtype)
     q = embeddings.to(acc)
     k = ref_emb.to(acc)
     if normalize:
@@ -107,7 +92,7 @@ def ranked_list_loss(
         k = k.detach()
 
     n, m_cols = q.shape[0], k.shape[0]
-    exclude = torch.eye(n, m_cols, dtype=torch.bool, device=q.device) if in_batch else None
+    exclude = id_exclusion(query_ids, ref_ids, n, m_cols, in_batch, q.device)
     d = pairwise_distance(q, k, exclude)
     same = labels.view(-1, 1) == ref_labels.view(1, -1)
     valid = ~exclude if exclude is not None else torch.ones_like(same)
@@ -118,7 +103,7 @@ def ranked_list_loss(
     sp, sn = Tp * vp, Tn * vn
     if not pml:
         sp, sn = sp.detach(), sn.detach()
-    bias = m_cols * 1e-5 if pml else 0.0
+    bias = (m_cols if den_rows is None else int(den_rows)) * 1e-5 if pml else 0.0
     lp = _weighted_mean(sp, vp, pos, bias)
     ln = _weighted_mean(sn, vn, neg, bias)
     rows = (1.0 - imbalance) * lp + imbalance * ln
@@ -127,7 +112,3 @@ def ranked_list_loss(
     if reduction == "sum":
         return rows.sum()
     return rows
-
-
-from ._reference_osm import weighted_contrastive_loss  # noqa: E402,F401
-from ._reference_softtriple import soft_triple_loss  # noqa: E402,F401

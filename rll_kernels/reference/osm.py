@@ -1,4 +1,4 @@
-"""Dense reference of the OSM + CAA weighted contrastive loss (Wang et al., AAAI 2019; SPEC section 3).
+"""Dense reference of the OSM + CAA weighted contrastive loss (Wang et al., AAAI 2019; docs/semantics.md §4).
 
 Materialises the N x N distance matrix on purpose (clarity over memory); never use it at scale.
 """
@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._validate_osm import check_attention, check_osm_params
+from .._checks import check_attention, check_osm_params, compute_dtype
+from ._common import pairwise_distance
 
 __all__ = ["weighted_contrastive_loss"]
 
@@ -25,7 +26,7 @@ def weighted_contrastive_loss(
     *,
     normalize: bool = True,
 ) -> torch.Tensor:
-    r"""OSM + CAA weighted contrastive loss, dense reference (SPEC section 3).
+    r"""OSM + CAA weighted contrastive loss, dense reference (docs/semantics.md §4).
 
     Over all unordered pairs :math:`i < j` of the batch, with :math:`z = e/\|e\|` (``normalize``),
     :math:`d_{ij} = \|z_i - z_j\|_2`, :math:`h_{ij} = [\alpha - d_{ij}]_+` and the pair attention
@@ -40,14 +41,12 @@ def weighted_contrastive_loss(
 
     An empty set (no positive pair; no negative pair inside the margin) gives 0. The weights are
     constants (stop-gradient, as the official code computes them in Backward); both ends of every
-    pair receive gradient. Distances use the Gram form with the SPEC duplicate rule (a pair with
-    :math:`d^2 \le 64\epsilon(|z_i|^2 + |z_j|^2)` has ``d = 0`` and no gradient direction).
+    pair receive gradient. Distances use the Gram form with the duplicate rule of docs/semantics.md
+    §1.3 (a pair with :math:`d^2 \le 64\epsilon(|z_i|^2 + |z_j|^2)` has ``d = 0`` and no gradient direction).
     ``attention`` is an input in (0, 1], never differentiated.
     """
-    from .reference import pairwise_distance  # reference.py imports this module at its end
-
     check_osm_params(alpha, sigma, imbalance)
-    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(embeddings.dtype)
     z = embeddings.to(acc)
     if normalize:
         z = F.normalize(z, dim=1)

@@ -1,18 +1,18 @@
-"""Dense SoftTriple reference (SPEC section 2): materialises N x C*K on purpose; never use it at scale."""
+"""Dense SoftTriple reference (docs/semantics.md §3).
+
+It materialises N x C*K on purpose; never use it at scale.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_triple_loss", "soft_triple_regularizer", "sparse_centers_term", "soft_triple_compute_dtype"]
+from .._checks import compute_dtype
+
+__all__ = ["REG_EPS", "soft_triple_loss", "soft_triple_regularizer", "sparse_centers_term"]
 
 REG_EPS = 1e-5  # the official code's smoothing inside the regulariser's sqrt
-
-
-def soft_triple_compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any operand is float64, else float32 (fp16/bf16 are computed in fp32)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def soft_triple_regularizer(
@@ -81,7 +81,7 @@ def soft_triple_loss(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     k = int(centers_per_class)
-    acc = soft_triple_compute_dtype(embeddings.dtype, centers.dtype)
+    acc = compute_dtype(embeddings.dtype, centers.dtype)
     x = F.normalize(embeddings.to(acc), dim=1)
     w = F.normalize(centers.to(acc), dim=0)
     n = x.shape[0]
