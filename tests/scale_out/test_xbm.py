@@ -190,7 +190,7 @@ def test_example_train_xbm_runs_a_few_steps(capsys):
     import math
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_xbm.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "train_xbm.py"
     spec = importlib.util.spec_from_file_location("train_xbm", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
