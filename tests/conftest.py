@@ -13,6 +13,7 @@ backend runs on here: CPU tensors for ``cpp``, CUDA tensors for ``cuda``, and fo
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -24,11 +25,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from devices import DEVICE_OF  # (the conftest directory is on sys.path)
+
 import rll_kernels  # (after TRITON_INTERPRET)
 from rll_kernels._backends import BACKENDS, LOSSES
-
-GPU = "cuda" if torch.cuda.is_available() else None
-DEVICE_OF = {"cpp": "cpu", "cuda": "cuda", "triton": GPU or "cpu", "reference": GPU or "cpu"}
 
 
 def fused_backends(loss: str) -> list[str]:
@@ -86,6 +86,27 @@ def pytest_generate_tests(metafunc):
 def device(backend) -> str:
     """The device of ``backend``'s tensors in this run (see the module docstring)."""
     return DEVICE_OF[backend]
+
+
+# The Triton interpreter runs each program of a kernel launch in Python, so its time grows with the
+# number of (32-query x 64-gallery x 64-feature) tiles. A case with more tiles than this is too slow
+# for it on CPU tensors: skipped there with this reason, it runs on a GPU.
+INTERPRETER_TILES = 6
+
+
+@pytest.fixture
+def skip_if_interpreted_above(backend, device):
+    """``check(n, m, d)``: skip when ``backend`` runs in the Triton interpreter and an N x M problem
+    with D features has more than ``INTERPRETER_TILES`` tiles."""
+
+    def check(n: int, m: int, d: int) -> None:
+        tiles = math.ceil(n / 32) * math.ceil(m / 64) * math.ceil(d / 64)
+        if backend == "triton" and device == "cpu" and tiles > INTERPRETER_TILES:
+            pytest.skip(
+                f"too slow for the Triton interpreter (N={n}, M={m}, D={d}: {tiles} tiles); runs on a GPU"
+            )
+
+    return check
 
 
 @pytest.fixture(autouse=True)
