@@ -12,6 +12,7 @@ pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 
 
 def _pml(emb, labels, margin, Tn, imbalance, alpha, Tp):
+    """PML's loss (mean over the rows)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PML warns for Tn or Tp > 5
         fn = pml_losses.RankedListLoss(margin=margin, Tn=Tn, imbalance=imbalance, alpha=alpha, Tp=Tp)
@@ -60,13 +61,59 @@ def test_reference_equals_pml_label_structures(kind):
     _compare(emb, labels, margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0)
 
 
-def test_reference_differs_from_pml_only_on_zero_distance_negative():
-    # the documented deliberate difference: PML drops a negative at exactly d = 0, we keep it
-    emb = torch.randn(6, 8, dtype=torch.float64)
-    emb[1] = emb[0]
-    labels = torch.tensor([0, 1, 0, 1, 2, 2])
-    ours = reference.ranked_list_loss(emb, labels, semantics="pml", reduction="none")
-    theirs = _pml(emb, labels, 0.4, 10.0, 0.5, None, 0.0)
-    # rows 0 and 1 hold the duplicate: for them L_N is dominated by v = alpha - 0 = 1.2
-    assert ours[0].item() > 0.5 * 0.5 * 1.2 and ours[1].item() > 0.5 * 0.5 * 1.2
-    assert ours.mean().item() > theirs.item() + 1e-3  # PML dropped it
+def _pml_rows(emb, labels, **hp):
+    """PML's per-row losses (its DoNothingReducer)."""
+    reducers = pytest.importorskip("pytorch_metric_learning.reducers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn = pml_losses.RankedListLoss(reducer=reducers.DoNothingReducer(), **hp)
+    return fn(emb, labels)["loss"]["losses"]
+
+
+def _ids_dropping_zero_distance_negatives(emb, labels):
+    """Ids under which the reference leaves out exactly the pairs PML drops: a row and its exact
+    duplicates of another label share one id, so those pairs (and the diagonal) are excluded
+    (docs/semantics.md §1.5); the bias still counts every column, as PML's does."""
+    z = torch.nn.functional.normalize(emb, dim=1)
+    ids = torch.arange(len(labels))
+    for i in range(len(labels)):
+        for j in range(i):
+            if torch.equal(z[i], z[j]) and labels[i] != labels[j]:
+                ids[i] = ids[j]
+    return ids
+
+
+@pytest.mark.parametrize("with_duplicate", [True, False], ids=["d0-negative", "none"])
+def test_reference_differs_from_pml_only_on_zero_distance_negative(with_duplicate):
+    # the documented deliberate difference (docs/semantics.md §2.8): PML drops a negative at exactly
+    # d = 0, we keep it. Only the rows that hold such a negative may differ, and leaving exactly
+    # those pairs out of the reference must give PML's value and gradient.
+    hp = dict(margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0)
+    emb = torch.randn(12, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 3, 3, 0, 1, 2, 3])
+    if with_duplicate:
+        emb[1] = emb[0]  # labels 0 and 1: each row has a negative at d = 0
+    ids = _ids_dropping_zero_distance_negatives(emb, labels)
+    held = ids != torch.arange(12)
+    held = held | torch.isin(torch.arange(12), ids[held])  # the rows holding such a negative
+    assert held.tolist() == [with_duplicate] * 2 + [False] * 10
+
+    ours = reference.ranked_list_loss(emb, labels, semantics="pml", reduction="none", **hp)
+    theirs = _pml_rows(emb, labels, **hp)
+    # everywhere else: equal, row by row
+    assert_close_fp64(ours[~held], theirs[~held], "rows without a d = 0 negative")
+    if with_duplicate:
+        # rows 0 and 1 hold the duplicate: for them L_N is dominated by v = alpha - 0 = 1.2
+        assert ours[0].item() > 0.5 * 0.5 * 1.2 and ours[1].item() > 0.5 * 0.5 * 1.2
+        assert (ours[held] - theirs[held]).abs().min().item() > 1e-3
+        assert ours.mean().item() > _pml(emb, labels, **hp).item() + 1e-3  # PML dropped it
+    # with exactly those pairs left out, value and gradient equal PML's
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    kept_out = reference.ranked_list_loss(
+        e1, labels, semantics="pml", ref_emb=e1, ref_labels=labels, query_ids=ids, ref_ids=ids, **hp
+    )
+    pml = _pml(e2, labels, **hp)
+    kept_out.backward()
+    pml.backward()
+    assert_close_fp64(kept_out.detach(), pml.detach(), "loss, d = 0 negatives left out")
+    assert_close_fp64(e1.grad, e2.grad, "grad, d = 0 negatives left out")
