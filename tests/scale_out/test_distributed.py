@@ -1,7 +1,9 @@
 """DistributedLossWrapper on gloo (2 and 3 processes, uneven batches, both semantics).
 
 Property (docs/semantics.md §2.7): the mean over ranks of the returned losses, and the
-DDP-averaged gradients, equal the loss and gradient of one process on the concatenated batch.
+DDP-averaged gradients, equal the loss and gradient of one process on the concatenated batch; each
+rank's loss equals the dense reference of its rows against the global batch with the global
+self-pair excluded by ids, times W / n.
 """
 
 import datetime
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rll_kernels import DistributedLossWrapper, RLLFused
+from rll_kernels import DistributedLossWrapper, RLLFused, reference
 
 D_IN, D = 6, 5
 TIMEOUT_S = 60
@@ -85,8 +87,25 @@ def worker(rank, world, cases, out_dir):
             # the gradient of the embeddings each rank owns, averaged as DDP averages
             ref_emb = ref_model(x).detach().requires_grad_()
             g_ref = torch.autograd.grad(RLLFused(**loss_cfg)(ref_emb, y), ref_emb)[0]
+            # this rank's own loss (docs/semantics.md §2.7): the dense reference of its queries
+            # against the global batch, the global self-pair excluded by ids, times W / n
+            all_emb = ref_emb.detach()
+            rank_err = float(loss.item() != 0.0)  # a rank without rows returns exactly 0
+            if sizes[rank]:
+                rank_ref = reference.ranked_list_loss(
+                    all_emb[sl],
+                    y[sl],
+                    ref_emb=all_emb,
+                    ref_labels=y,
+                    query_ids=torch.arange(lo, lo + sizes[rank]),
+                    ref_ids=torch.arange(len(y)),
+                    reduction="sum",
+                    **loss_cfg,
+                ) * (world / len(y))
+                rank_err = rel_err(loss.detach(), rank_ref)
             errs[name] = {
                 "loss": rel_err(mean_loss, ref_loss.detach()),
+                "rank_loss": rank_err,
                 # one relative error over all parameters: with normalize=False and "pml" the bias
                 # gradient is exactly 0 (distances are translation invariant), only rounding is left
                 "params": rel_err(flat_grad(ddp.module), flat_grad(ref_model)),
