@@ -3,30 +3,23 @@ differences must agree with every backend's gradient, of the embeddings and of t
 
 from __future__ import annotations
 
+import pytest
 import torch
 from softtriple_cases import problem
 
 from rll_kernels import soft_triple_loss
 
 
-def test_gradcheck(backend, device):
-    e, y, w = problem(7, 4, 3, 5, device=device)
+@pytest.mark.parametrize(
+    "n, c, k, d, tau, reduction",
+    [(7, 4, 3, 5, 0.2, "mean"), (7, 4, 3, 5, 0.0, "none"), (5, 3, 2, 4, 0.2, "mean")],
+    ids=["regularised", "per-row", "small"],  # "none": every row's gradient separately
+)
+def test_gradcheck(backend, device, n, c, k, d, tau, reduction):
+    e, y, w = problem(n, c, k, d, device=device)
     e.requires_grad_(True)
     w.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: soft_triple_loss(a, y, b, 3, 5.0, 0.3, 0.1, 0.2, backend=backend), (e, w)
-    )
-    # per-row losses: every row's gradient separately
-    assert torch.autograd.gradcheck(
-        lambda a, b: soft_triple_loss(a, y, b, 3, 5.0, 0.3, 0.1, 0.0, reduction="none", backend=backend),
+        lambda a, b: soft_triple_loss(a, y, b, k, 5.0, 0.3, 0.1, tau, reduction=reduction, backend=backend),
         (e, w),
-    )
-
-
-def test_gradcheck_small_batch(backend, device):
-    e, y, w = problem(5, 3, 2, 4, device=device)
-    e.requires_grad_(True)
-    w.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda a, b: soft_triple_loss(a, y, b, 2, 5.0, 0.3, 0.1, 0.2, backend=backend), (e, w)
     )
