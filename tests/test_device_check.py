@@ -1,0 +1,87 @@
+"""bench/device_check.sh, the GPU check, exercised on this CPU so that it cannot rot.
+
+``--dry-run`` runs every part (Triton in the interpreter, the CUDA kernels through their CPU
+emulation, tiny sizes, PML from the environment, the sanitizer commands printed); a second run
+with a stand-in interpreter checks that a failing part and a part past its timeout are recorded
+and do not stop the next one. docs/device_check.md describes the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "device_check.sh"
+PARTS = ["pml", "build", "env", "tests", "parity", "goal", "sync", "sanitize", "timings", "roofline"]
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU stand-in; on a GPU machine run bench/device_check.sh itself"
+)
+
+
+def _run(out: Path, *args: str, python: str = sys.executable, timeout: int = 600):
+    env = dict(os.environ, PYTHON=python, OUT=str(out), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the script sets it for its dry-run parts itself
+    t0 = time.time()
+    r = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return r, time.time() - t0
+
+
+def _status(out: Path) -> dict[str, str]:
+    return {ln.split("\t")[0]: ln.split("\t")[1] for ln in (out / "status.tsv").read_text().splitlines()}
+
+
+@pytest.mark.slow
+def test_dry_run_every_part(tmp_path, capsys):
+    # --budget: the dry run takes about a minute on 2 idle cores; past 5 minutes parts are skipped (a failure)
+    r, seconds = _run(tmp_path, "--dry-run", "--budget", "300")
+    with capsys.disabled():
+        print(f"\ndevice_check.sh --dry-run: {seconds:.0f} s\n" + r.stdout[-2500:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert _status(tmp_path) == dict.fromkeys(PARTS, "ok")
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "every part ok" in summary and "FAIL" not in summary
+    parity = (tmp_path / "parity.log").read_text()
+    for loss in ("rll-paper", "rll-pml", "softtriple", "osm"):
+        assert f"PASS triton {loss} float32" in parity, loss
+    assert "PASS cuda rll-pml float32" in parity  # the CUDA kernels, emulated
+    assert "PASS triton rll-paper float16 N=32 D=16 Tn=100 loss" in parity
+    goal = (tmp_path / "goal.log").read_text()
+    assert "goal triton pml: full" in goal and "goal cuda paper: full" in goal
+    rows = (tmp_path / "timings.csv").read_text().splitlines()
+    assert rows[0].startswith("loss,dtype,N,D,provider") and len(rows) > 10
+    assert any(",reference+compile," in row for row in rows) and any(",pml," in row for row in rows)
+    assert "would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1" in (tmp_path / "sanitize.log").read_text()
+    sync = json.loads((tmp_path / "sync.summary.json").read_text())
+    assert sum(ln.startswith("sync ") for ln in sync["lines"]) == 8  # 4 losses x (triton, auto)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case " $* " in
+  *" env "*) echo "a failing part"; exit 1 ;;
+  *" goal "*) sleep 60 ;;
+esac
+exec {python} "$@"
+"""
+
+
+def test_failing_and_slow_parts_do_not_stop_the_next(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    r, _ = _run(out, "--dry-run", "--only", "env,goal,roofline", "--limit", "goal=2", python=str(fake))
+    assert r.returncode == 1, r.stdout + r.stderr
+    st = _status(out)
+    assert st["env"] == "FAIL" and st["goal"].startswith("TIMEOUT") and st["roofline"] == "ok", st
+    assert st["parity"] == "not selected"
+    summary = (out / "SUMMARY.md").read_text()
+    assert "NOT OK: env, goal" in summary and "roofline N=8192 D=512 pml: tf32 tensor-core floor" in summary
