@@ -23,8 +23,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 if "--dry-run" in sys.argv:  # read when the Triton kernels are decorated: before rll_kernels is imported
     os.environ["TRITON_INTERPRET"] = "1"
+if sys.argv[1:2] == ["warm"] or "--no-extension" in sys.argv:
+    # warm runs while the extension builds: never map a _C*.so that the build may overwrite (the
+    # Triton backend needs no C++ extension); its parity-cases workers inherit the flag
+    sys.modules["rll_kernels._C"] = None  # type: ignore[assignment]  (import _C raises ImportError)
 
-PARTS = ("env", "tests", "parity", "goal", "sync", "sanitize", "timings", "roofline", "summary")
+PARTS = ("env", "tests", "parity", "goal", "sync", "sanitize", "timings", "roofline", "summary", "warm")
 HELPERS = ("parity-cases", "sanitize-case")
 
 
@@ -71,13 +75,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes (checks this script)")
     ap.add_argument("--name", default=None, help="(workers) the name of this process's summary and log")
     ap.add_argument("--cases", default="[]", help="(workers) JSON list of the cases to run")
+    ap.add_argument("--deadline", type=float, default=None, help="epoch seconds: optional steps stop here")
+    ap.add_argument("--no-extension", action="store_true", help="do not load rll_kernels._C (warm)")
     args = ap.parse_args(argv)
     if not args.dry_run and os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: unset it for a GPU run (or pass --dry-run)")
         return 2
     from bench.device.context import Ctx
 
-    ctx = Ctx(args.name or args.part, Path(args.out), args.dry_run)
+    ctx = Ctx(args.name or args.part, Path(args.out), args.dry_run, deadline=args.deadline)
     if args.part == "summary":
         from bench.device import summary
 
@@ -92,6 +98,7 @@ def run_part(ctx, part: str, cases: list) -> int:
         "env": env_part,
         "tests": tests.run,
         "parity": parity.run,
+        "warm": parity.warm,
         "parity-cases": lambda c: parity.run_cases(c, cases),
         "goal": timing.goal,
         "sync": sync.run,

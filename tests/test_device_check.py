@@ -52,7 +52,7 @@ def test_dry_run_every_part(tmp_path, capsys):
     parity = (tmp_path / "parity.log").read_text()
     for loss in ("rll-paper", "rll-pml", "softtriple", "osm"):
         assert f"PASS triton {loss} float32" in parity, loss
-    assert "PASS cuda rll-pml float32" in parity  # the CUDA kernels, emulated
+    assert "PASS cuda rll-pml float32" in parity and "PASS cuda rll-pml bfloat16" in parity  # emulated
     assert "PASS triton rll-paper float16 N=32 D=16 Tn=100 loss" in parity
     goal = (tmp_path / "goal.log").read_text()
     assert "goal triton pml: full" in goal and "goal cuda paper: full" in goal
@@ -66,7 +66,7 @@ def test_dry_run_every_part(tmp_path, capsys):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 case " $* " in
-  *" env "*) echo "a failing part"; exit 1 ;;
+  *" sync "*) echo "a failing part"; exit 1 ;;
   *" goal "*) sleep 60 ;;
 esac
 exec {python} "$@"
@@ -78,10 +78,10 @@ def test_failing_and_slow_parts_do_not_stop_the_next(tmp_path):
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(0o755)
     out = tmp_path / "out"
-    r, _ = _run(out, "--dry-run", "--only", "env,goal,roofline", "--limit", "goal=2", python=str(fake))
+    r, _ = _run(out, "--dry-run", "--only", "goal,sync,roofline", "--limit", "goal=2", python=str(fake))
     assert r.returncode == 1, r.stdout + r.stderr
     st = _status(out)
-    assert st["env"] == "FAIL" and st["goal"].startswith("TIMEOUT") and st["roofline"] == "ok", st
+    assert st["goal"].startswith("TIMEOUT") and st["sync"] == "FAIL" and st["roofline"] == "ok", st
     assert st["parity"] == "not selected"
     summary = (out / "SUMMARY.md").read_text()
-    assert "NOT OK: env, goal" in summary and "roofline N=8192 D=512 pml: tf32 tensor-core floor" in summary
+    assert "NOT OK: goal, sync" in summary and "roofline N=8192 D=512 pml: tf32 tensor-core floor" in summary

@@ -28,6 +28,7 @@ class Ctx:
     passed: int = 0
     failed: int = 0
     lines: list = dataclasses.field(default_factory=list)
+    deadline: float | None = None  # epoch seconds: the part's timeout, minus a margin
     t0: float = dataclasses.field(default_factory=time.time)
 
     def __post_init__(self):
@@ -50,6 +51,9 @@ class Ctx:
         if summary:
             self.lines.append(line.strip()[:200])
             self.save()
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.time()
 
     def write(self, name: str, text: str) -> Path:
         path = self.out / name

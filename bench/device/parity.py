@@ -36,7 +36,7 @@ def cases(dry: bool) -> tuple[list, list]:
     if dry:
         first = [[name, "fp32", 24, 16, None] for name in LOSSES]
         second = [["rll-paper", "fp16", 32, 16, 100.0], ["rll-pml", "bf16", 32, 16, None]]
-        second += [["softtriple", "fp16", 32, 16, None], ["osm", "bf16", 32, 16, None]]
+        second += [["softtriple", "fp16", 32, 16, None]]
         return first, second
     small, big, d_lo, d_hi, mid = 1024, 16384, 128, 512, 8192
     first, second = [], []
@@ -53,21 +53,34 @@ def run(ctx: Ctx) -> int:
     first, second = cases(ctx.dry)
     jobs = 2 if ctx.dry else max(1, min(6, (os.cpu_count() or 2) // 2))
 
-    def cost(c):  # fp32 at large D: the biggest kernels to compile (tf32x3: three MMAs per product)
-        return 3.0 if (c[1] == "fp32" and c[3] >= 256) else 1.0
-
     ctx.note(f"## phase 1: {len(first)} cases in {jobs} worker processes", summary=False)
-    workers.run(ctx, "parity-cases", workers.split(first, jobs, cost), tag="a")
+    workers.run(ctx, "parity-cases", workers.split(first, jobs, _cost), tag="a")
     ctx.note(f"## phase 2: {len(second)} cases at N = {second[0][2]} in one process", summary=False)
     workers.run(ctx, "parity-cases", [second], tag="b")
     ctx.note(f"parity: {ctx.passed} checks passed, {ctx.failed} failed")
     return ctx.finish()
 
 
+def warm(ctx: Ctx) -> int:
+    """Phase 1 on the Triton backend only, while the extension builds (bench/device_check.sh): the
+    Triton kernels do not need it, and parity then finds them compiled. Its checks are not the
+    parity verdict (the package may load without its C++ part here); they only show in warm.log."""
+    first, _ = cases(ctx.dry)
+    first = first[:1] if ctx.dry else first  # the dry run checks the code path only
+    jobs = 1 if ctx.dry else max(1, min(6, (os.cpu_count() or 2) // 3))
+    workers.run(ctx, "parity-cases", workers.split([c + [["triton"]] for c in first], jobs, _cost), tag="a")
+    return ctx.finish()
+
+
+def _cost(c) -> float:  # fp32 at large D: the biggest kernels to compile (tf32x3: three MMAs per product)
+    return 3.0 if (c[1] == "fp32" and c[3] >= 256) else 1.0
+
+
 def run_cases(ctx: Ctx, case_list: list) -> int:
-    for name, dt, n, d, tn in case_list:
+    """Cases ``[loss, dtype, N, D, Tn or None]``, optionally with a list of backends to run last."""
+    for name, dt, n, d, tn, *only in case_list:
         try:
-            one_case(ctx, LOSSES[name], DTYPES[dt], n, d, tn)
+            one_case(ctx, LOSSES[name], DTYPES[dt], n, d, tn, only[0] if only else None)
         except torch.OutOfMemoryError:
             ctx.note(f"  {name} {dt} N={n} D={d}: out of memory, skipped at this size")
         free_memory(ctx.dev)
@@ -82,7 +95,7 @@ def _grads(fn, leaves, y, **kw) -> list[torch.Tensor]:
     return [loss.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
 
 
-def one_case(ctx: Ctx, loss, dtype, n: int, d: int, tn) -> None:
+def one_case(ctx: Ctx, loss, dtype, n: int, d: int, tn, only=None) -> None:
     prob: Problem = problem(loss, n, d, ctx.dev, seed=n + d)
     half = dtype in (torch.float16, torch.bfloat16)
     kw = ({"normalize": False} if half and loss.takes_normalize else {}) | ({"Tn": tn} if tn else {})
@@ -90,7 +103,7 @@ def one_case(ctx: Ctx, loss, dtype, n: int, d: int, tn) -> None:
     r64 = _grads(loss.reference, [t.double() for t in xs], prob.y, **kw)
     r32 = _grads(loss.reference, [t.float() for t in xs], prob.y, **kw)
     label = f"{loss.name} {str(dtype).split('.')[1]} N={n} D={d}" + (f" Tn={tn:g}" if tn else "")
-    for backend in loss.backends:
+    for backend in only or loss.backends:
         try:
             got = _grads(fused_fn(loss, backend, ctx.dry), xs, prob.y, **kw)
         except Exception as e:  # a backend that fails is a finding; one that is absent is a note

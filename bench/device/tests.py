@@ -30,27 +30,36 @@ def _env() -> dict:
     return env
 
 
-def _collect(ctx: Ctx, *extra: str) -> list[str]:
-    env = dict(_env(), TRITON_INTERPRET="1") if ctx.dry else _env()
-    r = subprocess.run(
-        _pytest("--collect-only", "-q", *extra), cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    return [ln for ln in r.stdout.splitlines() if "::" in ln]
+def _collect(*extra: str) -> list[str]:
+    """Node ids the GPU run would select, collected in this process (the dry run: TRITON_INTERPRET=1)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    class Recorder:
+        ids: list[str] = []
+
+        def pytest_collection_finish(self, session):
+            Recorder.ids = [it.nodeid for it in session.items]
+
+    args = [str(ROOT / "tests"), f"--rootdir={ROOT}", "-m", MARKERS, "-p", "bench.device.pytest_shard"]
+    args += ["-p", "no:cacheprovider"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        pytest.main([*args, "--collect-only", "-q", *extra], plugins=[Recorder()])
+    return Recorder.ids
 
 
 def dry_run(ctx: Ctx) -> int:
-    """The selection is not empty, and ``--shard`` keeps exactly its slice (two collections)."""
+    """The selection is not empty, and ``--shard`` keeps exactly its slice."""
     from bench.device.pytest_shard import slices
 
-    every = _collect(ctx)
+    every = _collect()
     ctx.check("test selection", len(every) > 0, f"{len(every)} tests selected by -m {MARKERS!r}")
     want = slices(every, 3)
-    got = _collect(ctx, "--shard", "2/3")
-    ctx.check(
-        "slices",
-        sorted(got) == sorted(want[1]) and sorted(sum(want, [])) == sorted(every),
-        f"{[len(w) for w in want]} tests",
-    )
+    got = _collect("--shard", "2/3")
+    ok = sorted(got) == sorted(want[1]) and sorted(sum(want, [])) == sorted(every)
+    ctx.check("slices", ok, f"{[len(w) for w in want]} tests, --shard 2/3 kept {len(got)}")
     ctx.note(f"tests: dry run, {len(every)} tests collected (run on the GPU in slices)")
     return ctx.finish()
 

@@ -133,45 +133,76 @@ def time_case(ctx: Ctx, table: Table, loss_name: str, dt: str, n: int, d: int, o
 
 
 def timings(ctx: Ctx) -> int:
-    """The table: every loss at three sizes in fp32 and one in fp16/bf16; torch.compile rows last."""
+    """The table: every loss at N = 4096 and 16384 in fp32 and at 4096 in fp16/bf16 (D = 128; the
+    siblings also at the goal shape), then torch.compile of each reference while time is left.
+
+    Every Triton kernel it launches was compiled by the parity part (same D, dtype and flags).
+    """
     table = Table(ctx, "timings")
     small, big, d_lo, d_hi, mid = (16, 16, 16, 16, 16) if ctx.dry else (4096, 16384, 128, 512, 8192)
     with env(RLL_TRITON_AUTOTUNE=0):
         for name in LOSSES:
-            blocks = [("fp32", small, d_lo), ("fp32", big, d_lo), ("fp16", big, d_lo), ("bf16", big, d_lo)]
+            blocks = [
+                ("fp32", small, d_lo),
+                ("fp32", big, d_lo),
+                ("fp16", small, d_lo),
+                ("bf16", small, d_lo),
+            ]
             if not name.startswith("rll"):  # the RLL goal shape is timed by the goal part
                 blocks.insert(1, ("fp32", mid, d_hi))
-            if ctx.dry:  # every block takes the same code path: fp32, and fp16 or bf16 for one loss
+            if ctx.dry:  # every block takes the same code path: fp32, and fp16 or bf16 for two losses
                 blocks = [blocks[0]] + (
                     [blocks[-1]] if name == "rll-pml" else [blocks[-2]] if name == "osm" else []
                 )
             for dt, n, d in blocks:
                 time_case(ctx, table, name, dt, n, d)
-        for name in LOSSES if not ctx.dry else ("rll-pml", "softtriple"):
+        for name in ("rll-pml",) if ctx.dry else LOSSES:
+            if not _time_for(ctx, f"torch.compile of the {name} reference", 45):
+                continue
             time_case(ctx, table, name, "fp32", small, d_lo, only={"reference+compile"}, with_compile=True)
     ctx.note(f"timings: {len(table.rows)} rows in timings.csv / timings.md ({device_name(ctx.dev)})")
     return ctx.finish()
 
 
+def _time_for(ctx: Ctx, what: str, seconds: float) -> bool:
+    """True if ``seconds`` are left before the part's deadline; otherwise says what is skipped."""
+    left = ctx.time_left()
+    if ctx.dry or left >= seconds:
+        return True
+    ctx.note(f"  {what}: not run ({left:.0f} s left of the part's limit, it needs ~{seconds:.0f} s)")
+    return False
+
+
 def goal(ctx: Ctx) -> int:
-    """N = 8192, D = 512, fp32, forward+backward: >= 5x faster than PML and <= 2x the tensor-core floor."""
+    """N = 8192, D = 512, fp32, forward+backward: >= 5x faster than PML and <= 2x the tensor-core floor.
+
+    First every provider with the first launch configuration that fits (compiled by the parity part),
+    then torch.compile of the reference, then, while time is left, the Triton backend with the
+    faster fp32 settings (tf32, mixed; see docs/triton.md) and autotuned (one tuning compiles every
+    configuration: minutes).
+    """
     n, d = (16, 16) if ctx.dry else (GOAL["N"], GOAL["D"])
     table = Table(ctx, "goal")
-    for sem in ("pml", "paper"):
-        with env(RLL_TRITON_AUTOTUNE=0):
+    with env(RLL_TRITON_AUTOTUNE=0):
+        for sem in ("pml", "paper"):
             time_case(ctx, table, f"rll-{sem}", "fp32", n, d)
-        goal_lines(ctx, table, n, d, sem, ("triton", "cuda"))
-    extras = [("triton autotuned", dict(RLL_TRITON_AUTOTUNE=1))]
-    extras += [
-        (f"triton[{p}]", dict(RLL_TRITON_AUTOTUNE=1, RLL_TRITON_FP32_PRECISION=p)) for p in ("tf32", "mixed")
+            goal_lines(ctx, table, n, d, sem, ("triton", "cuda"))
+        for sem in ("pml", "paper"):
+            if _time_for(ctx, f"torch.compile of the {sem} reference", 45):
+                time_case(
+                    ctx, table, f"rll-{sem}", "fp32", n, d, only={"reference+compile"}, with_compile=True
+                )
+    extras = [
+        (f"triton[{p}]", dict(RLL_TRITON_AUTOTUNE=0, RLL_TRITON_FP32_PRECISION=p)) for p in ("tf32", "mixed")
     ]
-    for label, knobs in extras:  # after the main lines: each may cost a tuning run (many compiles)
+    extras += [("triton autotuned", dict(RLL_TRITON_AUTOTUNE=1))]
+    for label, knobs in extras[-1:] if ctx.dry else extras:  # the dry run: the code path once
         for sem in ("pml",) if ctx.dry else ("pml", "paper"):
+            if not _time_for(ctx, f"{label} {sem}", 40 if "autotuned" not in label else 150):
+                continue
             with env(**knobs):
                 time_case(ctx, table, f"rll-{sem}", "fp32", n, d, only={"triton"}, label=label)
             goal_lines(ctx, table, n, d, sem, (label,))
-    for sem in ("pml", "paper"):
-        time_case(ctx, table, f"rll-{sem}", "fp32", n, d, only={"reference+compile"}, with_compile=True)
     return ctx.finish()
 
 

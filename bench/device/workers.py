@@ -33,6 +33,7 @@ def run(ctx: Ctx, worker_part: str, groups: list[list], tag: str = "w", env: dic
         log = ctx.out / f"{name}.log"
         cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), worker_part, "--out", str(ctx.out)]
         cmd += ["--name", name, "--cases", json.dumps(group)] + (["--dry-run"] if ctx.dry else [])
+        cmd += ["--no-extension"] if ctx.part == "warm" else []
         fh = open(log, "w")  # noqa: SIM115  (closed below, after the worker ends)
         p = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
