@@ -85,3 +85,24 @@ def test_failing_and_slow_parts_do_not_stop_the_next(tmp_path):
     assert st["parity"] == "not selected"
     summary = (out / "SUMMARY.md").read_text()
     assert "NOT OK: goal, sync" in summary and "roofline N=8192 D=512 pml: tf32 tensor-core floor" in summary
+
+
+@pytest.mark.parametrize("semantics", ["paper", "pml"])
+def test_row_blocked_reference_equals_the_dense_one(monkeypatch, semantics):
+    # the GPU parity computes the float64 RLL reference at N = 16384 in blocks of query rows
+    sys.path.insert(0, str(ROOT))
+    from bench.device import parity
+    from bench.device.losses import LOSSES, Problem, problem
+
+    monkeypatch.setattr(parity, "ROW_CHUNK", 64)
+    loss = LOSSES[f"rll-{semantics}"]
+    p = problem(loss, 300, 24, "cpu")
+    p.x[5] = p.x[7]  # a duplicate pair across two blocks
+    for kw in ({}, {"Tn": 100.0, "normalize": False}):
+        xs = Problem(p.x, p.y, None).leaves(torch.float64)
+        dense, blocked = (
+            parity._grads(loss.reference, xs, p.y, **kw),
+            parity.reference_grads(loss, xs, p.y, **kw),
+        )
+        for a, b in zip(dense, blocked):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15), (kw, (a - b).abs().max())

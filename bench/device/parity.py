@@ -81,7 +81,7 @@ def run_cases(ctx: Ctx, case_list: list) -> int:
     for name, dt, n, d, tn, *only in case_list:
         try:
             one_case(ctx, LOSSES[name], DTYPES[dt], n, d, tn, only[0] if only else None)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             ctx.note(f"  {name} {dt} N={n} D={d}: out of memory, skipped at this size")
         free_memory(ctx.dev)
     return ctx.finish()
@@ -95,13 +95,38 @@ def _grads(fn, leaves, y, **kw) -> list[torch.Tensor]:
     return [loss.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
 
 
+ROW_CHUNK = 4096  # the float64 RLL reference at N = 16384 in one piece needs ~128 GiB ("pml")
+
+
+def reference_grads(loss, leaves, y, **kw) -> list[torch.Tensor]:
+    """[loss, grads] of the dense reference; the Ranked List Loss in blocks of query rows past ROW_CHUNK.
+
+    A block is ranked against the whole batch as a gallery (``ref_emb``): its rows lose nothing, as
+    the pair i = i is a duplicate (d = 0, docs/semantics.md §1.3), so neither a positive past beta
+    nor a negative, and has no gradient; the "pml" bias uses the gallery size N either way. Each
+    block's backward runs before the next block, so only one block's N x M temporaries live at a time.
+    """
+    n = leaves[0].shape[0]
+    if not loss.name.startswith("rll") or n <= ROW_CHUNK:
+        return _grads(loss.reference, leaves, y, **kw)
+    x = leaves[0].detach().clone().requires_grad_()
+    total, grad = torch.zeros((), dtype=torch.float64, device=x.device), torch.zeros_like(x)
+    for i in range(0, n, ROW_CHUNK):
+        rows = slice(i, min(n, i + ROW_CHUNK))
+        part = loss.reference([x[rows]], y[rows], ref_emb=x, ref_labels=y, reduction="sum", **kw) / n
+        (g,) = torch.autograd.grad(part, [x])
+        total += part.detach().double()
+        grad += g
+    return [total.to(part.dtype), grad]
+
+
 def one_case(ctx: Ctx, loss, dtype, n: int, d: int, tn, only=None) -> None:
     prob: Problem = problem(loss, n, d, ctx.dev, seed=n + d)
     half = dtype in (torch.float16, torch.bfloat16)
     kw = ({"normalize": False} if half and loss.takes_normalize else {}) | ({"Tn": tn} if tn else {})
     xs = prob.leaves(dtype, normalized="normalize" in kw)
-    r64 = _grads(loss.reference, [t.double() for t in xs], prob.y, **kw)
-    r32 = _grads(loss.reference, [t.float() for t in xs], prob.y, **kw)
+    r64 = reference_grads(loss, [t.double() for t in xs], prob.y, **kw)
+    r32 = reference_grads(loss, [t.float() for t in xs], prob.y, **kw)
     label = f"{loss.name} {str(dtype).split('.')[1]} N={n} D={d}" + (f" Tn={tn:g}" if tn else "")
     for backend in only or loss.backends:
         try:

@@ -124,7 +124,7 @@ def time_case(ctx: Ctx, table: Table, loss_name: str, dt: str, n: int, d: int, o
         name = label or name
         try:
             table.add(loss_name, dt, n, d, name, measure(ctx, fn, leaves, y))
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             table.add(loss_name, dt, n, d, name, None, "out of memory")
         except Exception as e:  # a provider that cannot run this case is a row, not a crash
             kind = "not available" if not_available(e) else f"error: {type(e).__name__}: {str(e)[:80]}"
