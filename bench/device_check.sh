@@ -12,9 +12,11 @@
 #
 # Parts, most important first (a run stopped early keeps the first ones): pml build env tests parity goal
 # sync sanitize timings roofline. Each has a timeout, a failure in one does not stop the next, and no part
-# starts past the budget (default 480 s from the start). Every log, table and CSV goes to ${OUT:-bench/
-# results/device}/; the one-screen summary (SUMMARY.md) is printed at the end. Exit status 1 if a part
-# failed or timed out.
+# starts past the budget (default 480 s from the start). Every log, table and CSV goes to
+# ${DEVICE_CHECK_DIR:-bench/results/device}/ (emptied first); with $OUT set, that folder is packed after each
+# part into $OUT/device_check.tar.gz, with SUMMARY.md, status.tsv and the goal and timing tables beside it.
+# The one-screen summary (SUMMARY.md) is printed at the end. Exit status 1 if a part failed, timed out or
+# was skipped.
 #
 # --dry-run: every part on this CPU (Triton interpreter, the CUDA kernels through their CPU emulation in
 # tests/cuda_emu, tiny sizes, PML from the environment, the sanitizer commands printed), no build.
@@ -45,10 +47,20 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-OUT=${OUT:-$ROOT/bench/results/device}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-export OUT
+# every log, table and CSV goes to RES; with $OUT set (the GPU machine's tool brings back at most 8 files
+# from it), RES is packed after each part into $OUT/device_check.tar.gz, beside copies of the summary,
+# status.tsv and the goal and timing tables
+RES=${DEVICE_CHECK_DIR:-$ROOT/bench/results/device}
+if [ -e "$RES/status.tsv" ] || [ "$RES" = "$ROOT/bench/results/device" ]; then
+  rm -rf "$RES"  # an earlier run's results
+elif [ -n "$(ls -A "$RES" 2>/dev/null)" ]; then
+  echo "device_check: $RES is not empty and holds no earlier results: choose another DEVICE_CHECK_DIR" >&2
+  exit 2
+fi
+mkdir -p "$RES"
+RES=$(cd "$RES" && pwd)
+OUT=${OUT:-}
+[ -n "$OUT" ] && mkdir -p "$OUT"
 WHEELS=${PML_WHEELS:-$ROOT/bench/wheels}
 CORES=$(nproc 2>/dev/null || echo 2)
 
@@ -78,14 +90,15 @@ DEADLINE=$((START + BUDGET))
 # then the reference and Triton backends still run); the PML wheels of an earlier run
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$ROOT/build/pml-site" ] && export PYTHONPATH="$ROOT/build/pml-site:$PYTHONPATH"
-: >"$OUT/status.tsv"
+: >"$RES/status.tsv"
 FAILED=0
 say() { echo "device_check: $*"; }
 selected() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 record() { # part state seconds rc
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${EXPECT[$1]}" "${LIMIT[$1]}" "$4" >>"$OUT/status.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${EXPECT[$1]}" "${LIMIT[$1]}" "$4" >>"$RES/status.tsv"
   say "$1: $2 (${3} s, expected ${EXPECT[$1]} s)"
   case $2 in ok | "not selected") ;; *) FAILED=1 ;; esac  # a part skipped for the budget is not ok either
+  [ "$2" = "not selected" ] || publish
 }
 
 # ---------------------------------------------------------------- pml: the wheels the caller brought
@@ -111,10 +124,10 @@ part_pml() {
 
 # ---------------------------------------------------------------- build: the extension with its CUDA kernels
 part_build() {
-  local cuda_env=(FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$CORES") warm_args=(warm --out "$OUT")
+  local cuda_env=(FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$CORES") warm_args=(warm --out "$RES")
   # meanwhile the Triton kernels of the parity cases compile (they need no C++ extension): warm.log
   [ "$DRY" = 1 ] && warm_args+=(--dry-run)
-  limited "$PY" bench/gpu_check.py "${warm_args[@]}" >"$OUT/warm.log" 2>&1 &
+  limited "$PY" bench/gpu_check.py "${warm_args[@]}" >"$RES/warm.log" 2>&1 &
   local warm_pid=$!
   part_build_extension "${cuda_env[@]}"
   local rc=$?
@@ -150,7 +163,15 @@ part_limit() { # the part's timeout, cut to what is left of the budget; 0 when u
 }
 limited() { timeout -k 10 "$PART_LIMIT" "$@"; }
 
-run_shell_part() { # part function: output to OUT/part.log; every command in it runs under the part's limit
+publish() { # the results folder into $OUT, at most 8 files (the run's own limit on what comes back)
+  [ -n "$OUT" ] || return 0
+  tar czf "$OUT/.device_check.tar.gz" -C "$RES" . && mv "$OUT/.device_check.tar.gz" "$OUT/device_check.tar.gz"
+  for f in SUMMARY.md status.tsv goal.md goal.csv timings.md timings.csv; do
+    [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"
+  done
+}
+
+run_shell_part() { # part function: output to RES/part.log; every command in it runs under the part's limit
   local part=$1 t0 rc
   t0=$(date +%s)
   BUILD_NOTE=""
@@ -160,12 +181,12 @@ run_shell_part() { # part function: output to OUT/part.log; every command in it 
     return
   fi
   # not in a subshell: the exports of PYTHONPATH must reach the later parts
-  "$2" >"$OUT/$part.log" 2>&1
+  "$2" >"$RES/$part.log" 2>&1
   rc=$?
-  [ -n "$BUILD_NOTE" ] && { echo "NOTE: $BUILD_NOTE" >>"$OUT/$part.log"; rc=1; }
+  [ -n "$BUILD_NOTE" ] && { echo "NOTE: $BUILD_NOTE" >>"$RES/$part.log"; rc=1; }
   printf '{"part": "%s", "passed": 0, "failed": %d, "lines": [%s], "seconds": %d}\n' "$part" "$((rc != 0))" \
-    "$(tail -n 3 "$OUT/$part.log" | sed 's/\\/\\\\/g; s/"/\\"/g; s/^/"/; s/$/"/' | paste -sd, -)" \
-    "$(($(date +%s) - t0))" >"$OUT/$part.summary.json"
+    "$(tail -n 3 "$RES/$part.log" | sed 's/\\/\\\\/g; s/"/\\"/g; s/^/"/; s/$/"/' | paste -sd, -)" \
+    "$(($(date +%s) - t0))" >"$RES/$part.summary.json"
   if [ $rc = 0 ]; then record "$part" ok $(($(date +%s) - t0)) $rc; else record "$part" FAIL $(($(date +%s) - t0)) $rc; fi
 }
 
@@ -177,15 +198,15 @@ run_python_part() {
     record "$part" "skipped (budget)" 0 0
     return
   fi
-  local args=("$part" --out "$OUT" --deadline $((t0 + limit - 10)))
+  local args=("$part" --out "$RES" --deadline $((t0 + limit - 10)))
   [ "$DRY" = 1 ] && args+=(--dry-run)
-  timeout -k 10 "$limit" "$PY" bench/gpu_check.py "${args[@]}" >"$OUT/$part.log" 2>&1
+  timeout -k 10 "$limit" "$PY" bench/gpu_check.py "${args[@]}" >"$RES/$part.log" 2>&1
   rc=$?
   case $rc in 0) state=ok ;; 1) state=FAIL ;; 124 | 137) state="TIMEOUT (${limit} s)" ;; *) state="ERROR (exit $rc)" ;; esac
   record "$part" "$state" $(($(date +%s) - t0)) $rc
 }
 
-say "python $PY, out $OUT, $CORES cores, budget $BUDGET s$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
+say "python $PY, results $RES${OUT:+ (packed into $OUT)}, $CORES cores, budget $BUDGET s$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
 NOGPU=0
 if [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" 2>/dev/null; then
   NOGPU=1
@@ -202,7 +223,8 @@ for part in "${PARTS[@]}"; do
     run_python_part "$part"
   fi
 done
-"$PY" bench/gpu_check.py summary --out "$OUT" $([ "$DRY" = 1 ] && echo --dry-run) ||
-  { echo "(the summary failed; status.tsv:)"; cat "$OUT/status.tsv"; }
-say "total $(($(date +%s) - START)) s; logs, tables and CSV in $OUT"
+"$PY" bench/gpu_check.py summary --out "$RES" $([ "$DRY" = 1 ] && echo --dry-run) ||
+  { echo "(the summary failed; status.tsv:)"; cat "$RES/status.tsv"; }
+publish
+say "total $(($(date +%s) - START)) s; logs, tables and CSV in $RES${OUT:+, packed into $OUT/device_check.tar.gz}"
 exit $FAILED

@@ -71,7 +71,8 @@ def env_part(ctx) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=PARTS + HELPERS)
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results" / "device"))
+    default_out = os.environ.get("DEVICE_CHECK_DIR") or str(ROOT / "bench" / "results" / "device")
+    ap.add_argument("--out", default=default_out, help="the results folder (not the GPU tool's $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes (checks this script)")
     ap.add_argument("--name", default=None, help="(workers) the name of this process's summary and log")
     ap.add_argument("--cases", default="[]", help="(workers) JSON list of the cases to run")

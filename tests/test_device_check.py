@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(out: Path, *args: str, python: str = sys.executable, timeout: int = 600):
-    env = dict(os.environ, PYTHON=python, OUT=str(out), OMP_NUM_THREADS="1")
+def _run(out: Path, *args: str, python: str = sys.executable, timeout: int = 600, packed: Path | None = None):
+    env = dict(os.environ, PYTHON=python, DEVICE_CHECK_DIR=str(out), OMP_NUM_THREADS="1")
+    env.pop("OUT", None)
+    if packed is not None:
+        env["OUT"] = str(packed)  # as the GPU machine's tool sets it
     env.pop("TRITON_INTERPRET", None)  # the script sets it for its dry-run parts itself
     t0 = time.time()
     r = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -42,7 +46,9 @@ def _status(out: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_dry_run_every_part(tmp_path, capsys):
     # --budget: the dry run takes about a minute on 2 idle cores; past 5 minutes parts are skipped (a failure)
-    r, seconds = _run(tmp_path, "--dry-run", "--budget", "300")
+    packed = tmp_path / "packed"
+    tmp_path = tmp_path / "results"
+    r, seconds = _run(tmp_path, "--dry-run", "--budget", "300", packed=packed)
     with capsys.disabled():
         print(f"\ndevice_check.sh --dry-run: {seconds:.0f} s\n" + r.stdout[-2500:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
@@ -62,6 +68,12 @@ def test_dry_run_every_part(tmp_path, capsys):
     assert "would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1" in (tmp_path / "sanitize.log").read_text()
     sync = json.loads((tmp_path / "sync.summary.json").read_text())
     assert sum(ln.startswith("sync ") for ln in sync["lines"]) == 8  # 4 losses x (triton, auto)
+    # what comes back from the GPU machine: at most 8 files, the whole results folder packed in one
+    back = sorted(f.name for f in packed.iterdir())
+    assert len(back) <= 8 and "device_check.tar.gz" in back and "SUMMARY.md" in back, back
+    with tarfile.open(packed / "device_check.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {f.name for f in tmp_path.iterdir()} <= names
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
