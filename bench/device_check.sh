@@ -210,12 +210,12 @@ say "python $PY, results $RES${OUT:+ (packed into $OUT)}, $CORES cores, budget $
 NOGPU=0
 if [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" 2>/dev/null; then
   NOGPU=1
-  say "no CUDA device visible to $PY (or no torch): only env and roofline run; --dry-run is the CPU stand-in"
+  say "no CUDA device visible to $PY (or no torch): only pml, env and roofline run; --dry-run is the CPU stand-in"
 fi
 for part in "${PARTS[@]}"; do
   if ! selected "$part"; then
     record "$part" "not selected" 0 0
-  elif [ "$NOGPU" = 1 ] && [ "$part" != env ] && [ "$part" != roofline ]; then
+  elif [ "$NOGPU" = 1 ] && [[ " pml env roofline " != *" $part "* ]]; then
     record "$part" "skipped (no GPU)" 0 0
   elif [ "$part" = pml ] || [ "$part" = build ]; then
     run_shell_part "$part" "part_$part"
