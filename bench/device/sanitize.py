@@ -43,7 +43,16 @@ def sanitizer() -> str | None:
 
 def commands(ctx: Ctx, exe: str) -> dict[str, list[str]]:
     case = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "sanitize-case", "--out", str(ctx.out)]
-    base = ["--error-exitcode", "3", "--print-limit", "40", "--show-backtrace", "no"]
+    base = [
+        "--error-exitcode",
+        "3",
+        "--print-limit",
+        "40",
+        "--show-backtrace",
+        "no",
+        "--target-processes",
+        "application-only",
+    ]
     return {
         tool: [exe, "--tool", tool, *base, *extra, "--log-file", str(ctx.out / f"sanitize-{tool}.log"), *case]
         + ["--name", f"sanitize-case-{tool}"]

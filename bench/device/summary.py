@@ -6,7 +6,7 @@ import json
 
 from bench.device.context import Ctx
 
-MAX_LINES_PER_PART = 8
+MAX_LINES_PER_PART = 10
 
 
 def _status(ctx: Ctx) -> list[dict]:
