@@ -47,20 +47,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-# every log, table and CSV goes to RES; with $OUT set (the GPU machine's tool brings back at most 8 files
-# from it), RES is packed after each part into $OUT/device_check.tar.gz, beside copies of the summary,
-# status.tsv and the goal and timing tables
-RES=${DEVICE_CHECK_DIR:-$ROOT/bench/results/device}
-if [ -e "$RES/status.tsv" ] || [ "$RES" = "$ROOT/bench/results/device" ]; then
-  rm -rf "$RES"  # an earlier run's results
-elif [ -n "$(ls -A "$RES" 2>/dev/null)" ]; then
-  echo "device_check: $RES is not empty and holds no earlier results: choose another DEVICE_CHECK_DIR" >&2
-  exit 2
-fi
-mkdir -p "$RES"
-RES=$(cd "$RES" && pwd)
-OUT=${OUT:-}
-[ -n "$OUT" ] && mkdir -p "$OUT"
 WHEELS=${PML_WHEELS:-$ROOT/bench/wheels}
 CORES=$(nproc 2>/dev/null || echo 2)
 
@@ -84,6 +70,20 @@ if [ -n "$ONLY" ]; then
   done
 fi
 
+# every log, table and CSV goes to RES; with $OUT set (the GPU machine's tool brings back at most 8 files
+# from it), RES is packed after each part into $OUT/device_check.tar.gz, beside copies of the summary,
+# status.tsv and the goal and timing tables
+RES=${DEVICE_CHECK_DIR:-$ROOT/bench/results/device}
+if [ -e "$RES/status.tsv" ] || [ "$RES" = "$ROOT/bench/results/device" ]; then
+  rm -rf "$RES"  # an earlier run's results
+elif [ -n "$(ls -A "$RES" 2>/dev/null)" ]; then
+  echo "device_check: $RES is not empty and holds no earlier results: choose another DEVICE_CHECK_DIR" >&2
+  exit 2
+fi
+mkdir -p "$RES"
+RES=$(cd "$RES" && pwd)
+OUT=${OUT:-}
+[ -n "$OUT" ] && mkdir -p "$OUT"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 # the package from this tree whichever way it was built (pip -e, build_ext --inplace, or not at all:
