@@ -38,7 +38,7 @@ env: $(BUILD)
 	$(VPY) -m rll_kernels.env_report
 
 # torch-headers: the C++ headers of the GPU machine's torch (2.11.0) for the compile checks of
-# tests/test_cuda_compile.py: fetched once (a 530 MB wheel, ~15 s; 62 MB of headers kept in
+# tests/test_cuda_compile.py: fetched once (a 530 MB wheel, ~15 s; 39 MB of headers kept in
 # ~/.cache/rll_kernels/torch-headers, the wheel deleted). TORCH_HEADERS= (empty) skips it.
 TORCH_HEADERS ?= 2.11.0
 torch-headers: $(STAMP)

@@ -2,8 +2,8 @@
 
 The C++/CUDA sources must compile against the headers of the torch a GPU machine has (2.11.0:
 the GPU machine we borrow) as well as against the installed one. ``python tests/torch_headers.py``
-downloads each release's wheel once (``pip download torch==V --no-deps``, about 530 MB, ~15 s on
-this machine), keeps only its ``torch/include/`` (62 MB) in the cache and deletes the wheel:
+downloads each release's wheel once (``pip download torch==V --no-deps``, about 530 MB, 6-15 s on
+this machine), keeps only its ``torch/include/`` (39 MB of files) in the cache and deletes the wheel:
 
     ${RLL_TORCH_HEADERS_CACHE:-${XDG_CACHE_HOME:-~/.cache}/rll_kernels/torch-headers}/torch-V/include
 
@@ -56,7 +56,6 @@ def fetch(version: str) -> Path:
         # --no-cache-dir: the wheel is wanted once, not a second time in pip's own cache
         cmd = [sys.executable, "-m", "pip", "download", f"torch=={version}", "--no-deps", "--no-cache-dir"]
         subprocess.run([*cmd, "-d", tmp, "-q"], check=True)
-        subprocess.run(cmd, check=True)
         (wheel,) = Path(tmp).glob("torch-*.whl")
         size, t_dl = wheel.stat().st_size, time.time() - t0
         shutil.rmtree(root, ignore_errors=True)
