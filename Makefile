@@ -12,7 +12,7 @@ BUILD   := $(VENV)/.build-stamp
 BENCHDEPS := $(VENV)/.bench-stamp
 SRCS    := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py
 
-.PHONY: test bench build gpu-check demo clean env lint
+.PHONY: test bench build gpu-check device-check torch-headers demo clean env lint
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,14 @@ lint: $(STAMP)
 env: $(BUILD)
 	$(VPY) -m rll_kernels.env_report
 
-test: $(BUILD)
+# torch-headers: the C++ headers of the GPU machine's torch (2.11.0) for the compile checks of
+# tests/test_cuda_compile.py: fetched once (a 530 MB wheel, ~15 s; 39 MB of headers kept in
+# ~/.cache/rll_kernels/torch-headers, the wheel deleted). TORCH_HEADERS= (empty) skips it.
+TORCH_HEADERS ?= 2.11.0
+torch-headers: $(STAMP)
+	$(if $(TORCH_HEADERS),$(VPY) tests/torch_headers.py $(TORCH_HEADERS),@echo "TORCH_HEADERS is empty: the compile checks against other torch headers are skipped")
+
+test: $(BUILD) torch-headers
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
@@ -50,12 +57,15 @@ bench: $(BUILD) $(BENCHDEPS)
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
-# gpu-check: on a CUDA machine (a CUDA build of torch in the venv), the Triton tests on the GPU, parity
-# at N up to 16384, timings vs reference / PML / torch.compile and the GPU goal; without CUDA it
-# prints the roofline, says so and exits 0. GPU_CHECK_ARGS="--quick" for a shorter run.
+# device-check: the GPU check on a bare GPU machine, with the python3 and torch already there; no venv,
+# nothing from a registry (bench/device_check.sh, docs/device_check.md). DEVICE_CHECK_ARGS="--only parity,goal",
+# "--dry-run" (every part on this CPU), PYTHON=... to pick the interpreter.
+device-check:
+	bash bench/device_check.sh $(DEVICE_CHECK_ARGS)
+
+# gpu-check: the same parts with this venv's (CUDA) torch and its own build of the extension
 gpu-check: $(BUILD)
-	$(VPY) -m rll_kernels.env_report
-	$(VPY) bench/gpu_check.py --pytest $(GPU_CHECK_ARGS)
+	PYTHON=$(VPY) bash bench/device_check.sh --only env,tests,parity,goal,sync,sanitize,timings,roofline $(GPU_CHECK_ARGS)
 
 demo: $(BUILD)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) examples/train_fashion_mnist.py $(DEMO_ARGS)
@@ -70,7 +80,7 @@ bench-softtriple: $(BUILD)
 
 # CUDA backend without a GPU: nvcc compile checks (skipped without nvcc) + the kernels run on the CPU
 .PHONY: cuda-check
-cuda-check: $(BUILD)
+cuda-check: $(BUILD) torch-headers
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -s tests/test_cuda_compile.py tests/test_cuda_emulated.py
 
 # OSM + CAA weighted contrastive loss: fused vs dense reference vs torch.compile (N = 4096, D = 128, 512)
