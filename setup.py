@@ -101,8 +101,9 @@ def _check_target_torch(torch, with_cuda: bool) -> None:
     sys.exit(
         f"rll_kernels: stopping before compiling. This is an isolated build (pip's build isolation), "
         f"which compiles against torch {torch.__version__} from [build-system] requires, but the "
-        f"environment you are installing into ({sys.prefix}) has torch {target['version']}: the C++ "
-        f"extension uses torch's C++ ABI and would not load there. Build it against your torch instead:\n"
+        f"environment you are installing into ({sys.prefix}) has torch {target['version']}, and "
+        f"rll_kernels does not load a C++ extension built for another torch release (torch does not keep "
+        f"its C++ ABI between releases). Build it against your torch instead:\n"
         f"    {sys.executable} -m pip install setuptools wheel ninja\n"
         f"    cd {ROOT} && {sys.executable} -m pip install --no-build-isolation .\n"
     )

@@ -75,7 +75,7 @@ def _load() -> tuple[bool, str | None]:
         )
     why = _abi_mismatch(BUILD_INFO) if BUILD_INFO else None
     if why is not None:
-        return False, f"{why}; not loaded, torch's C++ ABI differs between releases"
+        return False, f"{why}; not loaded: torch does not keep its C++ ABI between releases"
     try:
         from . import _C  # noqa: F401  (runs the TORCH_LIBRARY_IMPL registrations)
     except ImportError as e:
