@@ -102,30 +102,41 @@ def gather_batch(
     indices: Optional[torch.Tensor],
     *,
     group,
-    differentiable: bool,
+    attached: bool,
     owner: str,
 ) -> GlobalBatch:
     """All-gather every rank's (checked) rows, labels and optional dataset indices; uneven sizes allowed.
 
+    ``attached`` ("pml" semantics with grad enabled): when the rows of any rank require grad, the
+    gather is differentiated on every rank (a rank whose rows do not, an empty one say, still
+    joins the backward's collective), so each row's gallery gradient returns to its owner.
     Raises ValueError on every rank alike when the embedding sizes differ, the global batch is
     empty, or some non-empty ranks pass ``indices`` and others do not.
     """
     _, rank = world_and_rank(group, owner)
     dev = embeddings.device
-    info = _gather_ints((embeddings.shape[0], embeddings.shape[1], indices is not None), dev, group)
-    sizes = [n for n, _, _ in info]
-    dims = [d for _, d, _ in info]
+    info = _gather_ints(
+        (embeddings.shape[0], embeddings.shape[1], indices is not None, embeddings.requires_grad), dev, group
+    )
+    sizes = [n for n, _, _, _ in info]
+    dims = [d for _, d, _, _ in info]
     if len(set(dims)) != 1:
         raise ValueError(f"{owner}: every rank must have the same embedding size, got {dims}")
     if sum(sizes) == 0:
         raise ValueError(f"{owner}: the global batch is empty on every rank")
-    with_indices = {bool(h) for n, _, h in info if n > 0}
+    with_indices = {bool(h) for n, _, h, _ in info if n > 0}
     if len(with_indices) != 1:
         raise ValueError(
             f"{owner}: indices must be passed on every rank that holds rows or on none, got them on "
-            f"ranks {[r for r, (n, _, h) in enumerate(info) if n > 0 and h]} of {len(info)}"
+            f"ranks {[r for r, (n, _, h, _) in enumerate(info) if n > 0 and h]} of {len(info)}"
         )
-    rows = embeddings if differentiable else embeddings.detach()
+    differentiable = attached and any(g for *_, g in info)
+    if not differentiable:
+        rows = embeddings.detach()
+    elif embeddings.requires_grad:
+        rows = embeddings
+    else:
+        rows = embeddings.detach().requires_grad_()  # a leaf: this rank's backward joins the collective
     g_indices = None
     if with_indices == {True}:
         local = indices if indices is not None else labels.new_zeros(0)
@@ -209,13 +220,12 @@ class DistributedLossWrapper(nn.Module):
         check_embeddings(embeddings, "embeddings", allow_empty=True)
         labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
         kwargs = rll_kwargs(self.loss, "DistributedLossWrapper")
-        differentiable = kwargs["semantics"] == "pml" and torch.is_grad_enabled() and embeddings.requires_grad
         batch = gather_batch(
             embeddings,
             labels,
             None,
             group=self.group,
-            differentiable=differentiable,
+            attached=kwargs["semantics"] == "pml" and torch.is_grad_enabled(),
             owner="DistributedLossWrapper",
         )
         if batch.sizes[batch.rank] == 0:

@@ -181,11 +181,8 @@ class CrossBatchMemory(nn.Module):
         n, dev = embeddings.shape[0], embeddings.device
         labels = check_labels(labels, n, "labels", dev)
         indices = self._checked_indices(indices, n, dev)
-        pml = self.loss.semantics == "pml"
-        differentiable = pml and torch.is_grad_enabled() and embeddings.requires_grad
-        batch = gather_batch(
-            embeddings, labels, indices, group=self.group, differentiable=differentiable, owner=owner
-        )
+        attached = self.loss.semantics == "pml" and torch.is_grad_enabled()
+        batch = gather_batch(embeddings, labels, indices, group=self.group, attached=attached, owner=owner)
         # ids of the global batch: its dataset indices, or anonymous ids every rank draws alike
         ids = batch.indices if batch.indices is not None else self._anonymous_ids(batch.n_total, dev)
         if n == 0:

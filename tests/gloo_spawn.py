@@ -95,3 +95,15 @@ def spawn(worker, world: int, payload, attempts: int = 2) -> list:
                     raise
             return [torch.load(f) for f in files]
     raise AssertionError("unreachable")
+
+
+def assert_errors_below(results: list, tol: float = 1e-10) -> None:
+    """``results[rank][case][quantity]`` are relative errors (0/1 for exact checks): all <= tol."""
+    bad = [
+        (r, case, k, v)
+        for r, errs in enumerate(results)
+        for case, e in errs.items()
+        for k, v in e.items()
+        if not v <= tol
+    ]
+    assert not bad, f"relative errors above {tol} (rank, case, quantity, error): {bad}"
