@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,15 +15,15 @@ from ._checks import check_embeddings, check_labels
 from .functional import ranked_list_loss
 from .modules import RLLFused, rll_kwargs
 
-__all__ = ["DistributedLossWrapper"]
+__all__ = ["DistributedLossWrapper", "GlobalBatch", "gather_batch", "world_and_rank"]
 
 
-def _gather_sizes(n_local: int, device: torch.device, group) -> list[int]:
-    world = dist.get_world_size(group)
-    mine = torch.tensor([n_local], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(sizes, mine, group=group)
-    return [int(s) for s in sizes]
+def _gather_ints(values: Sequence[int], device: torch.device, group) -> list[tuple[int, ...]]:
+    """Every rank's tuple of small ints (the same length on every rank), in rank order: one all_gather."""
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [tuple(int(v) for v in p) for p in parts]
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -49,6 +51,103 @@ def _all_gather_rows(x: torch.Tensor, sizes: list[int], group, differentiable: b
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def world_and_rank(group, owner: str) -> tuple[int, int]:
+    """(world size, rank) of ``group``; RuntimeError naming ``owner`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{owner} needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group)"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+@dataclass
+class GlobalBatch:
+    """The batch of every rank, concatenated in rank order (docs/semantics.md §2.7)."""
+
+    embeddings: torch.Tensor  # (n, D); differentiable back to the owners when gathered so
+    labels: torch.Tensor  # (n,) int64
+    indices: Optional[torch.Tensor]  # (n,) int64 dataset indices, or None when no rank passed any
+    sizes: list[int]  # rows per rank
+    rank: int
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def local(self) -> slice:
+        """This rank's rows of the global batch."""
+        offset = sum(self.sizes[: self.rank])
+        return slice(offset, offset + self.sizes[self.rank])
+
+    def share_of_global_mean(self, local_mean: torch.Tensor) -> torch.Tensor:
+        """W n_r / n times the mean over this rank's queries: the mean over ranks is the global mean."""
+        return local_mean * (self.world * self.sizes[self.rank] / self.n_total)
+
+    def zero_loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The loss of a rank without rows: 0, joined to the graph so the gather's backward still runs."""
+        return (embeddings.sum() + self.embeddings.sum()) * 0.0
+
+
+def gather_batch(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    *,
+    group,
+    attached: bool,
+    owner: str,
+) -> GlobalBatch:
+    """All-gather every rank's (checked) rows, labels and optional dataset indices; uneven sizes allowed.
+
+    ``attached`` ("pml" semantics with grad enabled): when the rows of any rank require grad, the
+    gather is differentiated on every rank (a rank whose rows do not, an empty one say, still
+    joins the backward's collective), so each row's gallery gradient returns to its owner.
+    Raises ValueError on every rank alike when the embedding sizes differ, the global batch is
+    empty, or some non-empty ranks pass ``indices`` and others do not.
+    """
+    _, rank = world_and_rank(group, owner)
+    dev = embeddings.device
+    info = _gather_ints(
+        (embeddings.shape[0], embeddings.shape[1], indices is not None, embeddings.requires_grad), dev, group
+    )
+    sizes = [n for n, _, _, _ in info]
+    dims = [d for _, d, _, _ in info]
+    if len(set(dims)) != 1:
+        raise ValueError(f"{owner}: every rank must have the same embedding size, got {dims}")
+    if sum(sizes) == 0:
+        raise ValueError(f"{owner}: the global batch is empty on every rank")
+    with_indices = {bool(h) for n, _, h, _ in info if n > 0}
+    if len(with_indices) != 1:
+        raise ValueError(
+            f"{owner}: indices must be passed on every rank that holds rows or on none, got them on "
+            f"ranks {[r for r, (n, _, h, _) in enumerate(info) if n > 0 and h]} of {len(info)}"
+        )
+    differentiable = attached and any(g for *_, g in info)
+    if not differentiable:
+        rows = embeddings.detach()
+    elif embeddings.requires_grad:
+        rows = embeddings
+    else:
+        rows = embeddings.detach().requires_grad_()  # a leaf: this rank's backward joins the collective
+    g_indices = None
+    if with_indices == {True}:
+        local = indices if indices is not None else labels.new_zeros(0)
+        g_indices = _all_gather_rows(local, sizes, group, False)
+    return GlobalBatch(
+        embeddings=_all_gather_rows(rows, sizes, group, differentiable),
+        labels=_all_gather_rows(labels, sizes, group, False),
+        indices=g_indices,
+        sizes=sizes,
+        rank=rank,
+    )
 
 
 class DistributedLossWrapper(nn.Module):
@@ -86,6 +185,14 @@ class DistributedLossWrapper(nn.Module):
 
     def __init__(self, loss: RLLFused, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
+        from .xbm import CrossBatchMemory  # here: xbm imports this module
+
+        if isinstance(loss, CrossBatchMemory):
+            raise ValueError(
+                "DistributedLossWrapper: loss is a CrossBatchMemory, whose memory would then differ "
+                "from rank to rank; use CrossBatchMemory(..., distributed=True) instead (one memory "
+                "across ranks, docs/semantics.md §2.7)"
+            )
         rll_kwargs(loss, "DistributedLossWrapper")  # type check
         if loss.reduction != "mean":
             raise ValueError(
@@ -101,14 +208,6 @@ class DistributedLossWrapper(nn.Module):
         self.loss = loss
         self.group = group
 
-    def _world(self) -> tuple[int, int]:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "DistributedLossWrapper needs an initialised torch.distributed process group "
-                "(torch.distributed.init_process_group)"
-            )
-        return dist.get_world_size(self.group), dist.get_rank(self.group)
-
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
         """:math:`\\mathcal{L}_r` of this rank's (N_r, D) ``embeddings`` against the global batch."""
         if indices_tuple is not None:
@@ -117,44 +216,32 @@ class DistributedLossWrapper(nn.Module):
             raise ValueError(
                 f"DistributedLossWrapper: loss.reduction must be 'mean', got {self.loss.reduction!r}"
             )
-        world, rank = self._world()
+        world_and_rank(self.group, "DistributedLossWrapper")
         check_embeddings(embeddings, "embeddings", allow_empty=True)
-        dev = embeddings.device
-        n_local = embeddings.shape[0]
-        labels = check_labels(labels, n_local, "labels", dev)
+        labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
         kwargs = rll_kwargs(self.loss, "DistributedLossWrapper")
-        sizes = _gather_sizes(n_local, dev, self.group)
-        dims = _gather_sizes(embeddings.shape[1], dev, self.group)
-        if len(set(dims)) != 1:
-            raise ValueError(
-                f"DistributedLossWrapper: every rank must have the same embedding size, got {dims}"
-            )
-        n_total = sum(sizes)
-        if n_total == 0:
-            raise ValueError("DistributedLossWrapper: the global batch is empty on every rank")
-        differentiable = kwargs["semantics"] == "pml" and torch.is_grad_enabled() and embeddings.requires_grad
-        gallery = _all_gather_rows(
-            embeddings if differentiable else embeddings.detach(), sizes, self.group, differentiable
+        batch = gather_batch(
+            embeddings,
+            labels,
+            None,
+            group=self.group,
+            attached=kwargs["semantics"] == "pml" and torch.is_grad_enabled(),
+            owner="DistributedLossWrapper",
         )
-        g_labels = _all_gather_rows(labels, sizes, self.group, False)
-        if n_local == 0:
-            # nothing to rank here; in "pml" the backward must still join the gather's collective
-            return (embeddings.sum() + gallery.sum()) * 0.0
-        offset = sum(sizes[:rank])
-        q_ids = torch.arange(offset, offset + n_local, device=dev)
-        g_ids = torch.arange(n_total, device=dev)
+        if batch.sizes[batch.rank] == 0:
+            return batch.zero_loss(embeddings)  # nothing to rank here
+        ids = torch.arange(batch.n_total, device=embeddings.device)  # global positions
         local_mean = ranked_list_loss(
             embeddings,
             labels,
             **kwargs,
             reduction="mean",
-            ref_emb=gallery,
-            ref_labels=g_labels,
-            query_ids=q_ids,
-            ref_ids=g_ids,
-            den_rows=n_total,
+            ref_emb=batch.embeddings,
+            ref_labels=batch.labels,
+            query_ids=ids[batch.local],
+            ref_ids=ids,
         )
-        return local_mean * (world * n_local / n_total)
+        return batch.share_of_global_mean(local_mean)
 
     def extra_repr(self) -> str:
         return "group=" + ("WORLD" if self.group is None else repr(self.group))

@@ -32,8 +32,7 @@ def report() -> str:
         lines.append(f"nvcc: {out[-1] if out else nvcc}")
     else:
         lines.append("nvcc: not found")
-    why = _extension.cpp_unavailable_reason()
-    lines.append(f"C++ extension: {'built' if why is None else 'NOT usable: ' + why}")
+    lines.append(f"C++ extension: {_extension.extension_status()}")
     cuda_in = _extension.has_kernel("rll_fwd", "cuda")
     lines.append(f"CUDA kernels compiled in: {'yes (experimental)' if cuda_in else 'no'}")
     lines.append("backends (device, loss, backend):")

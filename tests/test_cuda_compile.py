@@ -4,8 +4,11 @@
   with ``-Xptxas -v`` and the flags torch's CUDAExtension adds (``COMMON_NVCC_FLAGS``: no implicit
   half conversions). The ptxas report is parsed: every hot kernel must exist for both arches and
   have no spill stores/loads and a zero stack frame; registers per kernel are printed.
-* The stable-ABI glue is compiled against the installed torch headers, and every launcher it
-  calls must be defined by the kernel object (catches a drifted launcher signature).
+* The stable-ABI glue is compiled against the installed torch headers and those of the GPU
+  machine's torch (2.11.0, tests/torch_headers.py), and every launcher it calls must be defined by
+  the kernel object (catches a drifted launcher signature). The CPU translation units (csrc/*.cpp)
+  are checked against those other headers with ``g++ -fsyntax-only`` and setup.py's own flags (the
+  build compiles them against the installed ones). The kernel file includes no torch header.
 * setup.py on a torch without CUDA prints one warning line and builds the CPU extension only.
 
 Without nvcc the compile tests are skipped with a message saying so.
@@ -18,12 +21,15 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.utils.cpp_extension as cpp_ext
+import torch_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -68,14 +74,27 @@ BUILD_FLAGS = [
 ]
 HOT_KERNELS = ("rll_stats_kernel", "rll_grad_q_kernel", "rll_grad_k_kernel", "rll_sqnorm_kernel")
 DTYPES = ("float", "double", "__half", "__nv_bfloat16")
-STABLE_ABI = [
-    "-DTORCH_TARGET_VERSION=0x020a000000000000",
-    "-DUSE_CUDA",
-    # what CUDAExtension defines for every extension source
+# what CUDAExtension / CppExtension define for every extension source
+EXTENSION_DEFINES = [
     "-DTORCH_API_INCLUDE_EXTENSION_H",
     "-DTORCH_EXTENSION_NAME=_C",
     f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
 ]
+STABLE_ABI = ["-DTORCH_TARGET_VERSION=0x020a000000000000", "-DUSE_CUDA", *EXTENSION_DEFINES]
+
+
+# the torch headers each compile check runs against: the installed torch's and the GPU machine's
+HEADER_SETS = ["installed", *torch_headers.VERSIONS]
+
+
+def torch_includes(which: str) -> list[str]:
+    """-I flags of a header set; skips when another release's headers were not fetched."""
+    if which == "installed":
+        return [f"-I{p}" for p in cpp_ext.include_paths()]
+    dirs = torch_headers.include_dirs(which)
+    if dirs is None:
+        pytest.skip(f"torch {which} headers not fetched: run `make torch-headers` (tests/torch_headers.py)")
+    return [f"-I{p}" for p in dirs]
 
 
 # ------------------------------------------------------------------ ptxas report parsing
@@ -254,9 +273,10 @@ def test_kernels_compile_without_spills(kernels_build, capsys):
 
 @needs_nvcc
 @pytest.mark.slow
-def test_glue_compiles_against_torch_headers(kernels_build, tmp_path):
+@pytest.mark.parametrize("headers", HEADER_SETS)
+def test_glue_compiles_against_torch_headers(kernels_build, tmp_path, headers):
     obj = tmp_path / "rll_cuda_glue.o"
-    incs = [f"-I{p}" for p in cpp_ext.include_paths()]
+    incs = torch_includes(headers)
     # the glue is host code around launchers: one arch is enough to check it against the headers
     r = _nvcc(
         [
@@ -273,7 +293,8 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path):
             str(obj),
         ]
     )
-    assert r.returncode == 0, f"nvcc failed on {GLUE.name} (torch {torch.__version__}):\n{r.stderr[-6000:]}"
+    version = torch.__version__ if headers == "installed" else headers
+    assert r.returncode == 0, f"nvcc failed on {GLUE.name} (torch {version} headers):\n{r.stderr[-6000:]}"
     kr, kobj = kernels_build
     if kr.returncode != 0 or not shutil.which("nm"):
         pytest.fail("kernel object or nm unavailable: cannot check the launcher symbols")
@@ -290,6 +311,32 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path):
     assert wanted <= defined, (
         f"launchers called by the glue but not defined by the kernels: {wanted - defined}"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers", [h for h in HEADER_SETS if h != "installed"])
+def test_cpu_sources_compile_against_other_torch_headers(monkeypatch, headers):
+    # the C++ translation units of a CUDA build (setup.py's cxx flags, -DRLL_WITH_CUDA), syntax and
+    # template instantiation only: what the installed headers get from the build itself
+    incs = torch_includes(headers)
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.fail("no host C++ compiler (g++/c++) for the CPU sources")
+    calls = _exec_setup_py(monkeypatch, cuda="13.0", cuda_home="/usr/local/cuda", gpu=True, env={})
+    flags = calls["cuda"][0][1]["extra_compile_args"]["cxx"]
+
+    common = [cxx, "-fsyntax-only", *flags, *EXTENSION_DEFINES, *incs, f"-I{ROOT / 'csrc'}"]
+    common += [f"-I{sysconfig.get_paths()['include']}"]  # Python.h
+    sources = sorted((ROOT / "csrc").glob("*.cpp"))
+    assert sources, "no csrc/*.cpp"
+
+    def check(src: Path) -> str:
+        r = subprocess.run([*common, str(src)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        return "" if r.returncode == 0 else f"{src.name}:\n{r.stderr[-3000:]}"
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two compilers at a time: CI has 2 cores
+        failed = [e for e in pool.map(check, sources) if e]
+    assert not failed, f"against the torch {headers} headers:\n" + "\n".join(failed)
 
 
 def ptx_mma_counts(ptx: str) -> dict[str, int]:
@@ -417,3 +464,15 @@ def test_setup_without_cuda_warns_once_and_builds_cpu(monkeypatch, capsys, cuda,
     assert not any(s.endswith(".cu") for s in calls["cpp"][0][0])
     warn = [ln for ln in capsys.readouterr().err.splitlines() if "CUDA backend not built" in ln]
     assert len(warn) == 1 and why in warn[0], warn
+
+
+def test_other_torch_headers_missing_means_skip(monkeypatch, tmp_path):
+    # an empty cache: no include dirs, and the compile checks skip naming the make target
+    monkeypatch.setenv("RLL_TORCH_HEADERS_CACHE", str(tmp_path))
+    assert torch_headers.include_dirs("2.11.0") is None
+    with pytest.raises(pytest.skip.Exception, match="make torch-headers"):
+        torch_includes("2.11.0")
+    (tmp_path / "torch-2.11.0" / "include").mkdir(parents=True)
+    assert torch_headers.include_dirs("2.11.0") is None  # no stamp: an interrupted extraction
+    (tmp_path / "torch-2.11.0" / torch_headers.STAMP).write_text("x")
+    assert torch_headers.include_dirs("2.11.0")[0] == str(tmp_path / "torch-2.11.0" / "include")
