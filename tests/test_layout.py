@@ -264,11 +264,6 @@ def test_import_checker_finds_a_function_level_cycle(tmp_path):
     assert find_cycle(import_graph(pkg)) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distributed.DistributedLossWrapper.__init__ imports xbm, which imports distributed "
-    "(merged from i17-xbm-metrics); remove this mark once the cycle is broken",
-)
 def test_no_import_cycle_in_rll_kernels():
     graph = import_graph(PKG)
     assert {"rll_kernels", "rll_kernels._backends", "rll_kernels.ops.rll"} <= set(graph)
