@@ -26,6 +26,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import interpret_mode
+from ._compat import patch_interpreter_scalar_index
+
+if interpret_mode():
+    patch_interpreter_scalar_index()
+
 NEG_INF = tl.constexpr(float("-inf"))  # a constexpr global: plain globals are refused by the compiler
 
 

@@ -23,6 +23,10 @@ import triton.language as tl
 
 from .._checks import dup_rel_tol
 from . import interpret_mode
+from ._compat import patch_interpreter_scalar_index
+
+if interpret_mode():
+    patch_interpreter_scalar_index()
 
 
 @triton.jit
@@ -79,7 +83,7 @@ def _osm_rows_kernel(
             mk = kk < D
             a = tl.load(Z + rows[:, None] * D + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
             b = tl.load(Z + cols[None, :] * D + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-            dot = tl.dot(a, b, dot, input_precision="ieee")
+            dot = tl.dot(a, b, dot, input_precision="ieee", out_dtype=alpha.dtype)
         nk = tl.load(NRM + offs_n, mask=mask_n, other=0.0)
         lj = tl.load(LAB + offs_n, mask=mask_n, other=-2)
         tot = nq[:, None] + nk[None, :]
@@ -113,8 +117,8 @@ def _osm_rows_kernel(
             zj = tl.load(
                 Z + cols[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
             )
-            accp = tl.dot(cp, zj, accp, input_precision="ieee")
-            accn = tl.dot(cn, zj, accn, input_precision="ieee")
+            accp = tl.dot(cp, zj, accp, input_precision="ieee", out_dtype=alpha.dtype)
+            accn = tl.dot(cn, zj, accn, input_precision="ieee", out_dtype=alpha.dtype)
     if pid_d == 0:
         tl.store(ROWS + rows * 4 + 0, sp, mask=mask_m)
         tl.store(ROWS + rows * 4 + 1, tp, mask=mask_m)

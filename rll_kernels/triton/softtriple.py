@@ -25,9 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpret_mode
+from ._compat import patch_interpreter_scalar_index
+
 __all__ = ["softtriple_backward", "softtriple_forward"]
 
 NORM_EPS = 1e-12
+
+if interpret_mode():
+    patch_interpreter_scalar_index()
 
 
 @triton.jit
