@@ -13,6 +13,7 @@ from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 import rll_kernels
 from rll_kernels import reference
+from rll_kernels._checks import compute_dtype
 from rll_kernels.triton import status
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -481,7 +482,7 @@ def test_launch_config_pruning(cap, kind):
     prune = trl._prune(kind, cap)
     for dtype in (torch.float32, torch.float16, torch.float64):
         for bd in (16, 64, 128, 256, 512, 1024, 2048):
-            named = {"Q": torch.empty(0, dtype=dtype), "PRM": torch.empty(0, dtype=trl._acc_dtype(dtype))}
+            named = {"Q": torch.empty(0, dtype=dtype), "PRM": torch.empty(0, dtype=compute_dtype(dtype))}
             kept = prune(configs, named, BLOCK_D=bd, PAPER_GRAD=True)
             assert len(kept) >= 1
             if bd <= 128 and dtype != torch.float64:
@@ -528,7 +529,7 @@ def test_gpu_check_dry_run(capsys):
 # ------------------------------------------------------------------ the GPU compiler, without a GPU
 _AOT_SCRIPT = """
 import sys
-from rll_kernels.triton._rll_aot import compile_kernel, summary
+from rll_kernels.triton._aot import compile_kernel, summary
 cases = [("fwd_paper", "fp32", 90, 0), ("fwd_stats", "fp32", 90, 0), ("bwd_q", "fp32", 90, 32),
          ("bwd_k", "fp32", 90, 0), ("fwd_paper", "fp16", 80, 32), ("bwd_k", "bf16", 80, 32),
          ("fwd_paper", "fp64", 80, 0)]

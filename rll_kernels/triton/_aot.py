@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of the RLL Triton kernels for a GPU target, on a machine without a GPU.
+"""Ahead-of-time compilation of the Triton kernels for a GPU target, on a machine without a GPU.
 
-``python -m rll_kernels.triton._rll_aot [--cap 90] [--dtype fp32] [--block-d 128] [--config 64,64,4,3]``
+``python -m rll_kernels.triton._aot [--cap 90] [--dtype fp32] [--block-d 128] [--config 64,64,4,3]``
 compiles every kernel variant (forward with and without the one-pass gradient, backward dq and dk)
 with Triton's own compiler and ptxas for sm_80 / sm_90 and prints the shared memory each launch
 configuration needs and its tensor-core instruction count. It needs triton (with its bundled ptxas),
@@ -14,6 +14,10 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 KINDS = ("fwd_paper", "fwd_stats", "bwd_q", "bwd_k")
 _TRITON_DT = {
@@ -35,14 +39,10 @@ def compile_kernel(
     num_stages: int,
     fp32_precision: str = "tf32x3",
     k_chunk: int = 0,
-):
-    """Compile one kernel variant for ``sm_<cap>``; returns the CompiledKernel (``.asm``, ``.metadata``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (kernels are interpreted otherwise)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from ._rll_kernels import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
+) -> CompiledKernel:
+    """Compile one RLL kernel variant for ``sm_<cap>``; returns the CompiledKernel (``.asm``,
+    ``.metadata``)."""
+    from .rll import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
 
     elem, acc = _TRITON_DT[dtype]
     fn = {
@@ -80,6 +80,16 @@ def compile_kernel(
         "GQ": acc if kind.startswith("fwd") else elem,
         "GK": elem,
     }
+    return _compile(fn, consts, ptr, cap, num_warps, num_stages)
+
+
+def _compile(fn, consts: dict, ptr: dict, cap: int, num_warps: int, num_stages: int) -> CompiledKernel:
+    """triton.compile of ``fn`` for sm_<cap>: pointer arguments typed by ``ptr``, the rest i32."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (kernels are interpreted otherwise)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     sig = {a: ("constexpr" if a in consts else f"*{ptr[a]}" if a in ptr else "i32") for a in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     return triton.compile(
@@ -87,12 +97,12 @@ def compile_kernel(
     )
 
 
-def summary(k) -> dict:
+def summary(k: CompiledKernel) -> dict:
     ptx = k.asm["ptx"]
     return {"shared": k.metadata.shared, "mma": ptx.count("mma.sync"), "wgmma": ptx.count("wgmma.mma_async")}
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cap", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(_TRITON_DT))
