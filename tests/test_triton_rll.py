@@ -537,6 +537,9 @@ for kind, dt, cap, kc in cases:
     info = summary(compile_kernel(kind, dt, cap, 32, 32, 64, 4, 2, k_chunk=kc))
     assert info["mma"] + info["wgmma"] > 0, (kind, dt, cap, info)  # the tile GEMMs reach the tensor cores
     print(kind, dt, cap, info, flush=True)
+from rll_kernels.triton._aot import SIBLINGS, compile_sibling
+for kernel in SIBLINGS:  # the SoftTriple and OSM kernels compile too
+    print("sibling", kernel, compile_sibling(kernel, "fp32", 90).metadata.shared, flush=True)
 """
 
 
@@ -555,3 +558,4 @@ def test_aot_compile_for_sm80_sm90():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("{'shared'") == 7
+    assert r.stdout.count("sibling ") == 4

@@ -6,6 +6,8 @@ with Triton's own compiler and ptxas for sm_80 / sm_90 and prints the shared mem
 configuration needs and its tensor-core instruction count. It needs triton (with its bundled ptxas),
 no GPU and no CUDA driver, and it must run with ``TRITON_INTERPRET`` unset: under the interpreter the
 kernels are Python functions, not compilable ones. A GPU run must still confirm the speed.
+``compile_sibling`` compiles the SoftTriple and OSM kernels (``SIBLINGS``) with the block sizes their
+launchers use on a GPU, so the GPU compiler checks them too.
 """
 
 from __future__ import annotations
@@ -95,6 +97,29 @@ def _compile(fn, consts: dict, ptr: dict, cap: int, num_warps: int, num_stages: 
     return triton.compile(
         src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
+
+
+# the SoftTriple kernels at K = 10 centers per class (KP = 16, BC = 4) and D >= 64, the OSM kernel at
+# D = 128 with attention and gradient: the GPU block sizes of softtriple._blocks and osm._blocks
+SIBLINGS = ("softtriple_fwd", "softtriple_dx", "softtriple_dw", "osm")
+
+
+def compile_sibling(kernel: str, dtype: str = "fp32", cap: int = 90) -> CompiledKernel:
+    """Compile a SoftTriple or OSM kernel for ``sm_<cap>`` (dtype fp32 or fp64)."""
+    from . import osm, softtriple
+
+    if kernel == "osm":
+        consts = dict(HAS_ATT=True, NEED_GRAD=True, BM=64, BN=32, BK=32, BD=64, BLOCK_D=128)
+        ptr = dict.fromkeys(("Z", "ATT", "PRM", "ROWS", "GP", "GN"), dtype) | {"LAB": "i64"}
+        return _compile(osm._osm_rows_kernel, consts, ptr, cap, 4, 2)
+    fn = {
+        "softtriple_fwd": softtriple._st_fwd_kernel,
+        "softtriple_dx": softtriple._st_bwd_dx_kernel,
+        "softtriple_dw": softtriple._st_bwd_dw_kernel,
+    }[kernel]
+    names = ("x_ptr", "w_ptr", "rn_ptr", "q_ptr", "loss_ptr", "lse_ptr", "g_ptr", "gxp_ptr", "gw_ptr", "PRM")
+    ptr = dict.fromkeys(names, dtype) | {"y_ptr": "i64"}
+    return _compile(fn, dict(BM=64, BC=4, KP=16, BD=64), ptr, cap, 4, 2)
 
 
 def summary(k: CompiledKernel) -> dict:
