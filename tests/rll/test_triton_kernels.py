@@ -17,6 +17,7 @@ from tolerance import assert_close_derived, assert_close_fp64, max_abs
 
 import rll_kernels
 from rll_kernels import reference
+from rll_kernels._checks import compute_dtype
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _why = rll_kernels.available_backends(DEV, "rll")["triton"]
@@ -197,7 +198,7 @@ def test_launch_config_pruning(cap, kind):
     prune = trl._prune(kind, cap)
     for dtype in (torch.float32, torch.float16, torch.float64):
         for bd in (16, 64, 128, 256, 512, 1024, 2048):
-            named = {"Q": torch.empty(0, dtype=dtype), "PRM": torch.empty(0, dtype=trl._acc_dtype(dtype))}
+            named = {"Q": torch.empty(0, dtype=dtype), "PRM": torch.empty(0, dtype=compute_dtype(dtype))}
             kept = prune(configs, named, BLOCK_D=bd, PAPER_GRAD=True)
             assert len(kept) >= 1
             if bd <= 128 and dtype != torch.float64:
@@ -226,7 +227,7 @@ def test_pick_config_without_timing():
 # ------------------------------------------------------------------ the GPU compiler, without a GPU
 _AOT_SCRIPT = """
 import sys
-from rll_kernels.triton._rll_aot import compile_kernel, summary
+from rll_kernels.triton._aot import compile_kernel, summary
 cases = [("fwd_paper", "fp32", 90, 0), ("fwd_stats", "fp32", 90, 0), ("bwd_q", "fp32", 90, 32),
          ("bwd_k", "fp32", 90, 0), ("fwd_paper", "fp16", 80, 32), ("bwd_k", "bf16", 80, 32),
          ("fwd_paper", "fp64", 80, 0)]
@@ -234,6 +235,9 @@ for kind, dt, cap, kc in cases:
     info = summary(compile_kernel(kind, dt, cap, 32, 32, 64, 4, 2, k_chunk=kc))
     assert info["mma"] + info["wgmma"] > 0, (kind, dt, cap, info)  # the tile GEMMs reach the tensor cores
     print(kind, dt, cap, info, flush=True)
+from rll_kernels.triton._aot import SIBLINGS, compile_sibling
+for kernel in SIBLINGS:  # the SoftTriple and OSM kernels compile too
+    print("sibling", kernel, compile_sibling(kernel, "fp32", 90).metadata.shared, flush=True)
 """
 
 
@@ -252,3 +256,4 @@ def test_aot_compile_for_sm80_sm90():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("{'shared'") == 7
+    assert r.stdout.count("sibling ") == 4

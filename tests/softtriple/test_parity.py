@@ -5,6 +5,8 @@ gradient. The backends come from the registry (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from softtriple_cases import loss_and_grads, problem
@@ -31,6 +33,43 @@ def test_fused_fp64_equals_reference(backend, device, n, c, k, d, tau):
     assert_close_fp64(lf, lr, "loss")
     assert_close_fp64(gef, ger, "grad embeddings")
     assert_close_fp64(gwf, gwr, "grad centers")
+
+
+@pytest.fixture
+def gpu_float_arguments(monkeypatch):
+    """Python floats reach a compiled Triton kernel as fp32, but the interpreter keeps them doubles:
+    give interpreted kernels the fp32 values too, so a float hyper-parameter shows on the CPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return
+    run = InterpretedFunction.run
+
+    def run_fp32(self, *args, **kwargs):
+        def fp32(v):
+            return torch.tensor(v, dtype=torch.float32).item() if isinstance(v, float) else v
+
+        return run(self, *map(fp32, args), **{k: fp32(v) for k, v in kwargs.items()})
+
+    monkeypatch.setattr(InterpretedFunction, "run", run_fp32)
+
+
+def test_fused_fp64_keeps_fp64_hyper_parameters(backend, device, gpu_float_arguments):
+    # la, 1/gamma and la * margin that are not fp32 numbers: a kernel that rounds its hyper-parameters
+    # to fp32 moves the loss by ~1e-8 relative, 100x the fp64 tolerance (docs/semantics.md §1.2)
+    la, gamma, margin = 20.1, 0.3, 0.07
+    e, y, w = problem(37, 7, 3, 24, all_classes=True, device=device)
+    lr, ger, gwr = loss_and_grads(ref_loss, e, y, w, 3, la, gamma, margin, 0.0)
+    lf, gef, gwf = loss_and_grads(soft_triple_loss, e, y, w, 3, la, gamma, margin, 0.0, backend=backend)
+    assert_close_fp64(lf, lr, "loss")
+    assert_close_fp64(gef, ger, "grad embeddings")
+    assert_close_fp64(gwf, gwr, "grad centers")
+    # the test can fail: the reference with the fp32-rounded values is off by more than the tolerance
+    la32, inv_gamma32, la_margin32 = torch.tensor([la, 1.0 / gamma, la * margin]).tolist()
+    l32, _, _ = loss_and_grads(ref_loss, e, y, w, 3, la32, 1.0 / inv_gamma32, la_margin32 / la32, 0.0)
+    assert (l32 - lr).abs() > 1e-10 * lr.abs()
 
 
 @pytest.mark.parametrize("n,c,k,d", [(37, 7, 3, 24), (64, 90, 10, 32)])
