@@ -122,18 +122,6 @@ RLL_HD S online_begin_tile(OnlineRow<S>& r, S tile_max) {
 template <class T, class S>
 RLL_HD T online_weight(T logit, const OnlineRow<S>& r) { return rll_exp(logit - T(r.m)); }
 
-// Merge two partial states of the same row (split-K / multi-thread reductions).
-template <class S>
-RLL_HD OnlineRow<S> online_merge(const OnlineRow<S>& x, const OnlineRow<S>& y) {
-  OnlineRow<S> o;
-  o.m = rll_max(x.m, y.m);
-  if (o.m == neg_inf<S>()) return o;
-  const S fx = rescale(x.m, o.m), fy = rescale(y.m, o.m);
-  o.l = x.l * fx + y.l * fy;
-  o.a = x.a * fx + y.a * fy;
-  return o;
-}
-
 // Final statistics of a set: the weighted mean L and log of the true denominator
 // log(sum exp(s) + bias). An empty set gives L = 0 and logden = -inf (no weight anywhere).
 template <class S>
@@ -175,6 +163,18 @@ RLL_HD T pos_coef(T p, T v, S L, S Tp, bool attached) {
 template <class T, class S>
 RLL_HD T neg_coef(T p, T v, S L, S Tn, bool attached) {
   return attached ? T(0) - p * (T(1) + T(Tn) * (v - T(L))) : T(0) - p;
+}
+
+// A pair's dL/dd for one row's set: w times the pair's set coefficient, from its logit s, hinge
+// value v and the row's statistics of the set (logden, L); w = (1 - lam) g_i for the positive set,
+// lam g_i for the negative one (g_i the upstream gradient of the row's loss).
+template <class T, class S>
+RLL_HD T pos_pair_grad(T w, T s, T v, S logden, S L, S Tp, bool attached) {
+  return w * pos_coef(final_weight(s, logden), v, L, Tp, attached);
+}
+template <class T, class S>
+RLL_HD T neg_pair_grad(T w, T s, T v, S logden, S L, S Tn, bool attached) {
+  return w * neg_coef(final_weight(s, logden), v, L, Tn, attached);
 }
 
 // Row loss from the two set means.
