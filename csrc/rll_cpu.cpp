@@ -562,11 +562,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  TORCH_CHECK(alpha > beta, "rll: alpha must exceed beta = alpha - margin (margin > 0), got alpha=", alpha,
-              " beta=", beta);
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "rll: imbalance must lie in [0, 1], got ", lam);
-  TORCH_CHECK(den_bias >= 0.0, "rll: den_bias must be >= 0, got ", den_bias);
-  return Params<S>{S(alpha), S(beta), S(Tn), S(Tp), S(lam), S(den_bias)};
+  const std::string err = params_error(alpha, beta, lam, den_bias);
+  TORCH_CHECK(err.empty(), err);
+  return params_in<S>(alpha, beta, Tn, Tp, lam, den_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rll_fwd_cpu(const at::Tensor& q, const at::Tensor& q_labels,
