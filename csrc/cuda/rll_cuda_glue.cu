@@ -1,4 +1,4 @@
-// CUDA implementation of the rll_kernels::rll_fwd / rll_bwd ops (schemas in csrc/ops.cpp), on
+// CUDA implementation of the rll_kernels::rll_fwd / rll_bwd ops (schemas in rll_kernels/ops/_schemas.py), on
 // PyTorch's stable ABI (torch/csrc/stable, TORCH_TARGET_VERSION 2.10): checks the arguments,
 // allocates the outputs and calls the torch-free launchers of rll_kernels.cuh on the current stream.
 //
