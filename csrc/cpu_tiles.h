@@ -76,8 +76,7 @@ at::Tensor labels_as(at::TensorList parts) {
   const int64_t lim = int64_t(1) << std::numeric_limits<S>::digits;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
   at::Tensor all = at::cat(parts);
-  if (all.numel() == 0 || (all.min().item<int64_t>() > -lim && all.max().item<int64_t>() < lim))
-    return all.to(opts);
+  if (all.numel() == 0 || (all.min().item<int64_t>() > -lim && all.max().item<int64_t>() < lim)) return all.to(opts);
   at::Tensor inverse = std::get<1>(at::_unique(all, /*sorted=*/true, /*return_inverse=*/true));
   return inverse.to(opts);
 }
@@ -123,8 +122,7 @@ inline void load_tile(const S* NK, const S* KL, int64_t j0, int64_t bk, int64_t 
 
 // Same-label and other-label masks of one vector of gallery labels against the query's label.
 template <class S>
-inline void label_masks(const Vectorized<S>& kl, const Vectorized<S>& li, Vectorized<S>& same,
-                        Vectorized<S>& diff) {
+inline void label_masks(const Vectorized<S>& kl, const Vectorized<S>& li, Vectorized<S>& same, Vectorized<S>& diff) {
   same = kl == li;
   diff = (kl < li) | (kl > li);  // both false for the NaN padding
 }
@@ -159,8 +157,8 @@ struct PairDistances {
   Vectorized<S> d, dup;
 };
 template <class S>
-inline PairDistances<S> pair_distances(const S* dot_row, const S* nk, int64_t c, int64_t cnt,
-                                       const Vectorized<S>& nq, S rel) {
+inline PairDistances<S> pair_distances(const S* dot_row, const S* nk, int64_t c, int64_t cnt, const Vectorized<S>& nq,
+                                       S rel) {
   using V = Vectorized<S>;
   const V dot = V::loadu(dot_row + c, std::max<int64_t>(cnt, 0));
   const V nkc = V::loadu(nk + c);
@@ -172,13 +170,13 @@ inline PairDistances<S> pair_distances(const S* dot_row, const S* nk, int64_t c,
 // Per-call set-up of a pair problem (queries q against the gallery k): squared norms, labels as S,
 // excluded pairs. When q is k, the norms are computed once.
 template <class S>
-struct PairSetup {
+struct PairProblem {
   at::Tensor nq_t, nk_t, labels_t;
   const S *NQ, *NK, *QL, *KL;
   Exclusions ex;
   int64_t N, M, D;
-  PairSetup(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
-            const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids)
+  PairProblem(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
+              const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids)
       : N(q.size(0)), M(k.size(0)), D(q.size(1)) {
     nq_t = row_sq_norms<S>(q);
     nk_t = k.is_same(q) ? nq_t : row_sq_norms<S>(k);

@@ -49,7 +49,7 @@ struct Hyper {
 // What every thread of one call reads. Square tiles of B x B pairs: the distance tile and the two
 // coefficient tiles stay in L2.
 template <class S>
-struct Osm {
+struct OsmProblem {
   const at::Tensor& z;
   const S* NZ;   // squared norms
   const S* LAB;  // labels as S
@@ -61,7 +61,7 @@ struct Osm {
 
 // What one thread accumulates: [S+, T+, S-, T-] and, for the gradient, acc (N, D) and rs (N,) per set.
 template <class S>
-struct OsmSums {
+struct ThreadSums {
   double* sums;
   S *acc_p, *acc_n;
   double *rs_p, *rs_n;
@@ -76,8 +76,17 @@ struct OsmTile {
   std::vector<char> row_has_p, row_has_n;                     // B: rows with a non-zero C (C >= 0)
   V nnz_p, nnz_n;                                             // non-zero C per lane
   OsmTile(int64_t B, int64_t BP)
-      : dots(B * B), cp(B * B), cn(B * B), col_idx(BP), kl(BP), att(BP), nk(BP), cp_colsum(BP), cn_colsum(BP),
-        row_has_p(B), row_has_n(B) {
+      : dots(B * B),
+        cp(B * B),
+        cn(B * B),
+        col_idx(BP),
+        kl(BP),
+        att(BP),
+        nk(BP),
+        cp_colsum(BP),
+        cn_colsum(BP),
+        row_has_p(B),
+        row_has_n(B) {
     for (int64_t c = 0; c < BP; ++c) col_idx[c] = S(c);
   }
 };
@@ -108,28 +117,29 @@ void sparse_update(const S* C, const char* row_any, int64_t bq, int64_t bk, int6
 // Row r (i = i0 + r) of tile I against the columns of tile J (in a diagonal tile only c > r): the
 // pair weights into the sums, and for the gradient C+ and C- into the tile rows, row and column sums.
 template <class S>
-void fold_row_pairs(const Osm<S>& O, OsmTile<S>& T, OsmSums<S>& A, int64_t r, int64_t i, int64_t bk, bool diag) {
+void fold_row_pairs(const OsmProblem<S>& pb, OsmTile<S>& tile, ThreadSums<S>& th, int64_t r, int64_t i, int64_t bk,
+                    bool diag) {
   using V = Vectorized<S>;
   const int64_t W = V::size();
-  const Hyper<S> hp = O.hp;
-  const bool need_grad = O.need_grad, has_att = O.ATT != nullptr;
+  const Hyper<S> hp = pb.hp;
+  const bool need_grad = pb.need_grad, has_att = pb.ATT != nullptr;
   const S rel = dup_rel<S>();
-  const S* dot_row = T.dots.data() + r * bk;
-  S* cp_row = T.cp.data() + r * bk;
-  S* cn_row = T.cn.data() + r * bk;
-  const V nq(O.NZ[i]), li(O.LAB[i]), att_i(has_att ? O.ATT[i] : S(1));
+  const S* dot_row = tile.dots.data() + r * bk;
+  S* cp_row = tile.cp.data() + r * bk;
+  S* cn_row = tile.cn.data() + r * bk;
+  const V nq(pb.NZ[i]), li(pb.LAB[i]), att_i(has_att ? pb.ATT[i] : S(1));
   const V lo(diag ? static_cast<S>(r) : S(-1)), n_cols(static_cast<S>(bk));
   V wp_sum(S(0)), wpd2_sum(S(0)), wn_sum(S(0)), wnh2_sum(S(0)), cp_rowsum(S(0)), cn_rowsum(S(0));
   for (int64_t c = diag ? (r + 1) / W * W : 0; c < bk; c += W) {
     const int64_t cnt = std::min(W, bk - c);
-    const PairDistances<S> pd = pair_distances(dot_row, T.nk.data(), c, cnt, nq, rel);
-    const V ci = V::loadu(T.col_idx.data() + c);
+    const PairDistances<S> pd = pair_distances(dot_row, tile.nk.data(), c, cnt, nq, rel);
+    const V ci = V::loadu(tile.col_idx.data() + c);
     const V valid = (ci > lo) & (ci < n_cols);
     V same, diff;
-    label_masks(V::loadu(T.kl.data() + c), li, same, diff);
+    label_masks(V::loadu(tile.kl.data() + c), li, same, diff);
     same = same & valid;
     diff = diff & valid;
-    const V aij = has_att ? at::vec::minimum(att_i, V::loadu(T.att.data() + c)) : V(S(1));
+    const V aij = has_att ? at::vec::minimum(att_i, V::loadu(tile.att.data() + c)) : V(S(1));
     const V dd = pd.d * pd.d;  // d^2 from d (0 for a duplicate)
     const V wp = rll_select(same, (dd * V(hp.neg_inv_2s2)).exp() * aij, V(S(0)));
     const V h = at::vec::maximum(V(hp.alpha) - pd.d, V(S(0)));
@@ -144,23 +154,23 @@ void fold_row_pairs(const Osm<S>& O, OsmTile<S>& T, OsmSums<S>& A, int64_t r, in
     const V cn = wn * h * pair_inv_dist(pd.d, pd.dup);
     cp_rowsum = cp_rowsum + cp;
     cn_rowsum = cn_rowsum + cn;
-    (V::loadu(T.cp_colsum.data() + c) + cp).store(T.cp_colsum.data() + c);
-    (V::loadu(T.cn_colsum.data() + c) + cn).store(T.cn_colsum.data() + c);
-    T.nnz_p = T.nnz_p + cp.ne(V(S(0)));
-    T.nnz_n = T.nnz_n + cn.ne(V(S(0)));
+    (V::loadu(tile.cp_colsum.data() + c) + cp).store(tile.cp_colsum.data() + c);
+    (V::loadu(tile.cn_colsum.data() + c) + cn).store(tile.cn_colsum.data() + c);
+    tile.nnz_p = tile.nnz_p + cp.ne(V(S(0)));
+    tile.nnz_n = tile.nnz_n + cn.ne(V(S(0)));
     cp.store(cp_row + c, cnt);
     cn.store(cn_row + c, cnt);
   }
-  A.sums[0] += hsum_d(wp_sum);
-  A.sums[1] += hsum_d(wpd2_sum);
-  A.sums[2] += hsum_d(wn_sum);
-  A.sums[3] += hsum_d(wnh2_sum);
+  th.sums[0] += hsum_d(wp_sum);
+  th.sums[1] += hsum_d(wpd2_sum);
+  th.sums[2] += hsum_d(wn_sum);
+  th.sums[3] += hsum_d(wnh2_sum);
   if (!need_grad) return;
   const double cp_r = hsum_d(cp_rowsum), cn_r = hsum_d(cn_rowsum);
-  A.rs_p[i] += cp_r;
-  A.rs_n[i] += cn_r;
-  T.row_has_p[r] = cp_r != 0.0;
-  T.row_has_n[r] = cn_r != 0.0;
+  th.rs_p[i] += cp_r;
+  th.rs_n[i] += cn_r;
+  tile.row_has_p[r] = cp_r != 0.0;
+  tile.row_has_n[r] = cn_r != 0.0;
   // a diagonal tile stores only c >= the vector start; clear the rest (c <= r) for the GEMM
   if (diag) {
     const int64_t c_end = std::min(bk, (r + 1) / W * W);
@@ -172,16 +182,16 @@ void fold_row_pairs(const Osm<S>& O, OsmTile<S>& T, OsmSums<S>& A, int64_t r, in
 // acc_I -= C z_J and acc_J -= C^T z_I for one set's C tile (nnz non-zeros): GEMMs, or the sparse
 // loop when the tile is sparse.
 template <class S>
-void apply_tile_grad(const Osm<S>& O, S* C, const char* row_any, double nnz, S* acc, const at::Tensor& zI,
+void apply_tile_grad(const OsmProblem<S>& pb, S* C, const char* row_any, double nnz, S* acc, const at::Tensor& zI,
                      const at::Tensor& zJ, int64_t i0, int64_t j0, bool diag) {
-  const int64_t bq = zI.size(0), bk = zJ.size(0), D = O.D;
+  const int64_t bq = zI.size(0), bk = zJ.size(0), D = pb.D;
   if (nnz == 0.0) return;
   if (nnz * kSparseRatio < static_cast<double>(bq * bk)) {
-    const S* Z = O.z.template data_ptr<S>();
+    const S* Z = pb.z.template data_ptr<S>();
     sparse_update<S>(C, row_any, bq, bk, D, Z + i0 * D, Z + j0 * D, acc + i0 * D, acc + j0 * D, diag);
     return;
   }
-  const auto opts = O.z.options();
+  const auto opts = pb.z.options();
   const at::Tensor c_t = at::from_blob(C, {bq, bk}, opts);
   at::Tensor acc_I = at::from_blob(acc + i0 * D, {bq, D}, opts);
   at::Tensor acc_J = at::from_blob(acc + j0 * D, {bk, D}, opts);
@@ -191,58 +201,64 @@ void apply_tile_grad(const Osm<S>& O, S* C, const char* row_any, double nnz, S* 
 
 // The gradient part of tile pair (I, J), after its rows: column sums into rs, C tiles into acc.
 template <class S>
-void add_tile_grads(const Osm<S>& O, OsmTile<S>& T, OsmSums<S>& A, const at::Tensor& zI, const at::Tensor& zJ,
-                    int64_t i0, int64_t j0, bool diag) {
+void add_tile_grads(const OsmProblem<S>& pb, OsmTile<S>& tile, ThreadSums<S>& th, const at::Tensor& zI,
+                    const at::Tensor& zJ, int64_t i0, int64_t j0, bool diag) {
   const int64_t bq = zI.size(0), bk = zJ.size(0);
   if (diag) {  // rows skipped by the early break hold no pair
     for (int64_t r = std::max<int64_t>(0, bk - 1); r < bq; ++r) {
-      std::fill(T.cp.begin() + r * bk, T.cp.begin() + (r + 1) * bk, S(0));
-      std::fill(T.cn.begin() + r * bk, T.cn.begin() + (r + 1) * bk, S(0));
+      std::fill(tile.cp.begin() + r * bk, tile.cp.begin() + (r + 1) * bk, S(0));
+      std::fill(tile.cn.begin() + r * bk, tile.cn.begin() + (r + 1) * bk, S(0));
     }
   }
   for (int64_t c = 0; c < bk; ++c) {
-    A.rs_p[j0 + c] += static_cast<double>(T.cp_colsum[c]);
-    A.rs_n[j0 + c] += static_cast<double>(T.cn_colsum[c]);
+    th.rs_p[j0 + c] += static_cast<double>(tile.cp_colsum[c]);
+    th.rs_n[j0 + c] += static_cast<double>(tile.cn_colsum[c]);
   }
-  apply_tile_grad(O, T.cp.data(), T.row_has_p.data(), hsum_d(T.nnz_p), A.acc_p, zI, zJ, i0, j0, diag);
-  apply_tile_grad(O, T.cn.data(), T.row_has_n.data(), hsum_d(T.nnz_n), A.acc_n, zI, zJ, i0, j0, diag);
+  apply_tile_grad(pb, tile.cp.data(), tile.row_has_p.data(), hsum_d(tile.nnz_p), th.acc_p, zI, zJ, i0, j0, diag);
+  apply_tile_grad(pb, tile.cn.data(), tile.row_has_n.data(), hsum_d(tile.nnz_n), th.acc_n, zI, zJ, i0, j0, diag);
 }
 
 // Tile pair (I, J), I <= J.
 template <class S>
-void osm_tile_pair(const Osm<S>& O, OsmTile<S>& T, OsmSums<S>& A, int64_t I, int64_t J) {
+void osm_tile_pair(const OsmProblem<S>& pb, OsmTile<S>& tile, ThreadSums<S>& th, int64_t I, int64_t J) {
   const bool diag = I == J;
-  const int64_t i0 = I * O.B, j0 = J * O.B;
-  const int64_t bq = std::min(O.B, O.N - i0), bk = std::min(O.B, O.N - j0);
-  const at::Tensor zI = O.z.narrow(0, i0, bq), zJ = O.z.narrow(0, j0, bk);
-  gram_tile(T.dots.data(), zI, zJ);
-  load_tile(O.NZ, O.LAB, j0, bk, O.BP, T.nk.data(), T.kl.data());
-  if (O.ATT != nullptr) copy_padded(O.ATT + j0, bk, T.att.data(), O.BP, S(0));
-  if (O.need_grad) {
-    std::fill(T.cp_colsum.begin(), T.cp_colsum.end(), S(0));
-    std::fill(T.cn_colsum.begin(), T.cn_colsum.end(), S(0));
+  const int64_t i0 = I * pb.B, j0 = J * pb.B;
+  const int64_t bq = std::min(pb.B, pb.N - i0), bk = std::min(pb.B, pb.N - j0);
+  const at::Tensor zI = pb.z.narrow(0, i0, bq), zJ = pb.z.narrow(0, j0, bk);
+  gram_tile(tile.dots.data(), zI, zJ);
+  load_tile(pb.NZ, pb.LAB, j0, bk, pb.BP, tile.nk.data(), tile.kl.data());
+  if (pb.ATT != nullptr) copy_padded(pb.ATT + j0, bk, tile.att.data(), pb.BP, S(0));
+  if (pb.need_grad) {
+    std::fill(tile.cp_colsum.begin(), tile.cp_colsum.end(), S(0));
+    std::fill(tile.cn_colsum.begin(), tile.cn_colsum.end(), S(0));
   }
-  T.nnz_p = T.nnz_n = Vectorized<S>(S(0));
-  std::fill(T.row_has_p.begin(), T.row_has_p.end(), 0);
-  std::fill(T.row_has_n.begin(), T.row_has_n.end(), 0);
+  tile.nnz_p = tile.nnz_n = Vectorized<S>(S(0));
+  std::fill(tile.row_has_p.begin(), tile.row_has_p.end(), 0);
+  std::fill(tile.row_has_n.begin(), tile.row_has_n.end(), 0);
   for (int64_t r = 0; r < bq; ++r) {
     if (diag && r + 1 >= bk) break;  // no column c > r left
-    fold_row_pairs(O, T, A, r, i0 + r, bk, diag);
+    fold_row_pairs(pb, tile, th, r, i0 + r, bk, diag);
   }
-  if (O.need_grad) add_tile_grads(O, T, A, zI, zJ, i0, j0, diag);
+  if (pb.need_grad) add_tile_grads(pb, tile, th, zI, zJ, i0, j0, diag);
 }
 
 template <class S>
-void osm_kernel(const at::Tensor& z, const at::Tensor& labels, const c10::optional<at::Tensor>& att,
-                const Hyper<S> hp, bool need_grad, std::vector<double>& sums, at::Tensor& acc_parts,
-                at::Tensor& rs_parts) {
+void osm_kernel(const at::Tensor& z, const at::Tensor& labels, const c10::optional<at::Tensor>& att, const Hyper<S> hp,
+                bool need_grad, std::vector<double>& sums, at::Tensor& acc_parts, at::Tensor& rs_parts) {
   const int64_t N = z.size(0), B = tile_size_for_threads(128, 16, N, 2);
   // not row_sq_norms: its summation order would change the rounding of every result
   const at::Tensor nz_t = (z * z).sum(1);
   const at::Tensor lab_t = labels_as<S>({labels});
-  const Osm<S> O{z,  nz_t.data_ptr<S>(), lab_t.data_ptr<S>(), att.has_value() ? att->data_ptr<S>() : nullptr,
-                 hp, need_grad,          N,                   z.size(1),
-                 B,  vec_pad<S>(B)};
+  const OsmProblem<S> pb{z,
+                         nz_t.data_ptr<S>(),
+                         lab_t.data_ptr<S>(),
+                         att.has_value() ? att->data_ptr<S>() : nullptr,
+                         hp,
+                         need_grad,
+                         N,
+                         z.size(1),
+                         B,
+                         vec_pad<S>(B)};
   const auto pairs = upper_tile_pairs(ceil_div(N, B));
   const int64_t nthreads = at::get_num_threads();
   constexpr int64_t kPad = 8;  // per thread: [S+, T+, S-, T-], one 64-byte line each (no false sharing)
@@ -250,13 +266,13 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& labels, const c10::option
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid < nthreads, "osm: thread id ", tid, " out of range ", nthreads);
-    OsmTile<S> T(O.B, O.BP);
+    OsmTile<S> tile(pb.B, pb.BP);
     // this thread's accumulators: acc (2, N, D) [pos, neg] and rs (2, N) in double
-    OsmSums<S> A{thread_sums.data() + tid * kPad, need_grad ? acc_parts[tid][0].data_ptr<S>() : nullptr,
-                 need_grad ? acc_parts[tid][1].data_ptr<S>() : nullptr,
-                 need_grad ? rs_parts[tid][0].data_ptr<double>() : nullptr,
-                 need_grad ? rs_parts[tid][1].data_ptr<double>() : nullptr};
-    for (int64_t p = p0; p < p1; ++p) osm_tile_pair(O, T, A, pairs[p].first, pairs[p].second);
+    ThreadSums<S> th{thread_sums.data() + tid * kPad, need_grad ? acc_parts[tid][0].data_ptr<S>() : nullptr,
+                     need_grad ? acc_parts[tid][1].data_ptr<S>() : nullptr,
+                     need_grad ? rs_parts[tid][0].data_ptr<double>() : nullptr,
+                     need_grad ? rs_parts[tid][1].data_ptr<double>() : nullptr};
+    for (int64_t p = p0; p < p1; ++p) osm_tile_pair(pb, tile, th, pairs[p].first, pairs[p].second);
   });
   for (int64_t t = 0; t < nthreads; ++t)
     for (int s = 0; s < 4; ++s) sums[s] += thread_sums[t * kPad + s];
@@ -266,16 +282,16 @@ void check_inputs(const at::Tensor& z, const at::Tensor& labels, const c10::opti
   TORCH_CHECK(z.dim() == 2, "osm: z must be 2-D (N, D), got ", z.dim(), "-D");
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "osm (cpu): z must be float32 or float64, got ", z.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0), "osm: labels must have shape (", z.size(0),
-              ",), got ", labels.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0), "osm: labels must have shape (", z.size(0), ",), got ",
+              labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong, "osm: labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(z.device().is_cpu() && labels.device().is_cpu(), "osm (cpu): tensors must be on the CPU");
   TORCH_CHECK(z.is_contiguous(), "osm: z must be contiguous");
   if (attention.has_value()) {
-    TORCH_CHECK(attention->dim() == 1 && attention->size(0) == z.size(0), "osm: attention must have shape (",
-                z.size(0), ",), got ", attention->sizes());
-    TORCH_CHECK(attention->scalar_type() == z.scalar_type(), "osm: attention must have z's dtype ",
-                z.scalar_type(), ", got ", attention->scalar_type());
+    TORCH_CHECK(attention->dim() == 1 && attention->size(0) == z.size(0), "osm: attention must have shape (", z.size(0),
+                ",), got ", attention->sizes());
+    TORCH_CHECK(attention->scalar_type() == z.scalar_type(), "osm: attention must have z's dtype ", z.scalar_type(),
+                ", got ", attention->scalar_type());
     TORCH_CHECK(attention->device().is_cpu(), "osm (cpu): attention must be on the CPU");
   }
 }
@@ -297,9 +313,8 @@ at::Tensor gradient_from_parts(const at::Tensor& z, const std::vector<double>& s
 
 // Returns (loss (), dL/dz (N, D) when need_grad else (0,), sums (4,) float64 = [S+, T+, S-, T-]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> osm_fwd_cpu(const at::Tensor& z, const at::Tensor& labels,
-                                                           const c10::optional<at::Tensor>& attention,
-                                                           double alpha, double sigma, double imbalance,
-                                                           bool need_grad) {
+                                                           const c10::optional<at::Tensor>& attention, double alpha,
+                                                           double sigma, double imbalance, bool need_grad) {
   check_inputs(z, labels, attention);
   TORCH_CHECK(sigma > 0.0, "osm: sigma must be > 0, got ", sigma);
   TORCH_CHECK(imbalance >= 0.0 && imbalance <= 1.0, "osm: imbalance must lie in [0, 1], got ", imbalance);

@@ -33,7 +33,7 @@ inline Tiling choose_tiling(int64_t N, int64_t D) {
 // What every thread of one forward call reads.
 template <class S>
 struct Forward {
-  const PairSetup<S>& P;
+  const PairProblem<S>& pb;
   const at::Tensor& q;
   const at::Tensor& k;
   Params<S> prm;
@@ -54,13 +54,27 @@ struct ForwardTile {
   std::vector<S> cp_sum, cn_sum;               // BQ: sum_j c_ij of each set, in units of e^m
   std::vector<S> acc_p, acc_n;                 // BQ x D: sum_j c_ij k_j of each set, in units of e^m
   at::Tensor acc_p_t, acc_n_t;
-  explicit ForwardTile(const Forward<S>& F)
-      : dots(F.BQ * F.BK), cp(F.BQ * F.BK), cn(F.BQ * F.BK), sp(F.BKP), sn(F.BKP), vp(F.BKP), vn(F.BKP),
-        inv(F.BKP), nk(F.BKP), kl(F.BKP), has_pos(F.BQ), on_pos(F.BQ), on_neg(F.BQ), cp_sum(F.BQ), cn_sum(F.BQ),
-        acc_p(F.paper_grad ? F.BQ * F.P.D : 0), acc_n(F.paper_grad ? F.BQ * F.P.D : 0) {
-    if (!F.paper_grad) return;
-    acc_p_t = at::from_blob(acc_p.data(), {F.BQ, F.P.D}, F.q.options());
-    acc_n_t = at::from_blob(acc_n.data(), {F.BQ, F.P.D}, F.q.options());
+  explicit ForwardTile(const Forward<S>& fwd)
+      : dots(fwd.BQ * fwd.BK),
+        cp(fwd.BQ * fwd.BK),
+        cn(fwd.BQ * fwd.BK),
+        sp(fwd.BKP),
+        sn(fwd.BKP),
+        vp(fwd.BKP),
+        vn(fwd.BKP),
+        inv(fwd.BKP),
+        nk(fwd.BKP),
+        kl(fwd.BKP),
+        has_pos(fwd.BQ),
+        on_pos(fwd.BQ),
+        on_neg(fwd.BQ),
+        cp_sum(fwd.BQ),
+        cn_sum(fwd.BQ),
+        acc_p(fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0),
+        acc_n(fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0) {
+    if (!fwd.paper_grad) return;
+    acc_p_t = at::from_blob(acc_p.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
+    acc_n_t = at::from_blob(acc_n.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
   }
   void start_rows() {
     std::fill(on_pos.begin(), on_pos.end(), OnlineRow<S>{});
@@ -73,28 +87,28 @@ struct ForwardTile {
 };
 
 // Logits sp, sn, hinge values vp, vn (and 1/d for "paper") of query row i against the gallery tile
-// in T's row buffers; returns the largest logit of each set in max_sp, max_sn.
+// in the tile's row buffers; returns the largest logit of each set in max_sp, max_sn.
 template <class S>
-void row_logits(const Forward<S>& F, ForwardTile<S>& T, int64_t i, int64_t r, int64_t bk, S& max_sp, S& max_sn) {
+void row_logits(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t bk, S& max_sp, S& max_sn) {
   using V = Vectorized<S>;
   const int64_t W = V::size();
-  const Params<S> prm = F.prm;
+  const Params<S> prm = fwd.prm;
   const S rel = dup_rel<S>();
-  const S* dot_row = T.dots.data() + r * bk;
-  const V nq(F.P.NQ[i]), li(F.P.QL[i]);
+  const S* dot_row = tile.dots.data() + r * bk;
+  const V nq(fwd.pb.NQ[i]), li(fwd.pb.QL[i]);
   V mp(neg_inf<S>()), mn(neg_inf<S>());
-  for (int64_t c = 0; c < F.BKP; c += W) {
-    const PairDistances<S> pd = pair_distances(dot_row, T.nk.data(), c, std::min(W, bk - c), nq, rel);
+  for (int64_t c = 0; c < fwd.BKP; c += W) {
+    const PairDistances<S> pd = pair_distances(dot_row, tile.nk.data(), c, std::min(W, bk - c), nq, rel);
     V same, diff;
-    label_masks(V::loadu(T.kl.data() + c), li, same, diff);
+    label_masks(V::loadu(tile.kl.data() + c), li, same, diff);
     const V pos = in_pos(same, pd.d, prm), neg = in_neg(diff, pd.d, prm);
     const V vp = pos_value(pd.d, prm), vn = neg_value(pd.d, prm);
     const V sp = masked_logit(pos, vp, prm.Tp), sn = masked_logit(neg, vn, prm.Tn);
-    sp.store(T.sp.data() + c);
-    sn.store(T.sn.data() + c);
-    vp.store(T.vp.data() + c);
-    vn.store(T.vn.data() + c);
-    if (F.paper_grad) pair_inv_dist(pd.d, pd.dup).store(T.inv.data() + c);
+    sp.store(tile.sp.data() + c);
+    sn.store(tile.sn.data() + c);
+    vp.store(tile.vp.data() + c);
+    vn.store(tile.vn.data() + c);
+    if (fwd.paper_grad) pair_inv_dist(pd.d, pd.dup).store(tile.inv.data() + c);
     mp = at::vec::maximum(mp, sp);
     mn = at::vec::maximum(mn, sn);
   }
@@ -105,29 +119,29 @@ void row_logits(const Forward<S>& F, ForwardTile<S>& T, int64_t i, int64_t r, in
 // Excluded pairs (the pair i = i in-batch) are in no set: their logits become -inf, and the tile
 // maxima are taken again if one of them held it.
 template <class S>
-void drop_excluded_pairs(const Forward<S>& F, ForwardTile<S>& T, int64_t i, int64_t j0, int64_t bk, S& max_sp,
+void drop_excluded_pairs(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t j0, int64_t bk, S& max_sp,
                          S& max_sn) {
   const S ninf = neg_inf<S>();
   bool rescan = false;
-  for_excluded(F.P.ex, i, j0, bk, [&](int64_t c) {
-    rescan |= (T.sp[c] == max_sp && max_sp != ninf) || (T.sn[c] == max_sn && max_sn != ninf);
-    T.sp[c] = T.sn[c] = ninf;
+  for_excluded(fwd.pb.ex, i, j0, bk, [&](int64_t c) {
+    rescan |= (tile.sp[c] == max_sp && max_sp != ninf) || (tile.sn[c] == max_sn && max_sn != ninf);
+    tile.sp[c] = tile.sn[c] = ninf;
   });
   if (!rescan) return;
-  max_sp = *std::max_element(T.sp.begin(), T.sp.end());
-  max_sn = *std::max_element(T.sn.begin(), T.sn.end());
+  max_sp = *std::max_element(tile.sp.begin(), tile.sp.end());
+  max_sn = *std::max_element(tile.sn.begin(), tile.sn.end());
 }
 
 // One set of one row: fold the tile's logits s and values v into the online state (and, for
 // "paper", write the row's coefficients c_ij = w_ij / d_ij to c_row, summed into c_sum, after
 // rescaling c_sum and acc_row to the new running max). Returns false when the tile holds no member.
 template <class S>
-bool fold_set_into_online_row(const Forward<S>& F, const ForwardTile<S>& T, OnlineRow<S>& on, const S* s,
+bool fold_set_into_online_row(const Forward<S>& fwd, const ForwardTile<S>& tile, OnlineRow<S>& on, const S* s,
                               const S* v, S tile_max, int64_t bk, S* c_row, S& c_sum, S* acc_row) {
   using V = Vectorized<S>;
   const int64_t W = V::size();
   const S ninf = neg_inf<S>();
-  const bool paper_grad = F.paper_grad;
+  const bool paper_grad = fwd.paper_grad;
   if (tile_max == ninf) {
     if (paper_grad) std::fill(c_row, c_row + bk, S(0));
     return false;
@@ -135,10 +149,10 @@ bool fold_set_into_online_row(const Forward<S>& F, const ForwardTile<S>& T, Onli
   const S f = online_begin_tile(on, tile_max);
   if (paper_grad && f != S(1)) {
     c_sum *= f;
-    for (int64_t e = 0; e < F.P.D; ++e) acc_row[e] *= f;
+    for (int64_t e = 0; e < fwd.pb.D; ++e) acc_row[e] *= f;
   }
   V l_sum(S(0)), a_sum(S(0)), c_vsum(S(0));
-  for (int64_t c = 0; c < F.BKP; c += W) {
+  for (int64_t c = 0; c < fwd.BKP; c += W) {
     const int64_t cnt = std::min(W, bk - c);
     const V sv = V::loadu(s + c);
     if (none_set(sv != V(ninf))) {  // most vectors hold no member: skip the exp
@@ -149,7 +163,7 @@ bool fold_set_into_online_row(const Forward<S>& F, const ForwardTile<S>& T, Onli
     l_sum = l_sum + w;
     a_sum = a_sum + w * V::loadu(v + c);
     if (paper_grad) {
-      const V cc = w * V::loadu(T.inv.data() + c);
+      const V cc = w * V::loadu(tile.inv.data() + c);
       c_vsum = c_vsum + cc;
       if (cnt > 0) cc.store(c_row + c, cnt);
     }
@@ -163,20 +177,21 @@ bool fold_set_into_online_row(const Forward<S>& F, const ForwardTile<S>& T, Onli
 // Folds gallery tile J into query row i (row r of tile I); returns how many positive coefficients
 // the row holds in this tile ("paper" only, else 0).
 template <class S>
-int64_t fold_row(const Forward<S>& F, ForwardTile<S>& T, int64_t i, int64_t r, int64_t j0, int64_t bk) {
+int64_t fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t j0, int64_t bk) {
   S max_sp, max_sn;
-  row_logits(F, T, i, r, bk, max_sp, max_sn);
-  drop_excluded_pairs(F, T, i, j0, bk, max_sp, max_sn);
-  S* cp_row = T.cp.data() + r * bk;
-  S* cn_row = T.cn.data() + r * bk;
-  S* accp_row = F.paper_grad ? T.acc_p.data() + r * F.P.D : nullptr;
-  S* accn_row = F.paper_grad ? T.acc_n.data() + r * F.P.D : nullptr;
-  const bool has_pos = fold_set_into_online_row(F, T, T.on_pos[r], T.sp.data(), T.vp.data(), max_sp, bk, cp_row,
-                                                T.cp_sum[r], accp_row);
-  fold_set_into_online_row(F, T, T.on_neg[r], T.sn.data(), T.vn.data(), max_sn, bk, cn_row, T.cn_sum[r], accn_row);
-  T.has_pos[r] = has_pos;
+  row_logits(fwd, tile, i, r, bk, max_sp, max_sn);
+  drop_excluded_pairs(fwd, tile, i, j0, bk, max_sp, max_sn);
+  S* cp_row = tile.cp.data() + r * bk;
+  S* cn_row = tile.cn.data() + r * bk;
+  S* accp_row = fwd.paper_grad ? tile.acc_p.data() + r * fwd.pb.D : nullptr;
+  S* accn_row = fwd.paper_grad ? tile.acc_n.data() + r * fwd.pb.D : nullptr;
+  const bool has_pos = fold_set_into_online_row(fwd, tile, tile.on_pos[r], tile.sp.data(), tile.vp.data(), max_sp, bk,
+                                                cp_row, tile.cp_sum[r], accp_row);
+  fold_set_into_online_row(fwd, tile, tile.on_neg[r], tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row,
+                           tile.cn_sum[r], accn_row);
+  tile.has_pos[r] = has_pos;
   int64_t n_pos = 0;
-  if (has_pos && F.paper_grad) {
+  if (has_pos && fwd.paper_grad) {
     for (int64_t c = 0; c < bk; ++c) n_pos += cp_row[c] != S(0);
   }
   return n_pos;
@@ -185,21 +200,21 @@ int64_t fold_row(const Forward<S>& F, ForwardTile<S>& T, int64_t i, int64_t r, i
 // "paper": acc += C K_J for both sets. Positives are few in typical P x K batches: sparse row
 // updates unless the tile is dense.
 template <class S>
-void add_tile_to_query_grad(const Forward<S>& F, ForwardTile<S>& T, const at::Tensor& kJ, int64_t bq, int64_t bk,
+void add_tile_to_query_grad(const Forward<S>& fwd, ForwardTile<S>& tile, const at::Tensor& kJ, int64_t bq, int64_t bk,
                             int64_t n_pos) {
-  const auto opts = F.q.options();
-  T.acc_n_t.narrow(0, 0, bq).addmm_(at::from_blob(T.cn.data(), {bq, bk}, opts), kJ);
+  const auto opts = fwd.q.options();
+  tile.acc_n_t.narrow(0, 0, bq).addmm_(at::from_blob(tile.cn.data(), {bq, bk}, opts), kJ);
   if (n_pos * 8 > bq * bk) {
-    T.acc_p_t.narrow(0, 0, bq).addmm_(at::from_blob(T.cp.data(), {bq, bk}, opts), kJ);
+    tile.acc_p_t.narrow(0, 0, bq).addmm_(at::from_blob(tile.cp.data(), {bq, bk}, opts), kJ);
     return;
   }
   if (n_pos == 0) return;
-  const int64_t D = F.P.D;
+  const int64_t D = fwd.pb.D;
   const S* KJ = kJ.data_ptr<S>();
   for (int64_t r = 0; r < bq; ++r) {
-    if (!T.has_pos[r]) continue;
-    const S* cp_row = T.cp.data() + r * bk;
-    S* acc = T.acc_p.data() + r * D;
+    if (!tile.has_pos[r]) continue;
+    const S* cp_row = tile.cp.data() + r * bk;
+    S* acc = tile.acc_p.data() + r * D;
     for (int64_t c = 0; c < bk; ++c) {
       const S w = cp_row[c];
       if (w == S(0)) continue;
@@ -212,62 +227,71 @@ void add_tile_to_query_grad(const Forward<S>& F, ForwardTile<S>& T, const at::Te
 // Loss and stats of the rows of tile I and, for "paper", their query gradient
 // dL/dq_i = sum_set sign * lam_set / den_set * (c_sum q_i - acc_i), weights in units of e^m.
 template <class S>
-void finish_rows(const Forward<S>& F, const ForwardTile<S>& T, int64_t i0, int64_t bq) {
-  const Params<S> prm = F.prm;
+void finish_rows(const Forward<S>& fwd, const ForwardTile<S>& tile, int64_t i0, int64_t bq) {
+  const Params<S> prm = fwd.prm;
   const S ninf = neg_inf<S>();
-  const int64_t D = F.P.D;
-  const S* Q = F.q.template data_ptr<S>();
+  const int64_t D = fwd.pb.D;
+  const S* Q = fwd.q.template data_ptr<S>();
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
-    const SetStats<S> pos = online_finish(T.on_pos[r], prm.den_bias);
-    const SetStats<S> neg = online_finish(T.on_neg[r], prm.den_bias);
-    F.loss[i] = row_loss(pos.L, neg.L, prm);
-    S* st = F.stats + i * 4;
+    const SetStats<S> pos = online_finish(tile.on_pos[r], prm.den_bias);
+    const SetStats<S> neg = online_finish(tile.on_neg[r], prm.den_bias);
+    fwd.loss[i] = row_loss(pos.L, neg.L, prm);
+    S* st = fwd.stats + i * 4;
     st[0] = pos.logden;
     st[1] = pos.L;
     st[2] = neg.logden;
     st[3] = neg.L;
-    if (!F.paper_grad) continue;
-    const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(T.on_pos[r].m - pos.logden);
-    const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(T.on_neg[r].m - neg.logden);
+    if (!fwd.paper_grad) continue;
+    const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(tile.on_pos[r].m - pos.logden);
+    const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(tile.on_neg[r].m - neg.logden);
     const S* qi = Q + i * D;
-    const S* ap = T.acc_p.data() + r * D;
-    const S* an = T.acc_n.data() + r * D;
-    S* g = F.gq + i * D;
-    const S cq = fp * T.cp_sum[r] + fn * T.cn_sum[r];
+    const S* ap = tile.acc_p.data() + r * D;
+    const S* an = tile.acc_n.data() + r * D;
+    S* g = fwd.gq + i * D;
+    const S cq = fp * tile.cp_sum[r] + fn * tile.cn_sum[r];
     for (int64_t e = 0; e < D; ++e) g[e] = cq * qi[e] - fp * ap[e] - fn * an[e];
   }
 }
 
 // Query tile I (rows i0..i0+bq) against every gallery tile J.
 template <class S>
-void forward_query_tile(const Forward<S>& F, ForwardTile<S>& T, int64_t i0) {
-  const int64_t bq = std::min(F.BQ, F.P.N - i0);
-  const at::Tensor qI = F.q.narrow(0, i0, bq);
-  T.start_rows();
-  for (int64_t j0 = 0; j0 < F.P.M; j0 += F.BK) {
-    const int64_t bk = std::min(F.BK, F.P.M - j0);
-    const at::Tensor kJ = F.k.narrow(0, j0, bk);
-    gram_tile(T.dots.data(), qI, kJ);
-    load_tile(F.P.NK, F.P.KL, j0, bk, F.BKP, T.nk.data(), T.kl.data());
+void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0) {
+  const int64_t bq = std::min(fwd.BQ, fwd.pb.N - i0);
+  const at::Tensor qI = fwd.q.narrow(0, i0, bq);
+  tile.start_rows();
+  for (int64_t j0 = 0; j0 < fwd.pb.M; j0 += fwd.BK) {
+    const int64_t bk = std::min(fwd.BK, fwd.pb.M - j0);
+    const at::Tensor kJ = fwd.k.narrow(0, j0, bk);
+    gram_tile(tile.dots.data(), qI, kJ);
+    load_tile(fwd.pb.NK, fwd.pb.KL, j0, bk, fwd.BKP, tile.nk.data(), tile.kl.data());
     int64_t n_pos = 0;
-    for (int64_t r = 0; r < bq; ++r) n_pos += fold_row(F, T, i0 + r, r, j0, bk);
-    if (F.paper_grad) add_tile_to_query_grad(F, T, kJ, bq, bk, n_pos);
+    for (int64_t r = 0; r < bq; ++r) n_pos += fold_row(fwd, tile, i0 + r, r, j0, bk);
+    if (fwd.paper_grad) add_tile_to_query_grad(fwd, tile, kJ, bq, bk, n_pos);
   }
-  finish_rows(F, T, i0, bq);
+  finish_rows(fwd, tile, i0, bq);
 }
 
 template <class S>
 void rll_forward_kernel(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
                         const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids,
                         const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
-  const PairSetup<S> P(q, q_labels, q_ids, k, k_labels, k_ids);
-  const Tiling tl = choose_tiling(P.N, P.D);
-  const Forward<S> F{P,           q,  k, prm, paper_grad, tl.BQ, tl.BK, vec_pad<S>(tl.BK), loss.data_ptr<S>(),
-                     stats.data_ptr<S>(), paper_grad ? gq.data_ptr<S>() : nullptr};
-  at::parallel_for(0, ceil_div(P.N, F.BQ), 1, [&](int64_t b0, int64_t b1) {
-    ForwardTile<S> T(F);
-    for (int64_t b = b0; b < b1; ++b) forward_query_tile(F, T, b * F.BQ);
+  const PairProblem<S> pb(q, q_labels, q_ids, k, k_labels, k_ids);
+  const Tiling tl = choose_tiling(pb.N, pb.D);
+  const Forward<S> fwd{pb,
+                       q,
+                       k,
+                       prm,
+                       paper_grad,
+                       tl.BQ,
+                       tl.BK,
+                       vec_pad<S>(tl.BK),
+                       loss.data_ptr<S>(),
+                       stats.data_ptr<S>(),
+                       paper_grad ? gq.data_ptr<S>() : nullptr};
+  at::parallel_for(0, ceil_div(pb.N, fwd.BQ), 1, [&](int64_t b0, int64_t b1) {
+    ForwardTile<S> tile(fwd);
+    for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
   });
 }
 
@@ -303,14 +327,14 @@ struct TileSets {
   std::vector<S> wp, wn, logden_p, logden_n, Lp, Ln;
   explicit TileSets(int64_t bk_pad)
       : wp(bk_pad), wn(bk_pad), logden_p(bk_pad), logden_n(bk_pad), Lp(bk_pad), Ln(bk_pad) {}
-  void load(const RowSets<S>& R, int64_t j0, int64_t bk) {
+  void load(const RowSets<S>& rows, int64_t j0, int64_t bk) {
     const int64_t bk_pad = static_cast<int64_t>(wp.size());
-    copy_padded(R.wp.data() + j0, bk, wp.data(), bk_pad, S(0));
-    copy_padded(R.wn.data() + j0, bk, wn.data(), bk_pad, S(0));
-    copy_padded(R.logden_p.data() + j0, bk, logden_p.data(), bk_pad, S(0));
-    copy_padded(R.logden_n.data() + j0, bk, logden_n.data(), bk_pad, S(0));
-    copy_padded(R.Lp.data() + j0, bk, Lp.data(), bk_pad, S(0));
-    copy_padded(R.Ln.data() + j0, bk, Ln.data(), bk_pad, S(0));
+    copy_padded(rows.wp.data() + j0, bk, wp.data(), bk_pad, S(0));
+    copy_padded(rows.wn.data() + j0, bk, wn.data(), bk_pad, S(0));
+    copy_padded(rows.logden_p.data() + j0, bk, logden_p.data(), bk_pad, S(0));
+    copy_padded(rows.logden_n.data() + j0, bk, logden_n.data(), bk_pad, S(0));
+    copy_padded(rows.Lp.data() + j0, bk, Lp.data(), bk_pad, S(0));
+    copy_padded(rows.Ln.data() + j0, bk, Ln.data(), bk_pad, S(0));
   }
 };
 
@@ -319,14 +343,14 @@ struct TileSets {
 // enter when has_p / has_n. With cols (the in-batch backward, q is k), G_ij also holds the gradient
 // of row j's loss: the pair (j, i) has the same distance, sets and exclusion.
 template <class S>
-S row_pair_grads(const PairSetup<S>& P, const Params<S> prm, bool attached, const RowSets<S>& R,
-                 const TileSets<S>* cols, bool has_p, bool has_n, const S* dot_row, const S* nk, const S* kl,
-                 int64_t i, int64_t j0, int64_t bk, int64_t bk_pad, S* g_row) {
+S row_pair_grads(const PairProblem<S>& pb, const Params<S> prm, bool attached, const RowSets<S>& rows,
+                 const TileSets<S>* cols, bool has_p, bool has_n, const S* dot_row, const S* nk, const S* kl, int64_t i,
+                 int64_t j0, int64_t bk, int64_t bk_pad, S* g_row) {
   using V = Vectorized<S>;
   const int64_t W = V::size();
   const S rel = dup_rel<S>();
-  const V nq(P.NQ[i]), li(P.QL[i]), wp(R.wp[i]), wn(R.wn[i]);
-  const S logden_p = R.logden_p[i], logden_n = R.logden_n[i], Lp = R.Lp[i], Ln = R.Ln[i];
+  const V nq(pb.NQ[i]), li(pb.QL[i]), wp(rows.wp[i]), wn(rows.wn[i]);
+  const S logden_p = rows.logden_p[i], logden_n = rows.logden_n[i], Lp = rows.Lp[i], Ln = rows.Ln[i];
   V rs(S(0));
   for (int64_t c = 0; c < bk_pad; c += W) {
     const int64_t cnt = std::min(W, bk - c);
@@ -358,7 +382,7 @@ S row_pair_grads(const PairSetup<S>& P, const Params<S> prm, bool attached, cons
     g.store(g_row + c, cnt);
   }
   S rsum = hsum(rs);
-  for_excluded(P.ex, i, j0, bk, [&](int64_t c) {
+  for_excluded(pb.ex, i, j0, bk, [&](int64_t c) {
     rsum -= g_row[c];
     g_row[c] = S(0);
   });
@@ -368,8 +392,8 @@ S row_pair_grads(const PairSetup<S>& P, const Params<S> prm, bool attached, cons
 // What every thread of one (not in-batch) backward call reads and writes.
 template <class S>
 struct Backward {
-  const PairSetup<S>& P;
-  const RowSets<S>& R;
+  const PairProblem<S>& pb;
+  const RowSets<S>& rows;
   const at::Tensor& q;
   const at::Tensor& k;
   const S* g_rows;
@@ -383,24 +407,25 @@ struct Backward {
 template <class S>
 struct BackwardTile {
   std::vector<S> dots, g, nk, kl, rowsum;
-  explicit BackwardTile(const Backward<S>& B)
-      : dots(B.BQ * B.BK), g(B.BQ * B.BK), nk(B.BKP), kl(B.BKP), rowsum(B.BQ) {}
+  explicit BackwardTile(const Backward<S>& bwd)
+      : dots(bwd.BQ * bwd.BK), g(bwd.BQ * bwd.BK), nk(bwd.BKP), kl(bwd.BKP), rowsum(bwd.BQ) {}
 };
 
 // The G tile of query tile I (rows i0..i0+bq) against gallery tile J; false when it is all zero.
 template <class S>
-bool pair_grad_tile(const Backward<S>& B, BackwardTile<S>& T, int64_t i0, int64_t bq, int64_t j0, int64_t bk) {
+bool pair_grad_tile(const Backward<S>& bwd, BackwardTile<S>& tile, int64_t i0, int64_t bq, int64_t j0, int64_t bk) {
   bool any = false;
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
-    S* g_row = T.g.data() + r * bk;
-    const bool has_p = B.R.has_p[i], has_n = B.R.has_n[i];
-    if ((!has_p && !has_n) || B.g_rows[i] == S(0)) {
+    S* g_row = tile.g.data() + r * bk;
+    const bool has_p = bwd.rows.has_p[i], has_n = bwd.rows.has_n[i];
+    if ((!has_p && !has_n) || bwd.g_rows[i] == S(0)) {
       std::fill(g_row, g_row + bk, S(0));
       continue;
     }
-    T.rowsum[r] += row_pair_grads(B.P, B.prm, B.attached, B.R, static_cast<const TileSets<S>*>(nullptr), has_p,
-                                  has_n, T.dots.data() + r * bk, T.nk.data(), T.kl.data(), i, j0, bk, B.BKP, g_row);
+    tile.rowsum[r] +=
+        row_pair_grads(bwd.pb, bwd.prm, bwd.attached, bwd.rows, static_cast<const TileSets<S>*>(nullptr), has_p, has_n,
+                       tile.dots.data() + r * bk, tile.nk.data(), tile.kl.data(), i, j0, bk, bwd.BKP, g_row);
     any = true;
   }
   return any;
@@ -409,34 +434,34 @@ bool pair_grad_tile(const Backward<S>& B, BackwardTile<S>& T, int64_t i0, int64_
 // dL/dq_i += sum_j G_ij (-k_j), dL/dk_j += sum_i G_ij (-q_i) (this thread's part) and the column
 // sums sum_i G_ij; the diagonal terms (sum_j G_ij) q_i and (sum_i G_ij) k_j are added at the end.
 template <class S>
-void add_tile_grads(Backward<S>& B, BackwardTile<S>& T, int64_t tid, const at::Tensor& qI,
-                    const at::Tensor& kJ, int64_t i0, int64_t j0) {
+void add_tile_grads(Backward<S>& bwd, BackwardTile<S>& tile, int64_t tid, const at::Tensor& qI, const at::Tensor& kJ,
+                    int64_t i0, int64_t j0) {
   const int64_t bq = qI.size(0), bk = kJ.size(0);
-  const at::Tensor g_t = at::from_blob(T.g.data(), {bq, bk}, qI.options());
-  if (B.need_gq) B.gq.narrow(0, i0, bq).addmm_(g_t, kJ, S(1), S(-1));
-  if (!B.need_gk) return;
-  B.gk_parts[tid].narrow(0, j0, bk).addmm_(g_t.t(), qI, S(1), S(-1));
-  S* colsum = B.colsum_parts[tid].template data_ptr<S>();
+  const at::Tensor g_t = at::from_blob(tile.g.data(), {bq, bk}, qI.options());
+  if (bwd.need_gq) bwd.gq.narrow(0, i0, bq).addmm_(g_t, kJ, S(1), S(-1));
+  if (!bwd.need_gk) return;
+  bwd.gk_parts[tid].narrow(0, j0, bk).addmm_(g_t.t(), qI, S(1), S(-1));
+  S* colsum = bwd.colsum_parts[tid].template data_ptr<S>();
   for (int64_t r = 0; r < bq; ++r) {
-    const S* g_row = T.g.data() + r * bk;
+    const S* g_row = tile.g.data() + r * bk;
     for (int64_t c = 0; c < bk; ++c) colsum[j0 + c] += g_row[c];
   }
 }
 
 // Query tile I against every gallery tile J.
 template <class S>
-void backward_query_tile(Backward<S>& B, BackwardTile<S>& T, int64_t tid, int64_t i0) {
-  const int64_t bq = std::min(B.BQ, B.P.N - i0);
-  const at::Tensor qI = B.q.narrow(0, i0, bq);
-  std::fill(T.rowsum.begin(), T.rowsum.end(), S(0));
-  for (int64_t j0 = 0; j0 < B.P.M; j0 += B.BK) {
-    const int64_t bk = std::min(B.BK, B.P.M - j0);
-    const at::Tensor kJ = B.k.narrow(0, j0, bk);
-    gram_tile(T.dots.data(), qI, kJ);
-    load_tile(B.P.NK, B.P.KL, j0, bk, B.BKP, T.nk.data(), T.kl.data());
-    if (pair_grad_tile(B, T, i0, bq, j0, bk)) add_tile_grads(B, T, tid, qI, kJ, i0, j0);
+void backward_query_tile(Backward<S>& bwd, BackwardTile<S>& tile, int64_t tid, int64_t i0) {
+  const int64_t bq = std::min(bwd.BQ, bwd.pb.N - i0);
+  const at::Tensor qI = bwd.q.narrow(0, i0, bq);
+  std::fill(tile.rowsum.begin(), tile.rowsum.end(), S(0));
+  for (int64_t j0 = 0; j0 < bwd.pb.M; j0 += bwd.BK) {
+    const int64_t bk = std::min(bwd.BK, bwd.pb.M - j0);
+    const at::Tensor kJ = bwd.k.narrow(0, j0, bk);
+    gram_tile(tile.dots.data(), qI, kJ);
+    load_tile(bwd.pb.NK, bwd.pb.KL, j0, bk, bwd.BKP, tile.nk.data(), tile.kl.data());
+    if (pair_grad_tile(bwd, tile, i0, bq, j0, bk)) add_tile_grads(bwd, tile, tid, qI, kJ, i0, j0);
   }
-  if (B.need_gq) B.gq.narrow(0, i0, bq).addcmul_(qI, at::from_blob(T.rowsum.data(), {bq, 1}, qI.options()));
+  if (bwd.need_gq) bwd.gq.narrow(0, i0, bq).addcmul_(qI, at::from_blob(tile.rowsum.data(), {bq, 1}, qI.options()));
 }
 
 template <class S>
@@ -444,22 +469,33 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
                          const c10::optional<at::Tensor>& q_ids, const at::Tensor& k, const at::Tensor& k_labels,
                          const c10::optional<at::Tensor>& k_ids, const at::Tensor& stats, const Params<S> prm,
                          bool attached, bool need_gq, bool need_gk, at::Tensor& gq, at::Tensor& gk) {
-  const PairSetup<S> P(q, q_labels, q_ids, k, k_labels, k_ids);
-  const RowSets<S> R(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, P.N);
-  const Tiling tl = choose_tiling(P.N, P.D);
+  const PairProblem<S> pb(q, q_labels, q_ids, k, k_labels, k_ids);
+  const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
+  const Tiling tl = choose_tiling(pb.N, pb.D);
   const auto opts = q.options();
-  Backward<S> B{P,       R,       q,     k,     grad_rows.data_ptr<S>(), prm, attached, need_gq, need_gk,
-                tl.BQ,   tl.BK,   vec_pad<S>(tl.BK), gq,
-                need_gk ? zeros_per_thread({P.M, P.D}, opts) : at::Tensor(),
-                need_gk ? zeros_per_thread({P.M}, opts) : at::Tensor()};
-  at::parallel_for(0, ceil_div(P.N, B.BQ), 1, [&](int64_t b0, int64_t b1) {
+  Backward<S> bwd{pb,
+                  rows,
+                  q,
+                  k,
+                  grad_rows.data_ptr<S>(),
+                  prm,
+                  attached,
+                  need_gq,
+                  need_gk,
+                  tl.BQ,
+                  tl.BK,
+                  vec_pad<S>(tl.BK),
+                  gq,
+                  need_gk ? zeros_per_thread({pb.M, pb.D}, opts) : at::Tensor(),
+                  need_gk ? zeros_per_thread({pb.M}, opts) : at::Tensor()};
+  at::parallel_for(0, ceil_div(pb.N, bwd.BQ), 1, [&](int64_t b0, int64_t b1) {
     const int64_t tid = at::get_thread_num();
-    BackwardTile<S> T(B);
-    for (int64_t b = b0; b < b1; ++b) backward_query_tile(B, T, tid, b * B.BQ);
+    BackwardTile<S> tile(bwd);
+    for (int64_t b = b0; b < b1; ++b) backward_query_tile(bwd, tile, tid, b * bwd.BQ);
   });
   if (need_gk) {
-    gk.copy_(B.gk_parts.sum(0));
-    gk.addcmul_(k, B.colsum_parts.sum(0).unsqueeze(1));
+    gk.copy_(bwd.gk_parts.sum(0));
+    gk.addcmul_(k, bwd.colsum_parts.sum(0).unsqueeze(1));
   }
 }
 
@@ -477,33 +513,32 @@ struct SymmetricTile {
   explicit SymmetricTile(int64_t B, int64_t BP) : dots(B * B), h(B * B), nk(BP), kl(BP), colsum(BP), cols(BP) {}
 };
 
-// Tile pair (I, J): H into T.h, the row sums of H into rowsum, and dz_I -= H z_J,
+// Tile pair (I, J): H into tile.h, the row sums of H into rowsum, and dz_I -= H z_J,
 // dz_J -= H^T z_I (off the diagonal) into this thread's gz.
 template <class S>
-void symmetric_tile_pair(const PairSetup<S>& P, const RowSets<S>& R, const Params<S> prm, bool attached,
-                         const at::Tensor& z, SymmetricTile<S>& T, int64_t I, int64_t J, at::Tensor& gz,
-                         S* rowsum) {
+void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const Params<S> prm, bool attached,
+                         const at::Tensor& z, SymmetricTile<S>& tile, int64_t I, int64_t J, at::Tensor& gz, S* rowsum) {
   const int64_t B = kSymmetricTile, BP = vec_pad<S>(B);
-  const int64_t i0 = I * B, bq = std::min(B, P.N - i0);
-  const int64_t j0 = J * B, bk = std::min(B, P.N - j0);
+  const int64_t i0 = I * B, bq = std::min(B, pb.N - i0);
+  const int64_t j0 = J * B, bk = std::min(B, pb.N - j0);
   const at::Tensor zI = z.narrow(0, i0, bq), zJ = z.narrow(0, j0, bk);
-  gram_tile(T.dots.data(), zI, zJ);
-  load_tile(P.NK, P.KL, j0, bk, BP, T.nk.data(), T.kl.data());
-  T.cols.load(R, j0, bk);
-  std::fill(T.colsum.begin(), T.colsum.end(), S(0));
+  gram_tile(tile.dots.data(), zI, zJ);
+  load_tile(pb.NK, pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
+  tile.cols.load(rows, j0, bk);
+  std::fill(tile.colsum.begin(), tile.colsum.end(), S(0));
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
-    S* h_row = T.h.data() + r * bk;
-    rowsum[i] += row_pair_grads(P, prm, attached, R, &T.cols, true, true, T.dots.data() + r * bk, T.nk.data(),
-                                T.kl.data(), i, j0, bk, BP, h_row);
+    S* h_row = tile.h.data() + r * bk;
+    rowsum[i] += row_pair_grads(pb, prm, attached, rows, &tile.cols, true, true, tile.dots.data() + r * bk,
+                                tile.nk.data(), tile.kl.data(), i, j0, bk, BP, h_row);
     if (I != J)
-      for (int64_t c = 0; c < bk; ++c) T.colsum[c] += h_row[c];
+      for (int64_t c = 0; c < bk; ++c) tile.colsum[c] += h_row[c];
   }
-  const at::Tensor h_t = at::from_blob(T.h.data(), {bq, bk}, z.options());
+  const at::Tensor h_t = at::from_blob(tile.h.data(), {bq, bk}, z.options());
   gz.narrow(0, i0, bq).addmm_(h_t, zJ, S(1), S(-1));
   if (I != J) {  // the diagonal tile already holds both orders of each pair in its rows
     gz.narrow(0, j0, bk).addmm_(h_t.t(), zI, S(1), S(-1));
-    for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += T.colsum[c];
+    for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += tile.colsum[c];
   }
 }
 
@@ -511,48 +546,46 @@ template <class S>
 void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
                             const c10::optional<at::Tensor>& ids, const at::Tensor& stats, const Params<S> prm,
                             bool attached, at::Tensor& gz) {
-  const PairSetup<S> P(z, labels, ids, z, labels, ids);
-  const RowSets<S> R(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, P.N);
-  const auto pairs = upper_tile_pairs(ceil_div(P.N, kSymmetricTile));
-  at::Tensor gz_parts = zeros_per_thread({P.N, P.D}, z.options());
-  at::Tensor rowsum_parts = zeros_per_thread({P.N}, z.options());
+  const PairProblem<S> pb(z, labels, ids, z, labels, ids);
+  const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
+  const auto pairs = upper_tile_pairs(ceil_div(pb.N, kSymmetricTile));
+  at::Tensor gz_parts = zeros_per_thread({pb.N, pb.D}, z.options());
+  at::Tensor rowsum_parts = zeros_per_thread({pb.N}, z.options());
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
-    SymmetricTile<S> T(kSymmetricTile, vec_pad<S>(kSymmetricTile));
+    SymmetricTile<S> tile(kSymmetricTile, vec_pad<S>(kSymmetricTile));
     at::Tensor gz_t = gz_parts[tid];
     S* rowsum = rowsum_parts[tid].data_ptr<S>();
     for (int64_t p = p0; p < p1; ++p)
-      symmetric_tile_pair(P, R, prm, attached, z, T, pairs[p].first, pairs[p].second, gz_t, rowsum);
+      symmetric_tile_pair(pb, rows, prm, attached, z, tile, pairs[p].first, pairs[p].second, gz_t, rowsum);
   });
   gz.copy_(gz_parts.sum(0));
   gz.addcmul_(z, rowsum_parts.sum(0).unsqueeze(1));
 }
 
 // ---------------------------------------------------------------- argument checks
-void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid,
-                  const at::Tensor& k, const at::Tensor& kl, const c10::optional<at::Tensor>& kid) {
+void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid, const at::Tensor& k,
+                  const at::Tensor& kl, const c10::optional<at::Tensor>& kid) {
   TORCH_CHECK(q.dim() == 2, "rll: q must be 2-D (N, D), got ", q.dim(), "-D");
   TORCH_CHECK(k.dim() == 2, "rll: k must be 2-D (M, D), got ", k.dim(), "-D");
-  TORCH_CHECK(q.size(1) == k.size(1), "rll: q and k must have the same embedding size, got ", q.size(1),
-              " and ", k.size(1));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rll: q and k must have the same dtype, got ",
-              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.size(1) == k.size(1), "rll: q and k must have the same embedding size, got ", q.size(1), " and ",
+              k.size(1));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rll: q and k must have the same dtype, got ", q.scalar_type(),
+              " and ", k.scalar_type());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "rll (cpu): q must be float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(ql.dim() == 1 && ql.size(0) == q.size(0), "rll: q_labels must have shape (", q.size(0),
-              ",), got ", ql.sizes());
-  TORCH_CHECK(kl.dim() == 1 && kl.size(0) == k.size(0), "rll: k_labels must have shape (", k.size(0),
-              ",), got ", kl.sizes());
-  TORCH_CHECK(ql.scalar_type() == at::kLong && kl.scalar_type() == at::kLong,
-              "rll: labels must be int64, got ", ql.scalar_type(), " and ", kl.scalar_type());
+  TORCH_CHECK(ql.dim() == 1 && ql.size(0) == q.size(0), "rll: q_labels must have shape (", q.size(0), ",), got ",
+              ql.sizes());
+  TORCH_CHECK(kl.dim() == 1 && kl.size(0) == k.size(0), "rll: k_labels must have shape (", k.size(0), ",), got ",
+              kl.sizes());
+  TORCH_CHECK(ql.scalar_type() == at::kLong && kl.scalar_type() == at::kLong, "rll: labels must be int64, got ",
+              ql.scalar_type(), " and ", kl.scalar_type());
   TORCH_CHECK(qid.has_value() == kid.has_value(), "rll: q_ids and k_ids must be given together");
   if (qid.has_value()) {
     TORCH_CHECK(qid->dim() == 1 && qid->size(0) == q.size(0) && qid->scalar_type() == at::kLong,
-                "rll: q_ids must be int64 of shape (", q.size(0), ",), got ", qid->sizes(), " ",
-                qid->scalar_type());
+                "rll: q_ids must be int64 of shape (", q.size(0), ",), got ", qid->sizes(), " ", qid->scalar_type());
     TORCH_CHECK(kid->dim() == 1 && kid->size(0) == k.size(0) && kid->scalar_type() == at::kLong,
-                "rll: k_ids must be int64 of shape (", k.size(0), ",), got ", kid->sizes(), " ",
-                kid->scalar_type());
+                "rll: k_ids must be int64 of shape (", k.size(0), ",), got ", kid->sizes(), " ", kid->scalar_type());
   }
   for (const at::Tensor* t : {&q, &ql, &k, &kl}) {
     TORCH_CHECK(t->device().is_cpu(), "rll (cpu): all tensors must be on the CPU, got ", t->device());
@@ -568,8 +601,8 @@ Params<S> make_params(double alpha, double beta, double Tn, double Tp, double la
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rll_fwd_cpu(const at::Tensor& q, const at::Tensor& q_labels,
-                                                           const c10::optional<at::Tensor>& q_ids,
-                                                           const at::Tensor& k, const at::Tensor& k_labels,
+                                                           const c10::optional<at::Tensor>& q_ids, const at::Tensor& k,
+                                                           const at::Tensor& k_labels,
                                                            const c10::optional<at::Tensor>& k_ids, double alpha,
                                                            double beta, double Tn, double Tp, double imbalance,
                                                            double den_bias, bool attached, bool need_grad) {
@@ -598,10 +631,9 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, cons
   check_inputs(q, q_labels, q_ids, k, k_labels, k_ids);
   const int64_t N = q.size(0);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == N && grad_rows.scalar_type() == q.scalar_type(),
-              "rll_bwd: grad_rows must be (", N, ",) of dtype ", q.scalar_type(), ", got ", grad_rows.sizes(),
-              " ", grad_rows.scalar_type());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 4 &&
-                  stats.scalar_type() == q.scalar_type(),
+              "rll_bwd: grad_rows must be (", N, ",) of dtype ", q.scalar_type(), ", got ", grad_rows.sizes(), " ",
+              grad_rows.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 4 && stats.scalar_type() == q.scalar_type(),
               "rll_bwd: stats must be (", N, ", 4), got ", stats.sizes());
   const at::Tensor g = grad_rows.contiguous();
   const at::Tensor st = stats.contiguous();
@@ -619,8 +651,8 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, cons
       rll_backward_symmetric<scalar_t>(gd, qd, q_labels, q_ids, sd, prm, attached, gq);
       return;
     }
-    rll_backward_kernel<scalar_t>(gd, qd, q_labels, q_ids, kd, k_labels, k_ids, sd, prm, attached, need_gq,
-                                  need_gk, gq, gk);
+    rll_backward_kernel<scalar_t>(gd, qd, q_labels, q_ids, kd, k_labels, k_ids, sd, prm, attached, need_gq, need_gk, gq,
+                                  gk);
   });
   return {gq, gk};
 }

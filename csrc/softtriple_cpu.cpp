@@ -69,10 +69,23 @@ struct Problem {
   std::vector<S> rn, qn;  // CK: column scales 1/|w_ck|, projection coefficients r^2 (backward)
   S inv_gamma, la, la_margin;
   Problem(const at::Tensor& x_, const at::Tensor& labels, const at::Tensor& w_, const Params& p, bool projection)
-      : x(x_), w(w_), Y(labels.data_ptr<int64_t>()), N(x_.size(0)), D(x_.size(1)), CK(w_.size(1)), K(p.K),
-        C(CK / K), TC(tile_size_for_threads(std::max<int64_t>(1, 256 / K), 1, C, 4)),
-        BQ(std::min<int64_t>(N, 256)), ntiles(ceil_div(C, TC)), BQP(vec_pad<S>(BQ)), NP(vec_pad<S>(N)), y(NP),
-        inv_gamma(S(1.0 / p.gamma)), la(S(p.la)), la_margin(S(p.la * p.margin)) {
+      : x(x_),
+        w(w_),
+        Y(labels.data_ptr<int64_t>()),
+        N(x_.size(0)),
+        D(x_.size(1)),
+        CK(w_.size(1)),
+        K(p.K),
+        C(CK / K),
+        TC(tile_size_for_threads(std::max<int64_t>(1, 256 / K), 1, C, 4)),
+        BQ(std::min<int64_t>(N, 256)),
+        ntiles(ceil_div(C, TC)),
+        BQP(vec_pad<S>(BQ)),
+        NP(vec_pad<S>(N)),
+        y(NP),
+        inv_gamma(S(1.0 / p.gamma)),
+        la(S(p.la)),
+        la_margin(S(p.la * p.margin)) {
     copy_padded(Y, N, y.data(), NP, S(-1));
     column_scales<S>(w, rn, projection ? &qn : nullptr);
   }
@@ -102,15 +115,15 @@ inline void segment(const S* sc, int64_t bqp, int64_t K, const Vectorized<S>& in
 // The logits tile s^T (tck centers x bq rows at i0, row stride BQP) of the normalised centers of
 // one class tile (columns wT = W_tile^T) into sbuf; returns it as a tensor.
 template <class S>
-at::Tensor logits_tile(const Problem<S>& P, S* sbuf, const at::Tensor& wT, const S* rn, int64_t i0, int64_t bq) {
+at::Tensor logits_tile(const Problem<S>& pb, S* sbuf, const at::Tensor& wT, const S* rn, int64_t i0, int64_t bq) {
   using V = Vectorized<S>;
   const int64_t tck = wT.size(0);
-  at::Tensor s_t = at::from_blob(sbuf, {tck, bq}, {P.BQP, 1}, P.x.options());
-  at::mm_out(s_t, wT, P.x.narrow(0, i0, bq).t());
+  at::Tensor s_t = at::from_blob(sbuf, {tck, bq}, {pb.BQP, 1}, pb.x.options());
+  at::mm_out(s_t, wT, pb.x.narrow(0, i0, bq).t());
   for (int64_t j = 0; j < tck; ++j) {  // rows (centers) times 1/|w|
     const V r(rn[j]);
-    S* row = sbuf + j * P.BQP;
-    for (int64_t v = 0; v < P.BQP; v += V::size()) (V::loadu(row + v) * r).store(row + v);
+    S* row = sbuf + j * pb.BQP;
+    for (int64_t v = 0; v < pb.BQP; v += V::size()) (V::loadu(row + v) * r).store(row + v);
   }
   return s_t;
 }
@@ -119,13 +132,13 @@ at::Tensor logits_tile(const Problem<S>& P, S* sbuf, const at::Tensor& wT, const
 // Folds classes c0..c0+tc (logits in sbuf) into the online log-sum-exp (m, l) of rows i0..i0+bq
 // of this thread, and records the logit z_iy of the rows whose class is in the tile.
 template <class S>
-void fold_class_tile_into_lse(const Problem<S>& P, const S* sbuf, S* zbuf, S* m, S* l, S* z_target, int64_t i0,
+void fold_class_tile_into_lse(const Problem<S>& pb, const S* sbuf, S* zbuf, S* m, S* l, S* z_target, int64_t i0,
                               int64_t bq, int64_t c0, int64_t tc) {
   using V = Vectorized<S>;
-  const int64_t W = V::size(), K = P.K, BQP = P.BQP;
-  const V inv_gamma(P.inv_gamma), la(P.la), la_margin(P.la_margin);
+  const int64_t W = V::size(), K = pb.K, BQP = pb.BQP;
+  const V inv_gamma(pb.inv_gamma), la(pb.la), la_margin(pb.la_margin);
   for (int64_t v = 0; v < bq; v += W) {
-    const V y = V::loadu(P.y.data() + i0 + v);
+    const V y = V::loadu(pb.y.data() + i0 + v);
     V tile_max(neg_inf<S>());
     for (int64_t c = 0; c < tc; ++c) {
       V Sv, den;
@@ -146,22 +159,22 @@ void fold_class_tile_into_lse(const Problem<S>& P, const S* sbuf, S* zbuf, S* m,
   }
   // the logit of the true class, written by the one thread owning that class
   for (int64_t r = 0; r < bq; ++r) {
-    const int64_t cy = P.Y[i0 + r] - c0;
+    const int64_t cy = pb.Y[i0 + r] - c0;
     if (cy >= 0 && cy < tc) z_target[i0 + r] = zbuf[cy * BQP + r];
   }
 }
 
 // LSE_i from the per-thread online states (m, l) (threads x NP each), and l_i = LSE_i - z_iy.
 template <class S>
-void merge_thread_lse(const Problem<S>& P, const std::vector<S>& m, const std::vector<S>& l,
+void merge_thread_lse(const Problem<S>& pb, const std::vector<S>& m, const std::vector<S>& l,
                       const std::vector<S>& z_target, int64_t nthreads, S* loss, S* lse) {
-  for (int64_t i = 0; i < P.N; ++i) {
+  for (int64_t i = 0; i < pb.N; ++i) {
     S mi = neg_inf<S>();
-    for (int64_t th = 0; th < nthreads; ++th) mi = std::max(mi, m[th * P.NP + i]);
+    for (int64_t th = 0; th < nthreads; ++th) mi = std::max(mi, m[th * pb.NP + i]);
     S li = 0;
     for (int64_t th = 0; th < nthreads; ++th) {
-      const S mt = m[th * P.NP + i];
-      if (mt != neg_inf<S>()) li += l[th * P.NP + i] * std::exp(mt - mi);
+      const S mt = m[th * pb.NP + i];
+      if (mt != neg_inf<S>()) li += l[th * pb.NP + i] * std::exp(mt - mi);
     }
     lse[i] = mi + std::log(li);
     loss[i] = lse[i] - z_target[i];
@@ -171,26 +184,26 @@ void merge_thread_lse(const Problem<S>& P, const std::vector<S>& m, const std::v
 template <class S>
 void forward_kernel(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w, const Params& p,
                     at::Tensor& loss, at::Tensor& lse) {
-  const Problem<S> P(x, labels, w, p, /*projection=*/false);
+  const Problem<S> pb(x, labels, w, p, /*projection=*/false);
   const int64_t nthreads = at::get_num_threads();
   // per-thread online LSE state per row: running max and sum of exp
-  std::vector<S> m(nthreads * P.NP, neg_inf<S>()), l(nthreads * P.NP, S(0));
-  std::vector<S> z_target(P.N, S(0));
-  at::parallel_for(0, P.ntiles, 1, [&](int64_t t0, int64_t t1) {
+  std::vector<S> m(nthreads * pb.NP, neg_inf<S>()), l(nthreads * pb.NP, S(0));
+  std::vector<S> z_target(pb.N, S(0));
+  at::parallel_for(0, pb.ntiles, 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
-    std::vector<S> sbuf(P.TC * P.K * P.BQP, S(0)), zbuf(P.TC * P.BQP, S(0));
-    for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t c0 = tile * P.TC, tc = std::min(P.TC, P.C - c0), tck = tc * P.K;
-      const at::Tensor wT = w.narrow(1, c0 * P.K, tck).t();  // (tck, D)
-      for (int64_t i0 = 0; i0 < P.N; i0 += P.BQ) {
-        const int64_t bq = std::min(P.BQ, P.N - i0);
-        logits_tile(P, sbuf.data(), wT, P.rn.data() + c0 * P.K, i0, bq);
-        fold_class_tile_into_lse(P, sbuf.data(), zbuf.data(), m.data() + tid * P.NP, l.data() + tid * P.NP,
+    std::vector<S> sbuf(pb.TC * pb.K * pb.BQP, S(0)), zbuf(pb.TC * pb.BQP, S(0));
+    for (int64_t c_tile = t0; c_tile < t1; ++c_tile) {
+      const int64_t c0 = c_tile * pb.TC, tc = std::min(pb.TC, pb.C - c0), tck = tc * pb.K;
+      const at::Tensor wT = w.narrow(1, c0 * pb.K, tck).t();  // (tck, D)
+      for (int64_t i0 = 0; i0 < pb.N; i0 += pb.BQ) {
+        const int64_t bq = std::min(pb.BQ, pb.N - i0);
+        logits_tile(pb, sbuf.data(), wT, pb.rn.data() + c0 * pb.K, i0, bq);
+        fold_class_tile_into_lse(pb, sbuf.data(), zbuf.data(), m.data() + tid * pb.NP, l.data() + tid * pb.NP,
                                  z_target.data(), i0, bq, c0, tc);
       }
     }
   });
-  merge_thread_lse(P, m, l, z_target, nthreads, loss.data_ptr<S>(), lse.data_ptr<S>());
+  merge_thread_lse(pb, m, l, z_target, nthreads, loss.data_ptr<S>(), lse.data_ptr<S>());
 }
 
 // ================================================================ backward
@@ -199,10 +212,13 @@ template <class S>
 struct BackwardTile {
   std::vector<S> sbuf, ebuf, cs, coef, iota;
   std::vector<S> wbuf;  // this tile's dW (D x tck), accumulated over the query tiles in cache, then written once
-  BackwardTile(const Problem<S>& P, bool need_gw)
-      : sbuf(P.TC * P.K * P.BQP, S(0)), ebuf(P.K * Vectorized<S>::size()),
-        cs(P.TC * P.K * Vectorized<S>::size()), coef(P.TC * P.K), iota(Vectorized<S>::size()),
-        wbuf(need_gw ? P.D * P.TC * P.K : 0) {
+  BackwardTile(const Problem<S>& pb, bool need_gw)
+      : sbuf(pb.TC * pb.K * pb.BQP, S(0)),
+        ebuf(pb.K * Vectorized<S>::size()),
+        cs(pb.TC * pb.K * Vectorized<S>::size()),
+        coef(pb.TC * pb.K),
+        iota(Vectorized<S>::size()),
+        wbuf(need_gw ? pb.D * pb.TC * pb.K : 0) {
     for (int64_t l = 0; l < static_cast<int64_t>(iota.size()); ++l) iota[l] = S(l);
   }
 };
@@ -210,31 +226,31 @@ struct BackwardTile {
 // Overwrites the logits tile of classes c0..c0+tc and rows i0..i0+bq with G'_ick = r_ck dL/ds_ick
 // and adds G_ick s_ick to the per-lane column sums T.cs (for the projection).
 template <class S>
-void logit_grads_of_tile(const Problem<S>& P, BackwardTile<S>& T, const S* lse, const S* g_la, const S* rt,
+void logit_grads_of_tile(const Problem<S>& pb, BackwardTile<S>& tile, const S* lse, const S* g_la, const S* rt,
                          int64_t i0, int64_t bq, int64_t c0, int64_t tc) {
   using V = Vectorized<S>;
-  const int64_t W = V::size(), K = P.K, BQP = P.BQP;
-  const V inv_gamma(P.inv_gamma), la(P.la), la_margin(P.la_margin), one(S(1));
+  const int64_t W = V::size(), K = pb.K, BQP = pb.BQP;
+  const V inv_gamma(pb.inv_gamma), la(pb.la), la_margin(pb.la_margin), one(S(1));
   for (int64_t v = 0; v < bq; v += W) {
-    const V y = V::loadu(P.y.data() + i0 + v);
+    const V y = V::loadu(pb.y.data() + i0 + v);
     const V lv = V::loadu(lse + i0 + v);
     const V gl = V::loadu(g_la + i0 + v);
     // lanes past the tile's rows hold stale values: their coefficient is forced to 0 (a blend,
     // so even an overflowed exp there cannot leak a NaN into the column sums)
-    const V valid = V::loadu(T.iota.data()) < V(S(bq - v));
+    const V valid = V::loadu(tile.iota.data()) < V(S(bq - v));
     for (int64_t c = 0; c < tc; ++c) {
-      S* sc = T.sbuf.data() + c * K * BQP + v;
+      S* sc = tile.sbuf.data() + c * K * BQP + v;
       V Sv, den;
-      segment<S>(sc, BQP, K, inv_gamma, Sv, den, T.ebuf.data());
+      segment<S>(sc, BQP, K, inv_gamma, Sv, den, tile.ebuf.data());
       const V is_y = V::blendv(V(S(0)), one, y == V(S(c0 + c)));
       const V z = la * Sv - la_margin * is_y;
       // dl/dS_ic = g_i la (P_ic - [c = y_i]); dS/ds_k = q_k (1 + (s_k - S)/gamma)
       const V a = V::blendv(V(S(0)), gl * ((z - lv).exp() - is_y) / den, valid);
       for (int64_t k = 0; k < K; ++k) {
         const V s = V::loadu(sc + k * BQP);
-        const V e = V::loadu(T.ebuf.data() + k * W);
+        const V e = V::loadu(tile.ebuf.data() + k * W);
         const V g = a * e * (one + (s - Sv) * inv_gamma);  // dL/ds_ick
-        S* cs = T.cs.data() + (c * K + k) * W;
+        S* cs = tile.cs.data() + (c * K + k) * W;
         (V::loadu(cs) + g * s).store(cs);
         (g * V(rt[c * K + k])).store(sc + k * BQP);
       }
@@ -244,41 +260,41 @@ void logit_grads_of_tile(const Problem<S>& P, BackwardTile<S>& T, const S* lse, 
 
 // dW[:, col0 + j] = wbuf[:, j] - r^2 (sum_i G_ij s_ij) w[:, col0 + j] (F.normalize's projection).
 template <class S>
-void write_center_grads(const Problem<S>& P, BackwardTile<S>& T, S* GW, int64_t col0, int64_t tck) {
+void write_center_grads(const Problem<S>& pb, BackwardTile<S>& tile, S* GW, int64_t col0, int64_t tck) {
   using V = Vectorized<S>;
-  const int64_t W = V::size(), CK = P.CK;
-  const S* WP = P.w.template data_ptr<S>();
+  const int64_t W = V::size(), CK = pb.CK;
+  const S* WP = pb.w.template data_ptr<S>();
   for (int64_t j = 0; j < tck; ++j) {
     S cs = 0;
-    for (int64_t l = 0; l < W; ++l) cs += T.cs[j * W + l];
-    T.coef[j] = P.qn[col0 + j] * cs;
+    for (int64_t l = 0; l < W; ++l) cs += tile.cs[j * W + l];
+    tile.coef[j] = pb.qn[col0 + j] * cs;
   }
-  for (int64_t d = 0; d < P.D; ++d) {
+  for (int64_t d = 0; d < pb.D; ++d) {
     S* g = GW + d * CK + col0;
-    const S* b = T.wbuf.data() + d * tck;
+    const S* b = tile.wbuf.data() + d * tck;
     const S* wr = WP + d * CK + col0;
     int64_t j = 0;
-    for (; j + W <= tck; j += W) (V::loadu(b + j) - V::loadu(T.coef.data() + j) * V::loadu(wr + j)).store(g + j);
-    for (; j < tck; ++j) g[j] = b[j] - T.coef[j] * wr[j];
+    for (; j + W <= tck; j += W) (V::loadu(b + j) - V::loadu(tile.coef.data() + j) * V::loadu(wr + j)).store(g + j);
+    for (; j < tck; ++j) g[j] = b[j] - tile.coef[j] * wr[j];
   }
 }
 
 // One class tile against every query tile: dW of its columns (written once), dX into gx_part.
 template <class S>
-void backward_class_tile(const Problem<S>& P, BackwardTile<S>& T, const S* lse, const S* g_la, int64_t tile,
+void backward_class_tile(const Problem<S>& pb, BackwardTile<S>& tile, const S* lse, const S* g_la, int64_t c_tile,
                          bool need_gx, bool need_gw, at::Tensor& gx_part, S* GW) {
-  const int64_t c0 = tile * P.TC, tc = std::min(P.TC, P.C - c0), tck = tc * P.K, col0 = c0 * P.K;
-  const at::Tensor wT = P.w.narrow(1, col0, tck).t();  // (tck, D)
-  const S* rt = P.rn.data() + col0;
-  std::fill(T.cs.begin(), T.cs.end(), S(0));
-  for (int64_t i0 = 0; i0 < P.N; i0 += P.BQ) {
-    const int64_t bq = std::min(P.BQ, P.N - i0);
-    const at::Tensor xI = P.x.narrow(0, i0, bq);
-    const at::Tensor s_t = logits_tile(P, T.sbuf.data(), wT, rt, i0, bq);
-    logit_grads_of_tile(P, T, lse, g_la, rt, i0, bq, c0, tc);
+  const int64_t c0 = c_tile * pb.TC, tc = std::min(pb.TC, pb.C - c0), tck = tc * pb.K, col0 = c0 * pb.K;
+  const at::Tensor wT = pb.w.narrow(1, col0, tck).t();  // (tck, D)
+  const S* rt = pb.rn.data() + col0;
+  std::fill(tile.cs.begin(), tile.cs.end(), S(0));
+  for (int64_t i0 = 0; i0 < pb.N; i0 += pb.BQ) {
+    const int64_t bq = std::min(pb.BQ, pb.N - i0);
+    const at::Tensor xI = pb.x.narrow(0, i0, bq);
+    const at::Tensor s_t = logits_tile(pb, tile.sbuf.data(), wT, rt, i0, bq);
+    logit_grads_of_tile(pb, tile, lse, g_la, rt, i0, bq, c0, tc);
     // s_t now holds G'^T (tck x bq)
     if (need_gw) {
-      at::Tensor wb = at::from_blob(T.wbuf.data(), {P.D, tck}, P.x.options());
+      at::Tensor wb = at::from_blob(tile.wbuf.data(), {pb.D, tck}, pb.x.options());
       if (i0 == 0) {
         at::mm_out(wb, xI.t(), s_t.t());
       } else {
@@ -287,26 +303,26 @@ void backward_class_tile(const Problem<S>& P, BackwardTile<S>& T, const S* lse, 
     }
     if (need_gx) gx_part.narrow(0, i0, bq).addmm_(s_t.t(), wT);
   }
-  if (need_gw) write_center_grads(P, T, GW, col0, tck);
+  if (need_gw) write_center_grads(pb, tile, GW, col0, tck);
 }
 
 template <class S>
 void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w,
                      const at::Tensor& lse, const Params& p, bool need_gx, bool need_gw, at::Tensor& gx,
                      at::Tensor& gw) {
-  const Problem<S> P(x, labels, w, p, /*projection=*/true);
-  std::vector<S> lse_p(P.NP, S(0)), g_la(P.NP, S(0));  // padded: LSE_i and g_i la
+  const Problem<S> pb(x, labels, w, p, /*projection=*/true);
+  std::vector<S> lse_p(pb.NP, S(0)), g_la(pb.NP, S(0));  // padded: LSE_i and g_i la
   const S* G = g_rows.data_ptr<S>();
-  copy_padded(lse.data_ptr<S>(), P.N, lse_p.data(), P.NP, S(0));
-  for (int64_t i = 0; i < P.N; ++i) g_la[i] = G[i] * S(p.la);
-  at::Tensor gx_parts = need_gx ? zeros_per_thread({P.N, P.D}, x.options()) : at::Tensor();
+  copy_padded(lse.data_ptr<S>(), pb.N, lse_p.data(), pb.NP, S(0));
+  for (int64_t i = 0; i < pb.N; ++i) g_la[i] = G[i] * S(p.la);
+  at::Tensor gx_parts = need_gx ? zeros_per_thread({pb.N, pb.D}, x.options()) : at::Tensor();
   S* GW = need_gw ? gw.data_ptr<S>() : nullptr;
-  at::parallel_for(0, P.ntiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, pb.ntiles, 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
-    BackwardTile<S> T(P, need_gw);
+    BackwardTile<S> tile(pb, need_gw);
     at::Tensor gx_part = need_gx ? gx_parts[tid] : at::Tensor();
-    for (int64_t tile = t0; tile < t1; ++tile)
-      backward_class_tile(P, T, lse_p.data(), g_la.data(), tile, need_gx, need_gw, gx_part, GW);
+    for (int64_t c_tile = t0; c_tile < t1; ++c_tile)
+      backward_class_tile(pb, tile, lse_p.data(), g_la.data(), c_tile, need_gx, need_gw, gx_part, GW);
   });
   if (need_gx) at::sum_out(gx, gx_parts, {0});
 }
@@ -318,8 +334,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tenso
   TORCH_CHECK(K >= 1 && w.size(1) % K == 0 && w.size(1) > 0, "softtriple: w has ", w.size(1),
               " columns, not a positive multiple of centers_per_class = ", K);
   TORCH_CHECK(w.size(1) / K < (int64_t(1) << 24), "softtriple (cpu): at most 2^24 classes, got ", w.size(1) / K);
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "softtriple: x and w must have the same dtype, got ",
-              x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "softtriple: x and w must have the same dtype, got ", x.scalar_type(),
+              " and ", w.scalar_type());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "softtriple (cpu): x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
@@ -361,8 +377,8 @@ std::tuple<at::Tensor, at::Tensor> softtriple_bwd_cpu(const at::Tensor& grad_row
   const int64_t N = x.size(0);
   for (const at::Tensor* t : {&grad_rows, &lse}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type(),
-                "softtriple_bwd: grad_rows and lse must be (", N, ",) of dtype ", x.scalar_type(), ", got ",
-                t->sizes(), " ", t->scalar_type());
+                "softtriple_bwd: grad_rows and lse must be (", N, ",) of dtype ", x.scalar_type(), ", got ", t->sizes(),
+                " ", t->scalar_type());
   }
   at::Tensor gx = need_gx ? at::zeros_like(x) : at::empty({0}, x.options());
   // every column of gw is written exactly once by the thread owning its class tile
@@ -373,9 +389,8 @@ std::tuple<at::Tensor, at::Tensor> softtriple_bwd_cpu(const at::Tensor& grad_row
   }
   const at::Tensor xd = x.detach(), wd = w.detach();
   const at::Tensor gd = grad_rows.detach().contiguous(), ld = lse.detach().contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(gd, xd, labels, wd, ld, p, need_gx, need_gw, gx, gw);
-  });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_bwd_cpu",
+                             [&] { backward_kernel<scalar_t>(gd, xd, labels, wd, ld, p, need_gx, need_gw, gx, gw); });
   return {gx, gw};
 }
 
