@@ -96,7 +96,7 @@ void row_logits(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t 
   const S rel = dup_rel<S>();
   const S* dot_row = tile.dots.data() + r * bk;
   const V nq(fwd.pb.NQ[i]), li(fwd.pb.QL[i]);
-  V mp(neg_inf<S>()), mn(neg_inf<S>());
+  V lane_max_sp(neg_inf<S>()), lane_max_sn(neg_inf<S>());
   for (int64_t c = 0; c < fwd.BKP; c += W) {
     const PairDistances<S> pd = pair_distances(dot_row, tile.nk.data(), c, std::min(W, bk - c), nq, rel);
     V same, diff;
@@ -109,11 +109,11 @@ void row_logits(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t 
     vp.store(tile.vp.data() + c);
     vn.store(tile.vn.data() + c);
     if (fwd.paper_grad) pair_inv_dist(pd.d, pd.dup).store(tile.inv.data() + c);
-    mp = at::vec::maximum(mp, sp);
-    mn = at::vec::maximum(mn, sn);
+    lane_max_sp = at::vec::maximum(lane_max_sp, sp);
+    lane_max_sn = at::vec::maximum(lane_max_sn, sn);
   }
-  max_sp = hmax(mp);
-  max_sn = hmax(mn);
+  max_sp = hmax(lane_max_sp);
+  max_sn = hmax(lane_max_sn);
 }
 
 // Excluded pairs (the pair i = i in-batch) are in no set: their logits become -inf, and the tile
