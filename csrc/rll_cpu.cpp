@@ -13,7 +13,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -75,6 +77,20 @@ inline void for_excluded(const Exclusions& ex, int64_t i, int64_t j0, int64_t bk
   const int64_t* b = ex.cols.data() + ex.offsets[i];
   const int64_t* e = ex.cols.data() + ex.offsets[i + 1];
   for (const int64_t* it = std::lower_bound(b, e, j0); it != e && *it < j0 + bk; ++it) f(*it - j0);
+}
+
+// Zeroes the excluded entries of row i's G tile (grow, bk entries from column j0) and returns the row
+// sum. An excluded pair is in no set, but the vector loop computed its entry as if it were: its logit
+// may exceed the set's log-denominator (e.g. the d = 0 diagonal when beta < 0), and exp() can
+// overflow, so the row is summed again after zeroing instead of subtracting the entry from rsum.
+template <class S>
+inline S drop_excluded(const Exclusions& ex, int64_t i, int64_t j0, int64_t bk, S* grow, S rsum) {
+  bool any = false;
+  for_excluded(ex, i, j0, bk, [&](int64_t c) {
+    grow[c] = S(0);
+    any = true;
+  });
+  return any ? std::accumulate(grow, grow + bk, S(0)) : rsum;
 }
 
 // Per-tile gallery data, padded to whole vectors: squared norms and labels (NaN labels in the
@@ -388,12 +404,7 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
             rs = rs + gv;
             gv.store(grow + c, cnt);
           }
-          S rsum = hsum(rs);
-          for_excluded(P.ex, i, j0, bk, [&](int64_t c) {
-            rsum -= grow[c];
-            grow[c] = S(0);
-          });
-          rowsum[r] += rsum;
+          rowsum[r] += drop_excluded(P.ex, i, j0, bk, grow, hsum(rs));
           any = true;
         }
         if (!any) continue;
@@ -515,12 +526,7 @@ void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, co
           rs = rs + h;
           h.store(hrow + c, cnt);
         }
-        S rsum = hsum(rs);
-        for_excluded(P.ex, i, j0, bj, [&](int64_t c) {
-          rsum -= hrow[c];
-          hrow[c] = S(0);
-        });
-        RS[i] += rsum;
+        RS[i] += drop_excluded(P.ex, i, j0, bj, hrow, hsum(rs));
         if (I != J)
           for (int64_t c = 0; c < bj; ++c) colsum[c] += hrow[c];
       }
@@ -570,8 +576,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  TORCH_CHECK(alpha > beta, "rll: alpha must exceed beta = alpha - margin (margin > 0), got alpha=", alpha,
-              " beta=", beta);
+  // any finite boundaries (docs/semantics.md §2.2): beta >= alpha or beta <= 0 are valid, labels split the sets
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(Tn) && std::isfinite(Tp),
+              "rll: alpha, beta, Tn and Tp must be finite, got alpha=", alpha, " beta=", beta, " Tn=", Tn,
+              " Tp=", Tp);
   TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "rll: imbalance must lie in [0, 1], got ", lam);
   TORCH_CHECK(den_bias >= 0.0, "rll: den_bias must be >= 0, got ", den_bias);
   return Params<S>{S(alpha), S(beta), S(Tn), S(Tp), S(lam), S(den_bias)};

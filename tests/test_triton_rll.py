@@ -402,9 +402,9 @@ def test_bad_inputs_raise_value_error():
         torch.ops.rll_kernels.rll_triton_fwd(q, lab, None, q[:, :4], lab, None, *args)
     with pytest.raises(ValueError, match="q_labels must be int64"):
         torch.ops.rll_kernels.rll_triton_fwd(q, lab.int(), None, q, lab, None, *args)
-    with pytest.raises(ValueError, match="alpha must exceed beta"):
+    with pytest.raises(ValueError, match="alpha and beta must be finite"):
         torch.ops.rll_kernels.rll_triton_fwd(
-            q, lab, None, q, lab, None, 0.5, 0.8, 10.0, 0.0, 0.5, 0.0, False, True
+            q, lab, None, q, lab, None, 0.5, float("inf"), 10.0, 0.0, 0.5, 0.0, False, True
         )
     with pytest.raises(ValueError, match="must be one of"):
         torch.ops.rll_kernels.rll_triton_fwd(

@@ -82,8 +82,10 @@ ScalarType acc_type(ScalarType st) { return st == ScalarType::Double ? ScalarTyp
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  STD_TORCH_CHECK(alpha > beta, "rll: alpha must exceed beta = alpha - margin (margin > 0), got alpha=", alpha,
-                  " beta=", beta);
+  // any finite boundaries (docs/semantics.md §2.2): beta >= alpha or beta <= 0 are valid, labels split the sets
+  STD_TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(Tn) && std::isfinite(Tp),
+                  "rll: alpha, beta, Tn and Tp must be finite, got alpha=", alpha, " beta=", beta, " Tn=", Tn,
+                  " Tp=", Tp);
   STD_TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "rll: imbalance must lie in [0, 1], got ", lam);
   STD_TORCH_CHECK(den_bias >= 0.0, "rll: den_bias must be >= 0, got ", den_bias);
   return Params<S>{S(alpha), S(beta), S(Tn), S(Tp), S(lam), S(den_bias)};
