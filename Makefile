@@ -4,13 +4,18 @@
 # make compat TORCH=2.14.1 : the whole suite against another torch, in its own venv .venv-torch-2.14.1
 # make wheel  : a wheel built against the torch of .venv, in dist/torch-<version>/ (metadata: torch==X.Y.*)
 # make wheel-test : that wheel in a fresh venv next to that torch, exercised from outside the checkout
+# make triton-compat : the Triton tests on every other triton a CUDA torch >= 2.11 pins (one venv each)
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 TEST_TORCH := 2.13.0
 TORCH_PIN := torch==$(TEST_TORCH)
-DEPS    := numpy ninja pytest pytest-benchmark pytorch-metric-learning==2.9.0 scikit-learn tqdm matplotlib triton ruff==0.17.6
+# triton 3.7.1 is the one the CUDA wheel of torch 2.13.0 pins: the CPU test venv runs the Triton kernels
+# (under the interpreter) on the triton a GPU user of the same torch gets. The others that a CUDA torch
+# >= 2.11 pins are checked by make triton-compat (docs/triton.md "Triton versions").
+TRITON  := triton==3.7.1
+DEPS    := numpy ninja pytest pytest-benchmark pytorch-metric-learning==2.9.0 scikit-learn tqdm matplotlib $(TRITON) ruff==0.17.6
 STAMP   := $(VENV)/.deps-stamp
 BUILD   := $(VENV)/.build-stamp
 BENCHDEPS := $(VENV)/.bench-stamp
@@ -150,3 +155,24 @@ cuda-check: $(BUILD) torch-headers
 .PHONY: bench-osm
 bench-osm: $(BUILD)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) bench/bench_osm.py $(BENCH_ARGS)
+
+# triton-compat: the Triton tests (pytest -m interpreter) on every other triton that a CUDA torch >= 2.11
+# pins (torch 2.11: 3.6.0, 2.12.0: 3.7.0, 2.14: 3.8.x, 2.15: 3.9.x), each in its own .venv-triton-X beside
+# the pinned torch. The package is installed editable without compiling (RLL_SKIP_EXT=1): the C++
+# extension that make build left in the source tree serves the same torch. TRITON_COMPAT="3.6.0" for one.
+TRITON_COMPAT ?= 3.6.0 3.7.0 3.8.0 3.9.0
+COMPAT_DEPS   := numpy pytest pytorch-metric-learning==2.9.0 scikit-learn tqdm
+.PHONY: triton-compat
+triton-compat: $(BUILD)
+	@fail=""; for v in $(TRITON_COMPAT); do \
+	  venv=.venv-triton-$$v; \
+	  test -x $$venv/bin/python || $(PY) -m venv $$venv || exit 1; \
+	  $$venv/bin/python -m pip install -q --upgrade pip && \
+	  $$venv/bin/python -m pip install -q $(TORCH_PIN) triton==$$v $(COMPAT_DEPS) && \
+	  RLL_SKIP_EXT=1 $$venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . || exit 1; \
+	  echo "== triton $$v ($$venv)"; t0=$$(date +%s); \
+	  OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $$venv/bin/python -m pytest -q -m interpreter tests $(PYTEST_ARGS) \
+	    || fail="$$fail $$v"; \
+	  echo "== triton $$v: $$(( $$(date +%s) - t0 )) s"; \
+	done; \
+	test -z "$$fail" || { echo "triton-compat FAILED for:$$fail"; exit 1; }

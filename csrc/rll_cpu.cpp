@@ -1,572 +1,595 @@
-// Fused Ranked List Loss, CPU kernels (SPEC section 1).
+// Fused Ranked List Loss, CPU kernels (docs/semantics.md §2, fused form §2.6).
 //
-// Per block of BQ queries, the gallery is streamed in tiles of BK rows: the distance tile comes
+// Per query tile I (BQ rows), the gallery is streamed in tiles J of BK rows: the distance tile comes
 // from one GEMM (Q_I K_J^T), masks and weights are computed with SIMD vectors, and per query row
 // the two sets keep an online (max, sum exp, sum exp * value) state. "paper" semantics also
-// accumulates the query gradient in the same pass: sum_j c_ij (z_i - z_j) =
-// (sum_j c_ij) z_i - (C K_J)_i, one more GEMM per tile, rescaled when the running max moves.
+// accumulates the query gradient in the same pass: sum_j c_ij (q_i - k_j) =
+// (sum_j c_ij) q_i - (C K_J)_i, one more GEMM per tile, rescaled when the running max moves.
 // No N x M matrix is ever held: memory is O((N + M) D) plus per-thread tiles.
-// The backward kernel (rll_bwd_cpu) serves "pml" semantics: it recomputes each tile with the
-// saved row statistics and writes both the query and the gallery gradient.
+// The backward kernel (rll_bwd_cpu) serves "pml" semantics (docs/semantics.md §2.3): it recomputes
+// each tile with the saved row statistics and writes both the query and the gallery gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <numeric>
-#include <utility>
 #include <vector>
 
-#include "rll_cpu_vec.h"
+#include "cpu_tiles.h"
 
 namespace rll {
 namespace {
 
-// Tile sizes: a K tile of BK x D stays in L2 (2 MiB here); BQ x BK tiles stay in L1/L2.
+// Tile sizes: a gallery tile of BK x D stays in L2 (2 MiB here); BQ x BK tiles stay in L1/L2.
 struct Tiling {
-  int64_t bq, bk;
+  int64_t BQ, BK;
 };
 inline Tiling choose_tiling(int64_t N, int64_t D) {
-  const int64_t bk = D <= 256 ? 512 : 256;
-  int64_t bq = 64;
   // keep both threads busy on small query sets (bank case: N = 256 queries)
-  const int64_t threads = at::get_num_threads();
-  while (bq > 16 && (N + bq - 1) / bq < 2 * threads) bq /= 2;
-  return {bq, bk};
+  return {tile_size_for_threads(64, 16, N, 2), D <= 256 ? 512 : 256};
 }
 
-// Labels as values of the kernel's type S, so a label comparison is one SIMD compare. Exact:
-// labels are cast when they fit the mantissa, else replaced by their dense rank.
+// ================================================================ forward
+// What every thread of one forward call reads.
 template <class S>
-at::Tensor labels_as(const at::Tensor& ql, const at::Tensor& kl) {
-  const int64_t lim = int64_t(1) << std::numeric_limits<S>::digits;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
-  at::Tensor both = at::cat({ql, kl});
-  if (both.numel() == 0 || (both.min().item<int64_t>() > -lim && both.max().item<int64_t>() < lim))
-    return both.to(opts);
-  at::Tensor inverse = std::get<1>(at::_unique(both, /*sorted=*/true, /*return_inverse=*/true));
-  return inverse.to(opts);
-}
-
-// Excluded pairs (q_ids[i] == k_ids[j]) as per-row sorted column lists (CSR).
-struct Exclusions {
-  std::vector<int64_t> offsets, cols;
-  bool empty() const { return cols.empty(); }
+struct Forward {
+  const PairProblem<S>& pb;
+  const at::Tensor& q;
+  const at::Tensor& k;
+  Params<S> prm;
+  bool paper_grad;  // accumulate the "paper" query gradient in the same pass
+  int64_t BQ, BK, BKP;
+  S* loss;
+  S* stats;  // (N, 4): [logden_P, L_P, logden_N, L_N]
+  S* gq;     // (N, D) when paper_grad
 };
-inline Exclusions build_exclusions(const int64_t* qid, const int64_t* kid, int64_t N, int64_t M) {
-  Exclusions ex;
-  if (qid == nullptr) return ex;
-  std::vector<std::pair<int64_t, int64_t>> kv(M);
-  for (int64_t j = 0; j < M; ++j) kv[j] = {kid[j], j};
-  std::sort(kv.begin(), kv.end());
-  ex.offsets.resize(N + 1, 0);
-  for (int64_t i = 0; i < N; ++i) {
-    auto lo = std::lower_bound(kv.begin(), kv.end(), std::make_pair(qid[i], std::numeric_limits<int64_t>::min()));
-    for (auto it = lo; it != kv.end() && it->first == qid[i]; ++it) ex.cols.push_back(it->second);
-    ex.offsets[i + 1] = static_cast<int64_t>(ex.cols.size());
-  }
-  return ex;
-}
 
-// Calls f(c) for every excluded column c of row i inside the tile [j0, j0 + bk).
-template <class F>
-inline void for_excluded(const Exclusions& ex, int64_t i, int64_t j0, int64_t bk, F&& f) {
-  if (ex.empty()) return;
-  const int64_t* b = ex.cols.data() + ex.offsets[i];
-  const int64_t* e = ex.cols.data() + ex.offsets[i + 1];
-  for (const int64_t* it = std::lower_bound(b, e, j0); it != e && *it < j0 + bk; ++it) f(*it - j0);
-}
-
-// Zeroes the excluded entries of row i's G tile (grow, bk entries from column j0) and returns the row
-// sum. An excluded pair is in no set, but the vector loop computed its entry as if it were: its logit
-// may exceed the set's log-denominator (e.g. the d = 0 diagonal when beta < 0), and exp() can
-// overflow, so the row is summed again after zeroing instead of subtracting the entry from rsum.
+// Per-thread buffers of the forward: one query tile I against one gallery tile J.
 template <class S>
-inline S drop_excluded(const Exclusions& ex, int64_t i, int64_t j0, int64_t bk, S* grow, S rsum) {
+struct ForwardTile {
+  std::vector<S> dots, cp, cn;                 // BQ x BK: Gram tile; coefficients c_ij of each set
+  std::vector<S> sp, sn, vp, vn, inv, nk, kl;  // BKP, one row: logits, hinge values, 1/d; tile norms, labels
+  std::vector<char> has_pos;                   // BQ: the row has a positive in this tile
+  std::vector<OnlineRow<S>> on_pos, on_neg;    // BQ: online state of each set
+  std::vector<S> cp_sum, cn_sum;               // BQ: sum_j c_ij of each set, in units of e^m
+  std::vector<S> acc_p, acc_n;                 // BQ x D: sum_j c_ij k_j of each set, in units of e^m
+  at::Tensor acc_p_t, acc_n_t;
+  explicit ForwardTile(const Forward<S>& fwd)
+      : dots(fwd.BQ * fwd.BK),
+        cp(fwd.BQ * fwd.BK),
+        cn(fwd.BQ * fwd.BK),
+        sp(fwd.BKP),
+        sn(fwd.BKP),
+        vp(fwd.BKP),
+        vn(fwd.BKP),
+        inv(fwd.BKP),
+        nk(fwd.BKP),
+        kl(fwd.BKP),
+        has_pos(fwd.BQ),
+        on_pos(fwd.BQ),
+        on_neg(fwd.BQ),
+        cp_sum(fwd.BQ),
+        cn_sum(fwd.BQ),
+        acc_p(fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0),
+        acc_n(fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0) {
+    if (!fwd.paper_grad) return;
+    acc_p_t = at::from_blob(acc_p.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
+    acc_n_t = at::from_blob(acc_n.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
+  }
+  void start_rows() {
+    std::fill(on_pos.begin(), on_pos.end(), OnlineRow<S>{});
+    std::fill(on_neg.begin(), on_neg.end(), OnlineRow<S>{});
+    std::fill(cp_sum.begin(), cp_sum.end(), S(0));
+    std::fill(cn_sum.begin(), cn_sum.end(), S(0));
+    std::fill(acc_p.begin(), acc_p.end(), S(0));
+    std::fill(acc_n.begin(), acc_n.end(), S(0));
+  }
+};
+
+// Logits sp, sn, hinge values vp, vn (and 1/d for "paper") of query row i against the gallery tile
+// in the tile's row buffers; returns the largest logit of each set in max_sp, max_sn.
+template <class S>
+void row_logits(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t bk, S& max_sp, S& max_sn) {
+  using V = Vectorized<S>;
+  const int64_t W = V::size();
+  const Params<S> prm = fwd.prm;
+  const S rel = dup_rel<S>();
+  const S* dot_row = tile.dots.data() + r * bk;
+  const V nq(fwd.pb.NQ[i]), li(fwd.pb.QL[i]);
+  V lane_max_sp(neg_inf<S>()), lane_max_sn(neg_inf<S>());
+  for (int64_t c = 0; c < fwd.BKP; c += W) {
+    const PairDistances<S> pd = pair_distances(dot_row, tile.nk.data(), c, std::min(W, bk - c), nq, rel);
+    V same, diff;
+    label_masks(V::loadu(tile.kl.data() + c), li, same, diff);
+    const V pos = in_pos(same, pd.d, prm), neg = in_neg(diff, pd.d, prm);
+    const V vp = pos_value(pd.d, prm), vn = neg_value(pd.d, prm);
+    const V sp = masked_logit(pos, vp, prm.Tp), sn = masked_logit(neg, vn, prm.Tn);
+    sp.store(tile.sp.data() + c);
+    sn.store(tile.sn.data() + c);
+    vp.store(tile.vp.data() + c);
+    vn.store(tile.vn.data() + c);
+    if (fwd.paper_grad) pair_inv_dist(pd.d, pd.dup).store(tile.inv.data() + c);
+    lane_max_sp = at::vec::maximum(lane_max_sp, sp);
+    lane_max_sn = at::vec::maximum(lane_max_sn, sn);
+  }
+  max_sp = hmax(lane_max_sp);
+  max_sn = hmax(lane_max_sn);
+}
+
+// Excluded pairs (the pair i = i in-batch) are in no set: their logits become -inf, and the tile
+// maxima are taken again if one of them held it.
+template <class S>
+void drop_excluded_pairs(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t j0, int64_t bk, S& max_sp,
+                         S& max_sn) {
+  const S ninf = neg_inf<S>();
+  bool rescan = false;
+  for_excluded(fwd.pb.ex, i, j0, bk, [&](int64_t c) {
+    rescan |= (tile.sp[c] == max_sp && max_sp != ninf) || (tile.sn[c] == max_sn && max_sn != ninf);
+    tile.sp[c] = tile.sn[c] = ninf;
+  });
+  if (!rescan) return;
+  max_sp = *std::max_element(tile.sp.begin(), tile.sp.end());
+  max_sn = *std::max_element(tile.sn.begin(), tile.sn.end());
+}
+
+// One set of one row: fold the tile's logits s and values v into the online state (and, for
+// "paper", write the row's coefficients c_ij = w_ij / d_ij to c_row, summed into c_sum, after
+// rescaling c_sum and acc_row to the new running max). Returns false when the tile holds no member.
+template <class S>
+bool fold_set_into_online_row(const Forward<S>& fwd, const ForwardTile<S>& tile, OnlineRow<S>& on, const S* s,
+                              const S* v, S tile_max, int64_t bk, S* c_row, S& c_sum, S* acc_row) {
+  using V = Vectorized<S>;
+  const int64_t W = V::size();
+  const S ninf = neg_inf<S>();
+  const bool paper_grad = fwd.paper_grad;
+  if (tile_max == ninf) {
+    if (paper_grad) std::fill(c_row, c_row + bk, S(0));
+    return false;
+  }
+  const S f = online_begin_tile(on, tile_max);
+  if (paper_grad && f != S(1)) {
+    c_sum *= f;
+    for (int64_t e = 0; e < fwd.pb.D; ++e) acc_row[e] *= f;
+  }
+  V l_sum(S(0)), a_sum(S(0)), c_vsum(S(0));
+  for (int64_t c = 0; c < fwd.BKP; c += W) {
+    const int64_t cnt = std::min(W, bk - c);
+    const V sv = V::loadu(s + c);
+    if (none_set(sv != V(ninf))) {  // most vectors hold no member: skip the exp
+      if (paper_grad && cnt > 0) V(S(0)).store(c_row + c, cnt);
+      continue;
+    }
+    const V w = online_weight(sv, on);
+    l_sum = l_sum + w;
+    a_sum = a_sum + w * V::loadu(v + c);
+    if (paper_grad) {
+      const V cc = w * V::loadu(tile.inv.data() + c);
+      c_vsum = c_vsum + cc;
+      if (cnt > 0) cc.store(c_row + c, cnt);
+    }
+  }
+  on.l += hsum(l_sum);
+  on.a += hsum(a_sum);
+  c_sum += hsum(c_vsum);
+  return true;
+}
+
+// Folds gallery tile J into query row i (row r of tile I); returns how many positive coefficients
+// the row holds in this tile ("paper" only, else 0).
+template <class S>
+int64_t fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t j0, int64_t bk) {
+  S max_sp, max_sn;
+  row_logits(fwd, tile, i, r, bk, max_sp, max_sn);
+  drop_excluded_pairs(fwd, tile, i, j0, bk, max_sp, max_sn);
+  S* cp_row = tile.cp.data() + r * bk;
+  S* cn_row = tile.cn.data() + r * bk;
+  S* accp_row = fwd.paper_grad ? tile.acc_p.data() + r * fwd.pb.D : nullptr;
+  S* accn_row = fwd.paper_grad ? tile.acc_n.data() + r * fwd.pb.D : nullptr;
+  const bool has_pos = fold_set_into_online_row(fwd, tile, tile.on_pos[r], tile.sp.data(), tile.vp.data(), max_sp, bk,
+                                                cp_row, tile.cp_sum[r], accp_row);
+  fold_set_into_online_row(fwd, tile, tile.on_neg[r], tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row,
+                           tile.cn_sum[r], accn_row);
+  tile.has_pos[r] = has_pos;
+  int64_t n_pos = 0;
+  if (has_pos && fwd.paper_grad) {
+    for (int64_t c = 0; c < bk; ++c) n_pos += cp_row[c] != S(0);
+  }
+  return n_pos;
+}
+
+// "paper": acc += C K_J for both sets. Positives are few in typical P x K batches: sparse row
+// updates unless the tile is dense.
+template <class S>
+void add_tile_to_query_grad(const Forward<S>& fwd, ForwardTile<S>& tile, const at::Tensor& kJ, int64_t bq, int64_t bk,
+                            int64_t n_pos) {
+  const auto opts = fwd.q.options();
+  tile.acc_n_t.narrow(0, 0, bq).addmm_(at::from_blob(tile.cn.data(), {bq, bk}, opts), kJ);
+  if (n_pos * 8 > bq * bk) {
+    tile.acc_p_t.narrow(0, 0, bq).addmm_(at::from_blob(tile.cp.data(), {bq, bk}, opts), kJ);
+    return;
+  }
+  if (n_pos == 0) return;
+  const int64_t D = fwd.pb.D;
+  const S* KJ = kJ.data_ptr<S>();
+  for (int64_t r = 0; r < bq; ++r) {
+    if (!tile.has_pos[r]) continue;
+    const S* cp_row = tile.cp.data() + r * bk;
+    S* acc = tile.acc_p.data() + r * D;
+    for (int64_t c = 0; c < bk; ++c) {
+      const S w = cp_row[c];
+      if (w == S(0)) continue;
+      const S* kj = KJ + c * D;
+      for (int64_t e = 0; e < D; ++e) acc[e] += w * kj[e];
+    }
+  }
+}
+
+// Loss and stats of the rows of tile I and, for "paper", their query gradient
+// dL/dq_i = sum_set sign * lam_set / den_set * (c_sum q_i - acc_i), weights in units of e^m.
+template <class S>
+void finish_rows(const Forward<S>& fwd, const ForwardTile<S>& tile, int64_t i0, int64_t bq) {
+  const Params<S> prm = fwd.prm;
+  const S ninf = neg_inf<S>();
+  const int64_t D = fwd.pb.D;
+  const S* Q = fwd.q.template data_ptr<S>();
+  for (int64_t r = 0; r < bq; ++r) {
+    const int64_t i = i0 + r;
+    const SetStats<S> pos = online_finish(tile.on_pos[r], prm.den_bias);
+    const SetStats<S> neg = online_finish(tile.on_neg[r], prm.den_bias);
+    fwd.loss[i] = row_loss(pos.L, neg.L, prm);
+    S* st = fwd.stats + i * 4;
+    st[0] = pos.logden;
+    st[1] = pos.L;
+    st[2] = neg.logden;
+    st[3] = neg.L;
+    if (!fwd.paper_grad) continue;
+    const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(tile.on_pos[r].m - pos.logden);
+    const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(tile.on_neg[r].m - neg.logden);
+    const S* qi = Q + i * D;
+    const S* ap = tile.acc_p.data() + r * D;
+    const S* an = tile.acc_n.data() + r * D;
+    S* g = fwd.gq + i * D;
+    const S cq = fp * tile.cp_sum[r] + fn * tile.cn_sum[r];
+    for (int64_t e = 0; e < D; ++e) g[e] = cq * qi[e] - fp * ap[e] - fn * an[e];
+  }
+}
+
+// Query tile I (rows i0..i0+bq) against every gallery tile J.
+template <class S>
+void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0) {
+  const int64_t bq = std::min(fwd.BQ, fwd.pb.N - i0);
+  const at::Tensor qI = fwd.q.narrow(0, i0, bq);
+  tile.start_rows();
+  for (int64_t j0 = 0; j0 < fwd.pb.M; j0 += fwd.BK) {
+    const int64_t bk = std::min(fwd.BK, fwd.pb.M - j0);
+    const at::Tensor kJ = fwd.k.narrow(0, j0, bk);
+    gram_tile(tile.dots.data(), qI, kJ);
+    load_tile(fwd.pb.NK, fwd.pb.KL, j0, bk, fwd.BKP, tile.nk.data(), tile.kl.data());
+    int64_t n_pos = 0;
+    for (int64_t r = 0; r < bq; ++r) n_pos += fold_row(fwd, tile, i0 + r, r, j0, bk);
+    if (fwd.paper_grad) add_tile_to_query_grad(fwd, tile, kJ, bq, bk, n_pos);
+  }
+  finish_rows(fwd, tile, i0, bq);
+}
+
+template <class S>
+void rll_forward_kernel(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
+                        const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids,
+                        const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
+  const PairProblem<S> pb(q, q_labels, q_ids, k, k_labels, k_ids);
+  const Tiling tl = choose_tiling(pb.N, pb.D);
+  const Forward<S> fwd{pb,
+                       q,
+                       k,
+                       prm,
+                       paper_grad,
+                       tl.BQ,
+                       tl.BK,
+                       vec_pad<S>(tl.BK),
+                       loss.data_ptr<S>(),
+                       stats.data_ptr<S>(),
+                       paper_grad ? gq.data_ptr<S>() : nullptr};
+  at::parallel_for(0, ceil_div(pb.N, fwd.BQ), 1, [&](int64_t b0, int64_t b1) {
+    ForwardTile<S> tile(fwd);
+    for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
+  });
+}
+
+// ================================================================ backward
+// Per-row constants of the backward, from the saved stats [logden_P, L_P, logden_N, L_N] and the
+// upstream gradients g_i: the set weights w = (1 - lam) g_i and lam g_i (0 for an empty set),
+// finite log-denominators (0 for an empty set) and the set means. Arrays over the rows, so that the
+// in-batch backward reads a gallery tile's as vectors.
+template <class S>
+struct RowSets {
+  std::vector<S> wp, wn, logden_p, logden_n, Lp, Ln;
+  std::vector<char> has_p, has_n;  // the set is not empty
+  RowSets(const S* g_rows, const S* stats, const Params<S>& prm, int64_t N)
+      : wp(N), wn(N), logden_p(N), logden_n(N), Lp(N), Ln(N), has_p(N), has_n(N) {
+    const S ninf = neg_inf<S>();
+    for (int64_t i = 0; i < N; ++i) {
+      const S* st = stats + i * 4;
+      has_p[i] = st[0] != ninf;
+      has_n[i] = st[2] != ninf;
+      wp[i] = has_p[i] ? (S(1) - prm.lam) * g_rows[i] : S(0);
+      wn[i] = has_n[i] ? prm.lam * g_rows[i] : S(0);
+      logden_p[i] = has_p[i] ? st[0] : S(0);
+      logden_n[i] = has_n[i] ? st[2] : S(0);
+      Lp[i] = st[1];
+      Ln[i] = st[3];
+    }
+  }
+};
+
+// The same constants for the rows j0..j0+bk of a gallery tile, zero-padded to whole vectors.
+template <class S>
+struct TileSets {
+  std::vector<S> wp, wn, logden_p, logden_n, Lp, Ln;
+  explicit TileSets(int64_t bk_pad)
+      : wp(bk_pad), wn(bk_pad), logden_p(bk_pad), logden_n(bk_pad), Lp(bk_pad), Ln(bk_pad) {}
+  void load(const RowSets<S>& rows, int64_t j0, int64_t bk) {
+    const int64_t bk_pad = static_cast<int64_t>(wp.size());
+    copy_padded(rows.wp.data() + j0, bk, wp.data(), bk_pad, S(0));
+    copy_padded(rows.wn.data() + j0, bk, wn.data(), bk_pad, S(0));
+    copy_padded(rows.logden_p.data() + j0, bk, logden_p.data(), bk_pad, S(0));
+    copy_padded(rows.logden_n.data() + j0, bk, logden_n.data(), bk_pad, S(0));
+    copy_padded(rows.Lp.data() + j0, bk, Lp.data(), bk_pad, S(0));
+    copy_padded(rows.Ln.data() + j0, bk, Ln.data(), bk_pad, S(0));
+  }
+};
+
+// G_ij = dL/dd_ij / d_ij of query row i against a gallery tile (bk columns at j0, norms nk and
+// labels kl padded to bk_pad) into g_row (excluded pairs: 0); returns sum_j G_ij. Row i's sets
+// enter when has_p / has_n. With cols (the in-batch backward, q is k), G_ij also holds the gradient
+// of row j's loss: the pair (j, i) has the same distance, sets and exclusion.
+template <class S>
+S row_pair_grads(const PairProblem<S>& pb, const Params<S> prm, bool attached, const RowSets<S>& rows,
+                 const TileSets<S>* cols, bool has_p, bool has_n, const S* dot_row, const S* nk, const S* kl, int64_t i,
+                 int64_t j0, int64_t bk, int64_t bk_pad, S* g_row) {
+  using V = Vectorized<S>;
+  const int64_t W = V::size();
+  const S rel = dup_rel<S>();
+  const V nq(pb.NQ[i]), li(pb.QL[i]), wp(rows.wp[i]), wn(rows.wn[i]);
+  const S logden_p = rows.logden_p[i], logden_n = rows.logden_n[i], Lp = rows.Lp[i], Ln = rows.Ln[i];
+  V rs(S(0));
+  for (int64_t c = 0; c < bk_pad; c += W) {
+    const int64_t cnt = std::min(W, bk - c);
+    if (cnt <= 0) break;
+    const PairDistances<S> pd = pair_distances(dot_row, nk, c, cnt, nq, rel);
+    V same, diff;
+    label_masks(V::loadu(kl + c), li, same, diff);
+    V coef(S(0));
+    const V pos = in_pos(same, pd.d, prm);
+    if (has_p && !none_set(pos)) {
+      const V vp = pos_value(pd.d, prm);
+      const V sp = masked_logit(pos, vp, prm.Tp);
+      coef = coef + pos_pair_grad(wp, sp, vp, logden_p, Lp, prm.Tp, attached);
+      if (cols != nullptr)
+        coef = coef + pos_pair_grad(V::loadu(cols->wp.data() + c), sp, vp, V::loadu(cols->logden_p.data() + c),
+                                    V::loadu(cols->Lp.data() + c), V(prm.Tp), attached);
+    }
+    const V neg = in_neg(diff, pd.d, prm);
+    if (has_n && !none_set(neg)) {
+      const V vn = neg_value(pd.d, prm);
+      const V sn = masked_logit(neg, vn, prm.Tn);
+      coef = coef + neg_pair_grad(wn, sn, vn, logden_n, Ln, prm.Tn, attached);
+      if (cols != nullptr)
+        coef = coef + neg_pair_grad(V::loadu(cols->wn.data() + c), sn, vn, V::loadu(cols->logden_n.data() + c),
+                                    V::loadu(cols->Ln.data() + c), V(prm.Tn), attached);
+    }
+    const V g = coef * pair_inv_dist(pd.d, pd.dup);
+    rs = rs + g;
+    g.store(g_row + c, cnt);
+  }
+  // An excluded pair is in no set, but the vector loop computed its entry as if it were: its logit may
+  // exceed the set's log-denominator (the d = 0 diagonal when beta < 0) and exp() overflow, so the row
+  // is summed again after zeroing instead of subtracting the entry from the sum.
+  bool any_excluded = false;
+  for_excluded(pb.ex, i, j0, bk, [&](int64_t c) {
+    g_row[c] = S(0);
+    any_excluded = true;
+  });
+  return any_excluded ? std::accumulate(g_row, g_row + bk, S(0)) : hsum(rs);
+}
+
+// What every thread of one (not in-batch) backward call reads and writes.
+template <class S>
+struct Backward {
+  const PairProblem<S>& pb;
+  const RowSets<S>& rows;
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const S* g_rows;
+  Params<S> prm;
+  bool attached, need_gq, need_gk;
+  int64_t BQ, BK, BKP;
+  at::Tensor& gq;
+  at::Tensor gk_parts, colsum_parts;  // per thread: gallery gradients of different query tiles hit the same rows
+};
+
+template <class S>
+struct BackwardTile {
+  std::vector<S> dots, g, nk, kl, rowsum;
+  explicit BackwardTile(const Backward<S>& bwd)
+      : dots(bwd.BQ * bwd.BK), g(bwd.BQ * bwd.BK), nk(bwd.BKP), kl(bwd.BKP), rowsum(bwd.BQ) {}
+};
+
+// The G tile of query tile I (rows i0..i0+bq) against gallery tile J; false when it is all zero.
+template <class S>
+bool pair_grad_tile(const Backward<S>& bwd, BackwardTile<S>& tile, int64_t i0, int64_t bq, int64_t j0, int64_t bk) {
   bool any = false;
-  for_excluded(ex, i, j0, bk, [&](int64_t c) {
-    grow[c] = S(0);
+  for (int64_t r = 0; r < bq; ++r) {
+    const int64_t i = i0 + r;
+    S* g_row = tile.g.data() + r * bk;
+    const bool has_p = bwd.rows.has_p[i], has_n = bwd.rows.has_n[i];
+    if ((!has_p && !has_n) || bwd.g_rows[i] == S(0)) {
+      std::fill(g_row, g_row + bk, S(0));
+      continue;
+    }
+    tile.rowsum[r] +=
+        row_pair_grads(bwd.pb, bwd.prm, bwd.attached, bwd.rows, static_cast<const TileSets<S>*>(nullptr), has_p, has_n,
+                       tile.dots.data() + r * bk, tile.nk.data(), tile.kl.data(), i, j0, bk, bwd.BKP, g_row);
     any = true;
-  });
-  return any ? std::accumulate(grow, grow + bk, S(0)) : rsum;
-}
-
-// Per-tile gallery data, padded to whole vectors: squared norms and labels (NaN labels in the
-// padding match nothing, so the tail lanes are in no set).
-template <class S>
-inline void load_tile(const S* NK, const S* KLF, int64_t j0, int64_t bk, int64_t bk_pad, S* nkp, S* klp) {
-  std::copy(NK + j0, NK + j0 + bk, nkp);
-  std::copy(KLF + j0, KLF + j0 + bk, klp);
-  std::fill(nkp + bk, nkp + bk_pad, S(0));
-  std::fill(klp + bk, klp + bk_pad, std::numeric_limits<S>::quiet_NaN());
-}
-
-// Same-label and other-label masks of one vector of gallery labels against the query's label.
-template <class S>
-inline void label_masks(const Vectorized<S>& kl, const Vectorized<S>& li, Vectorized<S>& same,
-                        Vectorized<S>& diff) {
-  same = kl == li;
-  diff = (kl < li) | (kl > li);  // both false for the NaN padding
-}
-
-// Squared row norms without an N x D temporary (the gallery can be a 10^5-row bank).
-template <class S>
-at::Tensor row_sq_norms(const at::Tensor& x) {
-  const int64_t R = x.size(0), D = x.size(1);
-  at::Tensor out = at::empty({R}, x.options());
-  const S* X = x.data_ptr<S>();
-  S* O = out.data_ptr<S>();
-  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      O[r] = at::vec::map_reduce_all<S>([](Vectorized<S> v) { return v * v; },
-                                        [](Vectorized<S> a, Vectorized<S> b) { return a + b; }, X + r * D, D);
-  });
-  return out;
-}
-
-// Shared set-up of both kernels: norms, labels as S, exclusions, tiling.
-template <class S>
-struct Prep {
-  at::Tensor nq_t, nk_t, lab_t;
-  const S *NQ, *NK, *QLF, *KLF;
-  Exclusions ex;
-  int64_t N, M, D, BQ, BK, BKP, nblocks;
-  Prep(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid_t, const at::Tensor& k,
-       const at::Tensor& kl, const c10::optional<at::Tensor>& kid_t) {
-    N = q.size(0), M = k.size(0), D = q.size(1);
-    nq_t = row_sq_norms<S>(q);
-    nk_t = row_sq_norms<S>(k);
-    lab_t = labels_as<S>(ql, kl);
-    NQ = nq_t.data_ptr<S>();
-    NK = nk_t.data_ptr<S>();
-    QLF = lab_t.data_ptr<S>();
-    KLF = QLF + N;
-    ex = build_exclusions(qid_t.has_value() ? qid_t->data_ptr<int64_t>() : nullptr,
-                          kid_t.has_value() ? kid_t->data_ptr<int64_t>() : nullptr, N, M);
-    const Tiling tl = choose_tiling(N, D);
-    BQ = tl.bq, BK = tl.bk;
-    const int64_t W = Vectorized<S>::size();
-    BKP = (BK + W - 1) / W * W;
-    nblocks = (N + BQ - 1) / BQ;
   }
-};
+  return any;
+}
 
+// dL/dq_i += sum_j G_ij (-k_j), dL/dk_j += sum_i G_ij (-q_i) (this thread's part) and the column
+// sums sum_i G_ij; the diagonal terms (sum_j G_ij) q_i and (sum_i G_ij) k_j are added at the end.
 template <class S>
-void rll_forward_kernel(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid_t,
-                        const at::Tensor& k, const at::Tensor& kl, const c10::optional<at::Tensor>& kid_t,
-                        const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gradq,
-                        at::Tensor& stats) {
-  using V = Vectorized<S>;
-  const Prep<S> P(q, ql, qid_t, k, kl, kid_t);
-  const int64_t N = P.N, M = P.M, D = P.D, BQ = P.BQ, BK = P.BK, BKP = P.BKP;
-  const int64_t W = V::size();
-  const S* Q = q.data_ptr<S>();
-  S* LOSS = loss.data_ptr<S>();
-  S* STATS = stats.data_ptr<S>();
-  S* GQ = paper_grad ? gradq.data_ptr<S>() : nullptr;
-  const S rel = dup_rel<S>();
-  const S ninf = neg_inf<S>();
-  const auto opts = q.options();
+void add_tile_grads(Backward<S>& bwd, BackwardTile<S>& tile, int64_t tid, const at::Tensor& qI, const at::Tensor& kJ,
+                    int64_t i0, int64_t j0) {
+  const int64_t bq = qI.size(0), bk = kJ.size(0);
+  const at::Tensor g_t = at::from_blob(tile.g.data(), {bq, bk}, qI.options());
+  if (bwd.need_gq) bwd.gq.narrow(0, i0, bq).addmm_(g_t, kJ, S(1), S(-1));
+  if (!bwd.need_gk) return;
+  bwd.gk_parts[tid].narrow(0, j0, bk).addmm_(g_t.t(), qI, S(1), S(-1));
+  S* colsum = bwd.colsum_parts[tid].template data_ptr<S>();
+  for (int64_t r = 0; r < bq; ++r) {
+    const S* g_row = tile.g.data() + r * bk;
+    for (int64_t c = 0; c < bk; ++c) colsum[j0 + c] += g_row[c];
+  }
+}
 
-  at::parallel_for(0, P.nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<S> sbuf(BQ * BK), cp(BQ * BK), cn(BQ * BK);
-    std::vector<S> sp(BKP), sn(BKP), vp(BKP), vn(BKP), inv(BKP), nkp(BKP), klp(BKP);
-    std::vector<char> has_pos(BQ);
-    std::vector<OnlineRow<S>> rp(BQ), rn(BQ);
-    std::vector<S> csp(BQ), csn(BQ);
-    std::vector<S> accp(paper_grad ? BQ * D : 0), accn(paper_grad ? BQ * D : 0);
-    at::Tensor accp_t = paper_grad ? at::from_blob(accp.data(), {BQ, D}, opts) : at::Tensor();
-    at::Tensor accn_t = paper_grad ? at::from_blob(accn.data(), {BQ, D}, opts) : at::Tensor();
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * BQ, bq = std::min(BQ, N - i0);
-      const at::Tensor qI = q.narrow(0, i0, bq);
-      std::fill(rp.begin(), rp.end(), OnlineRow<S>{});
-      std::fill(rn.begin(), rn.end(), OnlineRow<S>{});
-      std::fill(csp.begin(), csp.end(), S(0));
-      std::fill(csn.begin(), csn.end(), S(0));
-      std::fill(accp.begin(), accp.end(), S(0));
-      std::fill(accn.begin(), accn.end(), S(0));
-      for (int64_t j0 = 0; j0 < M; j0 += BK) {
-        const int64_t bk = std::min(BK, M - j0);
-        const at::Tensor kJ = k.narrow(0, j0, bk);
-        at::Tensor s_t = at::from_blob(sbuf.data(), {bq, bk}, opts);
-        at::mm_out(s_t, qI, kJ.t());
-        load_tile(P.NK, P.KLF, j0, bk, BKP, nkp.data(), klp.data());
-        int64_t tile_pos = 0;
-        for (int64_t r = 0; r < bq; ++r) {
-          const int64_t i = i0 + r;
-          const S* srow = sbuf.data() + r * bk;
-          const V nqi(P.NQ[i]), li(P.QLF[i]);
-          V mxp(ninf), mxn(ninf);
-          for (int64_t c = 0; c < BKP; c += W) {
-            const int64_t cnt = std::min(W, bk - c);
-            const V dot = cnt >= W ? V::loadu(srow + c) : V::loadu(srow + c, std::max<int64_t>(cnt, 0));
-            const V nk = V::loadu(nkp.data() + c);
-            const V d2 = gram_d2(dot, nqi, nk);
-            const auto dup = is_dup(d2, nqi, nk, rel);
-            const V d = pair_dist(d2, dup);
-            V sm, df;
-            label_masks(V::loadu(klp.data() + c), li, sm, df);
-            const V pos = in_pos(sm, d, prm), neg = in_neg(df, d, prm);
-            const V vpv = pos_value(d, prm), vnv = neg_value(d, prm);
-            const V spv = masked_logit(pos, vpv, prm.Tp), snv = masked_logit(neg, vnv, prm.Tn);
-            spv.store(sp.data() + c);
-            snv.store(sn.data() + c);
-            vpv.store(vp.data() + c);
-            vnv.store(vn.data() + c);
-            if (paper_grad) pair_inv_dist(d, dup).store(inv.data() + c);
-            mxp = at::vec::maximum(mxp, spv);
-            mxn = at::vec::maximum(mxn, snv);
-          }
-          S tmp = hmax(mxp), tmn = hmax(mxn);
-          // excluded pairs (the pair i = i in-batch) are in no set; re-take the max if one held it
-          bool rescan = false;
-          for_excluded(P.ex, i, j0, bk, [&](int64_t c) {
-            rescan |= (sp[c] == tmp && tmp != ninf) || (sn[c] == tmn && tmn != ninf);
-            sp[c] = sn[c] = ninf;
-          });
-          if (rescan) {
-            tmp = *std::max_element(sp.begin(), sp.end());
-            tmn = *std::max_element(sn.begin(), sn.end());
-          }
-          S* cprow = cp.data() + r * bk;
-          S* cnrow = cn.data() + r * bk;
-          // one set: fold the tile into the online state (and the gradient coefficients)
-          auto run_set = [&](OnlineRow<S>& st, const S* lg, const S* val, S* crow, S& csum, S* acc,
-                             S tile_max) -> bool {
-            if (tile_max == ninf) {
-              if (paper_grad) std::fill(crow, crow + bk, S(0));
-              return false;
-            }
-            const S f = online_begin_tile(st, tile_max);
-            if (paper_grad && f != S(1)) {
-              csum *= f;
-              S* a = acc + r * D;
-              for (int64_t e = 0; e < D; ++e) a[e] *= f;
-            }
-            V lsum(S(0)), asum(S(0)), csv(S(0));
-            for (int64_t c = 0; c < BKP; c += W) {
-              const int64_t cnt = std::min(W, bk - c);
-              const V lv = V::loadu(lg + c);
-              if (none_set(lv != V(ninf))) {  // most vectors hold no member: skip the exp
-                if (paper_grad && cnt > 0) V(S(0)).store(crow + c, cnt);
-                continue;
-              }
-              const V w = online_weight(lv, st);
-              lsum = lsum + w;
-              asum = asum + w * V::loadu(val + c);
-              if (paper_grad) {
-                const V cc = w * V::loadu(inv.data() + c);
-                csv = csv + cc;
-                if (cnt > 0) cc.store(crow + c, cnt);
-              }
-            }
-            st.l += hsum(lsum);
-            st.a += hsum(asum);
-            csum += hsum(csv);
-            return true;
-          };
-          const bool hp = run_set(rp[r], sp.data(), vp.data(), cprow, csp[r], accp.data(), tmp);
-          run_set(rn[r], sn.data(), vn.data(), cnrow, csn[r], accn.data(), tmn);
-          has_pos[r] = hp;
-          if (hp && paper_grad) {
-            for (int64_t c = 0; c < bk; ++c) tile_pos += cprow[c] != S(0);
-          }
-        }
-        if (paper_grad) {
-          const at::Tensor cn_t = at::from_blob(cn.data(), {bq, bk}, opts);
-          accn_t.narrow(0, 0, bq).addmm_(cn_t, kJ);
-          // positives are few in typical P x K batches: sparse row updates unless the tile is dense
-          if (tile_pos * 8 > bq * bk) {
-            const at::Tensor cp_t = at::from_blob(cp.data(), {bq, bk}, opts);
-            accp_t.narrow(0, 0, bq).addmm_(cp_t, kJ);
-          } else if (tile_pos > 0) {
-            const S* KJ = kJ.data_ptr<S>();
-            for (int64_t r = 0; r < bq; ++r) {
-              if (!has_pos[r]) continue;
-              const S* cprow = cp.data() + r * bk;
-              S* a = accp.data() + r * D;
-              for (int64_t c = 0; c < bk; ++c) {
-                const S w = cprow[c];
-                if (w == S(0)) continue;
-                const S* kr = KJ + c * D;
-                for (int64_t e = 0; e < D; ++e) a[e] += w * kr[e];
-              }
-            }
-          }
-        }
-      }
-      // finish the rows of this block
-      for (int64_t r = 0; r < bq; ++r) {
-        const int64_t i = i0 + r;
-        const SetStats<S> stp = online_finish(rp[r], prm.den_bias);
-        const SetStats<S> stn = online_finish(rn[r], prm.den_bias);
-        LOSS[i] = row_loss(stp.L, stn.L, prm);
-        S* st = STATS + i * 4;
-        st[0] = stp.logden;
-        st[1] = stp.L;
-        st[2] = stn.logden;
-        st[3] = stn.L;
-        if (!paper_grad) continue;
-        // dL/dz_i = sum_set sign * lam_set / den_set * (csum z_i - acc_i); weights in units of e^m
-        const S fp = stp.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(rp[r].m - stp.logden);
-        const S fn = stn.logden == ninf ? S(0) : -prm.lam * rll_exp(rn[r].m - stn.logden);
-        const S* zi = Q + i * D;
-        const S* ap = accp.data() + r * D;
-        const S* an = accn.data() + r * D;
-        S* g = GQ + i * D;
-        const S cz = fp * csp[r] + fn * csn[r];
-        for (int64_t e = 0; e < D; ++e) g[e] = cz * zi[e] - fp * ap[e] - fn * an[e];
-      }
-    }
-  });
+// Query tile I against every gallery tile J.
+template <class S>
+void backward_query_tile(Backward<S>& bwd, BackwardTile<S>& tile, int64_t tid, int64_t i0) {
+  const int64_t bq = std::min(bwd.BQ, bwd.pb.N - i0);
+  const at::Tensor qI = bwd.q.narrow(0, i0, bq);
+  std::fill(tile.rowsum.begin(), tile.rowsum.end(), S(0));
+  for (int64_t j0 = 0; j0 < bwd.pb.M; j0 += bwd.BK) {
+    const int64_t bk = std::min(bwd.BK, bwd.pb.M - j0);
+    const at::Tensor kJ = bwd.k.narrow(0, j0, bk);
+    gram_tile(tile.dots.data(), qI, kJ);
+    load_tile(bwd.pb.NK, bwd.pb.KL, j0, bk, bwd.BKP, tile.nk.data(), tile.kl.data());
+    if (pair_grad_tile(bwd, tile, i0, bq, j0, bk)) add_tile_grads(bwd, tile, tid, qI, kJ, i0, j0);
+  }
+  if (bwd.need_gq) bwd.gq.narrow(0, i0, bq).addcmul_(qI, at::from_blob(tile.rowsum.data(), {bq, 1}, qI.options()));
 }
 
 template <class S>
-void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const at::Tensor& ql,
-                         const c10::optional<at::Tensor>& qid_t, const at::Tensor& k, const at::Tensor& kl,
-                         const c10::optional<at::Tensor>& kid_t, const at::Tensor& stats, const Params<S> prm,
+void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const at::Tensor& q_labels,
+                         const c10::optional<at::Tensor>& q_ids, const at::Tensor& k, const at::Tensor& k_labels,
+                         const c10::optional<at::Tensor>& k_ids, const at::Tensor& stats, const Params<S> prm,
                          bool attached, bool need_gq, bool need_gk, at::Tensor& gq, at::Tensor& gk) {
-  using V = Vectorized<S>;
-  const Prep<S> P(q, ql, qid_t, k, kl, kid_t);
-  const int64_t N = P.N, M = P.M, D = P.D, BQ = P.BQ, BK = P.BK, BKP = P.BKP;
-  const int64_t W = V::size();
-  const S* G = grad_rows.data_ptr<S>();
-  const S* STATS = stats.data_ptr<S>();
-  const S rel = dup_rel<S>();
-  const S ninf = neg_inf<S>();
+  const PairProblem<S> pb(q, q_labels, q_ids, k, k_labels, k_ids);
+  const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
+  const Tiling tl = choose_tiling(pb.N, pb.D);
   const auto opts = q.options();
-  const int64_t nthreads = at::get_num_threads();
-  // Gallery gradients of different query blocks hit the same rows: one buffer per thread, summed.
-  at::Tensor gk_parts = need_gk ? at::zeros({nthreads, M, D}, opts) : at::Tensor();
-  at::Tensor colsum_parts = need_gk ? at::zeros({nthreads, M}, opts) : at::Tensor();
-
-  at::parallel_for(0, P.nblocks, 1, [&](int64_t b0, int64_t b1) {
+  Backward<S> bwd{pb,
+                  rows,
+                  q,
+                  k,
+                  grad_rows.data_ptr<S>(),
+                  prm,
+                  attached,
+                  need_gq,
+                  need_gk,
+                  tl.BQ,
+                  tl.BK,
+                  vec_pad<S>(tl.BK),
+                  gq,
+                  need_gk ? zeros_per_thread({pb.M, pb.D}, opts) : at::Tensor(),
+                  need_gk ? zeros_per_thread({pb.M}, opts) : at::Tensor()};
+  at::parallel_for(0, ceil_div(pb.N, bwd.BQ), 1, [&](int64_t b0, int64_t b1) {
     const int64_t tid = at::get_thread_num();
-    std::vector<S> sbuf(BQ * BK), gbuf(BQ * BK);
-    std::vector<S> nkp(BKP), klp(BKP), rowsum(BQ);
-    S* CS = need_gk ? colsum_parts[tid].data_ptr<S>() : nullptr;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * BQ, bq = std::min(BQ, N - i0);
-      const at::Tensor qI = q.narrow(0, i0, bq);
-      std::fill(rowsum.begin(), rowsum.end(), S(0));
-      for (int64_t j0 = 0; j0 < M; j0 += BK) {
-        const int64_t bk = std::min(BK, M - j0);
-        const at::Tensor kJ = k.narrow(0, j0, bk);
-        at::Tensor s_t = at::from_blob(sbuf.data(), {bq, bk}, opts);
-        at::mm_out(s_t, qI, kJ.t());
-        load_tile(P.NK, P.KLF, j0, bk, BKP, nkp.data(), klp.data());
-        bool any = false;
-        for (int64_t r = 0; r < bq; ++r) {
-          const int64_t i = i0 + r;
-          const S* st = STATS + i * 4;
-          const S lgp = st[0], Lp = st[1], lgn = st[2], Ln = st[3];
-          const bool hasp = lgp != ninf, hasn = lgn != ninf;
-          S* grow = gbuf.data() + r * bk;
-          if ((!hasp && !hasn) || G[i] == S(0)) {
-            std::fill(grow, grow + bk, S(0));
-            continue;
-          }
-          const S* srow = sbuf.data() + r * bk;
-          const V nqi(P.NQ[i]), li(P.QLF[i]);
-          const S wp = (S(1) - prm.lam) * G[i], wn = prm.lam * G[i];
-          V rs(S(0));
-          for (int64_t c = 0; c < BKP; c += W) {
-            const int64_t cnt = std::min(W, bk - c);
-            if (cnt <= 0) break;
-            const V dot = cnt >= W ? V::loadu(srow + c) : V::loadu(srow + c, cnt);
-            const V nk = V::loadu(nkp.data() + c);
-            const V d2 = gram_d2(dot, nqi, nk);
-            const auto dup = is_dup(d2, nqi, nk, rel);
-            const V d = pair_dist(d2, dup);
-            V sm, df;
-            label_masks(V::loadu(klp.data() + c), li, sm, df);
-            V coef(S(0));
-            if (hasp) {
-              const V pos = in_pos(sm, d, prm);
-              if (!none_set(pos)) {
-                const V v = pos_value(d, prm);
-                const V p = final_weight(masked_logit(pos, v, prm.Tp), lgp);
-                coef = coef + V(wp) * pos_coef(p, v, Lp, prm.Tp, attached);
-              }
-            }
-            if (hasn) {
-              const V neg = in_neg(df, d, prm);
-              if (!none_set(neg)) {
-                const V v = neg_value(d, prm);
-                const V p = final_weight(masked_logit(neg, v, prm.Tn), lgn);
-                coef = coef + V(wn) * neg_coef(p, v, Ln, prm.Tn, attached);
-              }
-            }
-            const V gv = coef * pair_inv_dist(d, dup);
-            rs = rs + gv;
-            gv.store(grow + c, cnt);
-          }
-          rowsum[r] += drop_excluded(P.ex, i, j0, bk, grow, hsum(rs));
-          any = true;
-        }
-        if (!any) continue;
-        const at::Tensor g_t = at::from_blob(gbuf.data(), {bq, bk}, opts);
-        // dL/dq_i = sum_j G_ij (q_i - k_j); dL/dk_j = sum_i G_ij (k_j - q_i)
-        if (need_gq) gq.narrow(0, i0, bq).addmm_(g_t, kJ, S(1), S(-1));
-        if (need_gk) {
-          gk_parts[tid].narrow(0, j0, bk).addmm_(g_t.t(), qI, S(1), S(-1));
-          for (int64_t r = 0; r < bq; ++r) {
-            const S* grow = gbuf.data() + r * bk;
-            for (int64_t c = 0; c < bk; ++c) CS[j0 + c] += grow[c];
-          }
-        }
-      }
-      if (need_gq) gq.narrow(0, i0, bq).addcmul_(qI, at::from_blob(rowsum.data(), {bq, 1}, opts));
-    }
+    BackwardTile<S> tile(bwd);
+    for (int64_t b = b0; b < b1; ++b) backward_query_tile(bwd, tile, tid, b * bwd.BQ);
   });
   if (need_gk) {
-    gk.copy_(gk_parts.sum(0));
-    gk.addcmul_(k, colsum_parts.sum(0).unsqueeze(1));
+    gk.copy_(bwd.gk_parts.sum(0));
+    gk.addcmul_(k, bwd.colsum_parts.sum(0).unsqueeze(1));
   }
 }
 
-// In-batch "pml" backward (q is k): the pair (i, j) and the pair (j, i) share d, labels and
-// exclusion, so each unordered tile pair (I <= J) is computed once. With
-// H_ij = G_ij + G_ji the gradient is dz_i += sum_j H_ij (z_i - z_j) for both ends, i.e. one S GEMM
-// and two gradient GEMMs per unordered pair instead of three GEMMs per ordered pair.
+// ================================================================ in-batch backward
+// In-batch "pml" backward (q is k = z): the pair (i, j) and the pair (j, i) share d, labels and
+// exclusion, so each unordered tile pair (I <= J) is computed once. With H_ij = G_ij + G_ji the
+// gradient is dz_i += sum_j H_ij (z_i - z_j) for both ends, i.e. one Gram GEMM and two gradient
+// GEMMs per unordered pair instead of three GEMMs per ordered pair.
+constexpr int64_t kSymmetricTile = 256;
+
 template <class S>
-void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& zl,
+struct SymmetricTile {
+  std::vector<S> dots, h, nk, kl, colsum;
+  TileSets<S> cols;
+  explicit SymmetricTile(int64_t B, int64_t BP) : dots(B * B), h(B * B), nk(BP), kl(BP), colsum(BP), cols(BP) {}
+};
+
+// Tile pair (I, J): H into tile.h, the row sums of H into rowsum, and dz_I -= H z_J,
+// dz_J -= H^T z_I (off the diagonal) into this thread's gz.
+template <class S>
+void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const Params<S> prm, bool attached,
+                         const at::Tensor& z, SymmetricTile<S>& tile, int64_t I, int64_t J, at::Tensor& gz, S* rowsum) {
+  const int64_t B = kSymmetricTile, BP = vec_pad<S>(B);
+  const int64_t i0 = I * B, bq = std::min(B, pb.N - i0);
+  const int64_t j0 = J * B, bk = std::min(B, pb.N - j0);
+  const at::Tensor zI = z.narrow(0, i0, bq), zJ = z.narrow(0, j0, bk);
+  gram_tile(tile.dots.data(), zI, zJ);
+  load_tile(pb.NK, pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
+  tile.cols.load(rows, j0, bk);
+  std::fill(tile.colsum.begin(), tile.colsum.end(), S(0));
+  for (int64_t r = 0; r < bq; ++r) {
+    const int64_t i = i0 + r;
+    S* h_row = tile.h.data() + r * bk;
+    rowsum[i] += row_pair_grads(pb, prm, attached, rows, &tile.cols, true, true, tile.dots.data() + r * bk,
+                                tile.nk.data(), tile.kl.data(), i, j0, bk, BP, h_row);
+    if (I != J)
+      for (int64_t c = 0; c < bk; ++c) tile.colsum[c] += h_row[c];
+  }
+  const at::Tensor h_t = at::from_blob(tile.h.data(), {bq, bk}, z.options());
+  gz.narrow(0, i0, bq).addmm_(h_t, zJ, S(1), S(-1));
+  if (I != J) {  // the diagonal tile already holds both orders of each pair in its rows
+    gz.narrow(0, j0, bk).addmm_(h_t.t(), zI, S(1), S(-1));
+    for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += tile.colsum[c];
+  }
+}
+
+template <class S>
+void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
                             const c10::optional<at::Tensor>& ids, const at::Tensor& stats, const Params<S> prm,
                             bool attached, at::Tensor& gz) {
-  using V = Vectorized<S>;
-  const Prep<S> P(z, zl, ids, z, zl, ids);
-  const int64_t N = P.N, D = P.D;
-  const int64_t W = V::size();
-  const int64_t B = 256, BP = (B + W - 1) / W * W;
-  const int64_t nb = (N + B - 1) / B;
-  const S* G = grad_rows.data_ptr<S>();
-  const S* STATS = stats.data_ptr<S>();
-  const S rel = dup_rel<S>();
-  const S ninf = neg_inf<S>();
-  const auto opts = z.options();
-  // per-row constants: set weights (0 for an empty set or a zero grad) and finite log-denominators
-  std::vector<S> WPr(N), WNr(N), LGP(N), LGN(N), LPr(N), LNr(N);
-  for (int64_t i = 0; i < N; ++i) {
-    const S* st = STATS + i * 4;
-    WPr[i] = st[0] == ninf ? S(0) : (S(1) - prm.lam) * G[i];
-    WNr[i] = st[2] == ninf ? S(0) : prm.lam * G[i];
-    LGP[i] = st[0] == ninf ? S(0) : st[0];
-    LGN[i] = st[2] == ninf ? S(0) : st[2];
-    LPr[i] = st[1];
-    LNr[i] = st[3];
-  }
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t I = 0; I < nb; ++I)
-    for (int64_t J = I; J < nb; ++J) pairs.emplace_back(I, J);
-  const int64_t nthreads = at::get_num_threads();
-  at::Tensor gz_parts = at::zeros({nthreads, N, D}, opts);
-  at::Tensor rs_parts = at::zeros({nthreads, N}, opts);
-
+  const PairProblem<S> pb(z, labels, ids, z, labels, ids);
+  const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
+  const auto pairs = upper_tile_pairs(ceil_div(pb.N, kSymmetricTile));
+  at::Tensor gz_parts = zeros_per_thread({pb.N, pb.D}, z.options());
+  at::Tensor rowsum_parts = zeros_per_thread({pb.N}, z.options());
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
-    std::vector<S> sbuf(B * B), hbuf(B * B);
-    std::vector<S> nkp(BP), klp(BP), wpc(BP), wnc(BP), lgpc(BP), lgnc(BP), lpc(BP), lnc(BP), colsum(BP);
-    S* RS = rs_parts[tid].data_ptr<S>();
-    at::Tensor gzt = gz_parts[tid];
-    for (int64_t pi = p0; pi < p1; ++pi) {
-      const auto [I, J] = pairs[pi];
-      const int64_t i0 = I * B, bi = std::min(B, N - i0);
-      const int64_t j0 = J * B, bj = std::min(B, N - j0);
-      const at::Tensor zI = z.narrow(0, i0, bi), zJ = z.narrow(0, j0, bj);
-      at::Tensor s_t = at::from_blob(sbuf.data(), {bi, bj}, opts);
-      at::mm_out(s_t, zI, zJ.t());
-      load_tile(P.NK, P.KLF, j0, bj, BP, nkp.data(), klp.data());
-      auto col = [&](const std::vector<S>& src, std::vector<S>& dst) {
-        std::copy(src.begin() + j0, src.begin() + j0 + bj, dst.begin());
-        std::fill(dst.begin() + bj, dst.end(), S(0));
-      };
-      col(WPr, wpc), col(WNr, wnc), col(LGP, lgpc), col(LGN, lgnc), col(LPr, lpc), col(LNr, lnc);
-      std::fill(colsum.begin(), colsum.end(), S(0));
-      for (int64_t r = 0; r < bi; ++r) {
-        const int64_t i = i0 + r;
-        const S* srow = sbuf.data() + r * bj;
-        S* hrow = hbuf.data() + r * bj;
-        const V nqi(P.NQ[i]), li(P.QLF[i]);
-        const S wpi = WPr[i], wni = WNr[i];
-        V rs(S(0));
-        for (int64_t c = 0; c < BP; c += W) {
-          const int64_t cnt = std::min(W, bj - c);
-          if (cnt <= 0) break;
-          const V dot = cnt >= W ? V::loadu(srow + c) : V::loadu(srow + c, cnt);
-          const V nk = V::loadu(nkp.data() + c);
-          const V d2 = gram_d2(dot, nqi, nk);
-          const auto dup = is_dup(d2, nqi, nk, rel);
-          const V d = pair_dist(d2, dup);
-          V sm, df;
-          label_masks(V::loadu(klp.data() + c), li, sm, df);
-          V coef(S(0));
-          const V pos = in_pos(sm, d, prm);
-          if (!none_set(pos)) {
-            const V v = pos_value(d, prm);
-            const V lg = masked_logit(pos, v, prm.Tp);
-            // row i's view (scalar stats) + row j's view (per-lane stats) of the same pair
-            coef = coef + V(wpi) * pos_coef(final_weight(lg, LGP[i]), v, LPr[i], prm.Tp, attached);
-            coef = coef + V::loadu(wpc.data() + c) *
-                              pos_coef(final_weight(lg, V::loadu(lgpc.data() + c)), v, V::loadu(lpc.data() + c),
-                                       V(prm.Tp), attached);
-          }
-          const V neg = in_neg(df, d, prm);
-          if (!none_set(neg)) {
-            const V v = neg_value(d, prm);
-            const V lg = masked_logit(neg, v, prm.Tn);
-            coef = coef + V(wni) * neg_coef(final_weight(lg, LGN[i]), v, LNr[i], prm.Tn, attached);
-            coef = coef + V::loadu(wnc.data() + c) *
-                              neg_coef(final_weight(lg, V::loadu(lgnc.data() + c)), v, V::loadu(lnc.data() + c),
-                                       V(prm.Tn), attached);
-          }
-          const V h = coef * pair_inv_dist(d, dup);
-          rs = rs + h;
-          h.store(hrow + c, cnt);
-        }
-        RS[i] += drop_excluded(P.ex, i, j0, bj, hrow, hsum(rs));
-        if (I != J)
-          for (int64_t c = 0; c < bj; ++c) colsum[c] += hrow[c];
-      }
-      const at::Tensor h_t = at::from_blob(hbuf.data(), {bi, bj}, opts);
-      gzt.narrow(0, i0, bi).addmm_(h_t, zJ, S(1), S(-1));
-      if (I != J) {  // the diagonal tile already holds both orders of each pair in its rows
-        gzt.narrow(0, j0, bj).addmm_(h_t.t(), zI, S(1), S(-1));
-        for (int64_t c = 0; c < bj; ++c) RS[j0 + c] += colsum[c];
-      }
-    }
+    SymmetricTile<S> tile(kSymmetricTile, vec_pad<S>(kSymmetricTile));
+    at::Tensor gz_t = gz_parts[tid];
+    S* rowsum = rowsum_parts[tid].data_ptr<S>();
+    for (int64_t p = p0; p < p1; ++p)
+      symmetric_tile_pair(pb, rows, prm, attached, z, tile, pairs[p].first, pairs[p].second, gz_t, rowsum);
   });
   gz.copy_(gz_parts.sum(0));
-  gz.addcmul_(z, rs_parts.sum(0).unsqueeze(1));
+  gz.addcmul_(z, rowsum_parts.sum(0).unsqueeze(1));
 }
 
 // ---------------------------------------------------------------- argument checks
-void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid,
-                  const at::Tensor& k, const at::Tensor& kl, const c10::optional<at::Tensor>& kid) {
+void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid, const at::Tensor& k,
+                  const at::Tensor& kl, const c10::optional<at::Tensor>& kid) {
   TORCH_CHECK(q.dim() == 2, "rll: q must be 2-D (N, D), got ", q.dim(), "-D");
   TORCH_CHECK(k.dim() == 2, "rll: k must be 2-D (M, D), got ", k.dim(), "-D");
-  TORCH_CHECK(q.size(1) == k.size(1), "rll: q and k must have the same embedding size, got ", q.size(1),
-              " and ", k.size(1));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rll: q and k must have the same dtype, got ",
-              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.size(1) == k.size(1), "rll: q and k must have the same embedding size, got ", q.size(1), " and ",
+              k.size(1));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rll: q and k must have the same dtype, got ", q.scalar_type(),
+              " and ", k.scalar_type());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "rll (cpu): q must be float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(ql.dim() == 1 && ql.size(0) == q.size(0), "rll: q_labels must have shape (", q.size(0),
-              ",), got ", ql.sizes());
-  TORCH_CHECK(kl.dim() == 1 && kl.size(0) == k.size(0), "rll: k_labels must have shape (", k.size(0),
-              ",), got ", kl.sizes());
-  TORCH_CHECK(ql.scalar_type() == at::kLong && kl.scalar_type() == at::kLong,
-              "rll: labels must be int64, got ", ql.scalar_type(), " and ", kl.scalar_type());
+  TORCH_CHECK(ql.dim() == 1 && ql.size(0) == q.size(0), "rll: q_labels must have shape (", q.size(0), ",), got ",
+              ql.sizes());
+  TORCH_CHECK(kl.dim() == 1 && kl.size(0) == k.size(0), "rll: k_labels must have shape (", k.size(0), ",), got ",
+              kl.sizes());
+  TORCH_CHECK(ql.scalar_type() == at::kLong && kl.scalar_type() == at::kLong, "rll: labels must be int64, got ",
+              ql.scalar_type(), " and ", kl.scalar_type());
   TORCH_CHECK(qid.has_value() == kid.has_value(), "rll: q_ids and k_ids must be given together");
   if (qid.has_value()) {
     TORCH_CHECK(qid->dim() == 1 && qid->size(0) == q.size(0) && qid->scalar_type() == at::kLong,
-                "rll: q_ids must be int64 of shape (", q.size(0), ",), got ", qid->sizes(), " ",
-                qid->scalar_type());
+                "rll: q_ids must be int64 of shape (", q.size(0), ",), got ", qid->sizes(), " ", qid->scalar_type());
     TORCH_CHECK(kid->dim() == 1 && kid->size(0) == k.size(0) && kid->scalar_type() == at::kLong,
-                "rll: k_ids must be int64 of shape (", k.size(0), ",), got ", kid->sizes(), " ",
-                kid->scalar_type());
+                "rll: k_ids must be int64 of shape (", k.size(0), ",), got ", kid->sizes(), " ", kid->scalar_type());
   }
   for (const at::Tensor* t : {&q, &ql, &k, &kl}) {
     TORCH_CHECK(t->device().is_cpu(), "rll (cpu): all tensors must be on the CPU, got ", t->device());
@@ -576,18 +599,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  // any finite boundaries (docs/semantics.md §2.2): beta >= alpha or beta <= 0 are valid, labels split the sets
-  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(Tn) && std::isfinite(Tp),
-              "rll: alpha, beta, Tn and Tp must be finite, got alpha=", alpha, " beta=", beta, " Tn=", Tn,
-              " Tp=", Tp);
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "rll: imbalance must lie in [0, 1], got ", lam);
-  TORCH_CHECK(den_bias >= 0.0, "rll: den_bias must be >= 0, got ", den_bias);
-  return Params<S>{S(alpha), S(beta), S(Tn), S(Tp), S(lam), S(den_bias)};
+  const std::string err = params_error(alpha, beta, Tn, Tp, lam, den_bias);
+  TORCH_CHECK(err.empty(), err);
+  return params_in<S>(alpha, beta, Tn, Tp, lam, den_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rll_fwd_cpu(const at::Tensor& q, const at::Tensor& q_labels,
-                                                           const c10::optional<at::Tensor>& q_ids,
-                                                           const at::Tensor& k, const at::Tensor& k_labels,
+                                                           const c10::optional<at::Tensor>& q_ids, const at::Tensor& k,
+                                                           const at::Tensor& k_labels,
                                                            const c10::optional<at::Tensor>& k_ids, double alpha,
                                                            double beta, double Tn, double Tp, double imbalance,
                                                            double den_bias, bool attached, bool need_grad) {
@@ -596,15 +615,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rll_fwd_cpu(const at::Tensor& q, 
   const int64_t N = q.size(0), D = q.size(1);
   at::Tensor loss = at::empty({N}, q.options());
   at::Tensor stats = at::empty({N, 4}, q.options());
-  at::Tensor gradq = paper_grad ? at::empty({N, D}, q.options()) : at::empty({0}, q.options());
-  if (N == 0) return {loss, gradq, stats};
+  at::Tensor gq = paper_grad ? at::empty({N, D}, q.options()) : at::empty({0}, q.options());
+  if (N == 0) return {loss, gq, stats};
   // the kernel's inner GEMMs must not see autograd (this op's autograd is registered in Python)
   const at::Tensor qd = q.detach(), kd = k.detach();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rll_fwd_cpu", [&] {
     const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, den_bias);
-    rll_forward_kernel<scalar_t>(qd, q_labels, q_ids, kd, k_labels, k_ids, prm, paper_grad, loss, gradq, stats);
+    rll_forward_kernel<scalar_t>(qd, q_labels, q_ids, kd, k_labels, k_ids, prm, paper_grad, loss, gq, stats);
   });
-  return {loss, gradq, stats};
+  return {loss, gq, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& q,
@@ -616,10 +635,9 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, cons
   check_inputs(q, q_labels, q_ids, k, k_labels, k_ids);
   const int64_t N = q.size(0);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == N && grad_rows.scalar_type() == q.scalar_type(),
-              "rll_bwd: grad_rows must be (", N, ",) of dtype ", q.scalar_type(), ", got ", grad_rows.sizes(),
-              " ", grad_rows.scalar_type());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 4 &&
-                  stats.scalar_type() == q.scalar_type(),
+              "rll_bwd: grad_rows must be (", N, ",) of dtype ", q.scalar_type(), ", got ", grad_rows.sizes(), " ",
+              grad_rows.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 4 && stats.scalar_type() == q.scalar_type(),
               "rll_bwd: stats must be (", N, ", 4), got ", stats.sizes());
   const at::Tensor g = grad_rows.contiguous();
   const at::Tensor st = stats.contiguous();
@@ -637,8 +655,8 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, cons
       rll_backward_symmetric<scalar_t>(gd, qd, q_labels, q_ids, sd, prm, attached, gq);
       return;
     }
-    rll_backward_kernel<scalar_t>(gd, qd, q_labels, q_ids, kd, k_labels, k_ids, sd, prm, attached, need_gq,
-                                  need_gk, gq, gk);
+    rll_backward_kernel<scalar_t>(gd, qd, q_labels, q_ids, kd, k_labels, k_ids, sd, prm, attached, need_gq, need_gk, gq,
+                                  gk);
   });
   return {gq, gk};
 }

@@ -1,4 +1,4 @@
-// Per-pair math of the Ranked List Loss (SPEC section 1), shared by every C++ backend.
+// Per-pair math of the Ranked List Loss (docs/semantics.md §2), shared by every C++ backend.
 //
 // Torch-free and header-only: the CPU kernel (csrc/rll_cpu.cpp) and the CUDA kernels
 // (csrc/cuda/) include this file, so the CPU tests exercise the exact formulas the GPU runs.
@@ -10,6 +10,8 @@
 
 #include <cmath>
 #include <limits>
+#include <sstream>
+#include <string>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RLL_HD __host__ __device__ __forceinline__
@@ -36,7 +38,7 @@ RLL_HD double rll_log1p(double x) { return log1p(x); }
 template <class S>
 RLL_HD S neg_inf() { return -std::numeric_limits<S>::infinity(); }
 
-// Relative duplicate threshold (SPEC): 64 eps of the accumulation type.
+// Relative duplicate threshold (docs/semantics.md §1.3): 64 eps of the accumulation type.
 template <class S>
 RLL_HD S dup_rel() { return S(64) * std::numeric_limits<S>::epsilon(); }
 
@@ -49,6 +51,26 @@ struct Params {
   S lam;       // imbalance: L = (1 - lam) L_P + lam L_N
   S den_bias;  // added to each softmax denominator: M * 1e-5 for PML parity, else 0
 };
+
+// Why the hyper-parameters lie outside their domain (docs/semantics.md §2.2), "" when they do not.
+// Host only: the CPU op raises it with TORCH_CHECK, the stable-ABI CUDA glue with STD_TORCH_CHECK.
+inline std::string params_error(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
+  std::ostringstream msg;
+  // any finite boundaries: beta >= alpha (margin <= 0) or beta <= 0 are valid, the labels split the sets
+  if (!(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(Tn) && std::isfinite(Tp)))
+    msg << "rll: alpha, beta, Tn and Tp must be finite, got alpha=" << alpha << " beta=" << beta << " Tn=" << Tn
+        << " Tp=" << Tp;
+  else if (!(lam >= 0.0 && lam <= 1.0))
+    msg << "rll: imbalance must lie in [0, 1], got " << lam;
+  else if (!(den_bias >= 0.0))
+    msg << "rll: den_bias must be >= 0, got " << den_bias;
+  return msg.str();
+}
+
+template <class S>
+Params<S> params_in(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
+  return Params<S>{S(alpha), S(beta), S(Tn), S(Tp), S(lam), S(den_bias)};
+}
 
 // ---------------------------------------------------------------- distances
 // Squared distance from the Gram form, clamped at 0.
@@ -73,7 +95,7 @@ RLL_HD T pair_inv_dist(T d, M dup) { return rll_select(dup, T(0), T(1) / rll_max
 // validity (not the pair itself, inside the gallery).
 template <class T, class M, class S>
 RLL_HD auto in_pos(M same, T d, const Params<S>& p) { return same & (d > T(p.beta)); }
-// Non-trivial negative: other label, d < alpha (d = 0 duplicates included).
+// Non-trivial negative: other label, d < alpha (d = 0 duplicates included, docs/semantics.md §2.5).
 template <class T, class M, class S>
 RLL_HD auto in_neg(M diff, T d, const Params<S>& p) { return diff & (d < T(p.alpha)); }
 
@@ -122,18 +144,6 @@ RLL_HD S online_begin_tile(OnlineRow<S>& r, S tile_max) {
 template <class T, class S>
 RLL_HD T online_weight(T logit, const OnlineRow<S>& r) { return rll_exp(logit - T(r.m)); }
 
-// Merge two partial states of the same row (split-K / multi-thread reductions).
-template <class S>
-RLL_HD OnlineRow<S> online_merge(const OnlineRow<S>& x, const OnlineRow<S>& y) {
-  OnlineRow<S> o;
-  o.m = rll_max(x.m, y.m);
-  if (o.m == neg_inf<S>()) return o;
-  const S fx = rescale(x.m, o.m), fy = rescale(y.m, o.m);
-  o.l = x.l * fx + y.l * fy;
-  o.a = x.a * fx + y.a * fy;
-  return o;
-}
-
 // Final statistics of a set: the weighted mean L and log of the true denominator
 // log(sum exp(s) + bias). An empty set gives L = 0 and logden = -inf (no weight anywhere).
 template <class S>
@@ -165,7 +175,7 @@ template <class T, class S>
 RLL_HD T final_weight(T logit, S logden) { return rll_exp(logit - T(logden)); }
 
 // ---------------------------------------------------------------- gradient coefficients
-// dL_set/dd for one member, with p its normalised weight.
+// dL_set/dd for one member, with p its normalised weight (docs/semantics.md §2.3).
 //   detached weights ("paper"):  positive +p, negative -p
 //   attached weights ("pml"):    positive +p [1 + Tp (v - L_P)], negative -p [1 + Tn (v - L_N)]
 template <class T, class S>
@@ -175,6 +185,18 @@ RLL_HD T pos_coef(T p, T v, S L, S Tp, bool attached) {
 template <class T, class S>
 RLL_HD T neg_coef(T p, T v, S L, S Tn, bool attached) {
   return attached ? T(0) - p * (T(1) + T(Tn) * (v - T(L))) : T(0) - p;
+}
+
+// A pair's dL/dd for one row's set: w times the pair's set coefficient, from its logit s, hinge
+// value v and the row's statistics of the set (logden, L); w = (1 - lam) g_i for the positive set,
+// lam g_i for the negative one (g_i the upstream gradient of the row's loss).
+template <class T, class S>
+RLL_HD T pos_pair_grad(T w, T s, T v, S logden, S L, S Tp, bool attached) {
+  return w * pos_coef(final_weight(s, logden), v, L, Tp, attached);
+}
+template <class T, class S>
+RLL_HD T neg_pair_grad(T w, T s, T v, S logden, S L, S Tn, bool attached) {
+  return w * neg_coef(final_weight(s, logden), v, L, Tn, attached);
 }
 
 // Row loss from the two set means.

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._checks import check_embeddings, check_labels
-from .distributed import gather_batch, world_and_rank
+from ._gather import gather_batch, world_and_rank
 from .functional import ranked_list_loss
 from .modules import RLLFused, rll_kwargs
 

@@ -7,7 +7,7 @@ What this covers without a GPU: tiling and edge tiles, Gram distances and duplic
 masks, the online softmax across gallery tiles, the gradient coefficients, the owned-row gradient
 products, barrier placement around reused shared memory, and the tensor-core branch's tile layout
 (tests/cuda_emu/mma.h emulates the nvcuda::wmma calls). What it does not: the MMA units
-themselves, the GPU memory model, timings. Those need a GPU run (tests/test_cuda_backend.py).
+themselves, the GPU memory model, timings. Those need a GPU run (tests/rll/test_cuda_kernels.py).
 """
 
 from __future__ import annotations

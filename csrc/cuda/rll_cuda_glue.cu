@@ -1,4 +1,4 @@
-// CUDA implementation of the rll_kernels::rll_fwd / rll_bwd ops (schemas in csrc/ops.cpp), on
+// CUDA implementation of the rll_kernels::rll_fwd / rll_bwd ops (schemas in rll_kernels/ops/_schemas.py), on
 // PyTorch's stable ABI (torch/csrc/stable, TORCH_TARGET_VERSION 2.10): checks the arguments,
 // allocates the outputs and calls the torch-free launchers of rll_kernels.cuh on the current stream.
 //
@@ -82,13 +82,9 @@ ScalarType acc_type(ScalarType st) { return st == ScalarType::Double ? ScalarTyp
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  // any finite boundaries (docs/semantics.md §2.2): beta >= alpha or beta <= 0 are valid, labels split the sets
-  STD_TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(Tn) && std::isfinite(Tp),
-                  "rll: alpha, beta, Tn and Tp must be finite, got alpha=", alpha, " beta=", beta, " Tn=", Tn,
-                  " Tp=", Tp);
-  STD_TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "rll: imbalance must lie in [0, 1], got ", lam);
-  STD_TORCH_CHECK(den_bias >= 0.0, "rll: den_bias must be >= 0, got ", den_bias);
-  return Params<S>{S(alpha), S(beta), S(Tn), S(Tp), S(lam), S(den_bias)};
+  const std::string err = params_error(alpha, beta, Tn, Tp, lam, den_bias);
+  STD_TORCH_CHECK(err.empty(), err);
+  return params_in<S>(alpha, beta, Tn, Tp, lam, den_bias);
 }
 
 const int64_t* ids_ptr(const std::optional<Tensor>& t) {
@@ -138,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> rll_fwd_cuda(Tensor q, Tensor q_labels, std::
   const ScalarType st = q.scalar_type(), acc = acc_type(st);
   Tensor loss = torch::stable::new_empty(q, shape({N}), acc);
   Tensor stats = torch::stable::new_empty(q, shape({N, 4}), acc);
-  Tensor gradq = paper_grad ? torch::stable::new_zeros(q, shape({N, D}), acc) : torch::stable::new_empty(q, shape({0}));
+  Tensor gq = paper_grad ? torch::stable::new_zeros(q, shape({N, D}), acc) : torch::stable::new_empty(q, shape({0}));
   if (N > 0) {
     Tensor norms = torch::stable::new_empty(q, shape({N + M}), acc);
     const cudaStream_t stream = current_stream(q);
@@ -147,13 +143,13 @@ std::tuple<Tensor, Tensor, Tensor> rll_fwd_cuda(Tensor q, Tensor q_labels, std::
       const Problem<T> pb = make_problem<T>(q, q_labels, q_ids, k, k_labels, k_ids);
       const Params<S> prm = make_params<S>(alpha, beta, Tn, Tp, imbalance, den_bias);
       check_launch(launch_rll_fwd<T>(pb, prm, static_cast<S*>(loss.data_ptr()), static_cast<S*>(stats.data_ptr()),
-                                     paper_grad ? static_cast<S*>(gradq.data_ptr()) : nullptr,
+                                     paper_grad ? static_cast<S*>(gq.data_ptr()) : nullptr,
                                      static_cast<S*>(norms.data_ptr()), stream),
                    "rll_fwd kernel launch");
     });
   }
-  if (paper_grad && acc != st) gradq = torch::stable::to(gradq, st);
-  return {loss, gradq, stats};
+  if (paper_grad && acc != st) gq = torch::stable::to(gq, st);
+  return {loss, gq, stats};
 }
 
 std::tuple<Tensor, Tensor> rll_bwd_cuda(Tensor grad_rows, Tensor q, Tensor q_labels, std::optional<Tensor> q_ids,

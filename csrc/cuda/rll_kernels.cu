@@ -102,9 +102,9 @@ struct Smem {
   alignas(128) U u;
   S nq[C::BQ], nk[C::BK];
   int64_t ql[C::BQ], kl[C::BK], qid[C::BQ], kid[C::BK];
-  S rst[C::BQ][6];  // per row: online state (m, l, a) x 2, or stats (logden_P, L_P, logden_N, L_N, g)
-  S rsum[C::BQ];    // row sums of G
-  S csum[C::BK];    // column sums of G
+  S row_state[C::BQ][6];  // per row: online states (m, l, a) of both sets, or (logden_P, L_P, logden_N, L_N, g)
+  S rowsum[C::BQ];        // row sums of G
+  S colsum[C::BK];        // column sums of G
 };
 
 // Stage rows [r0, r0 + R) x columns [d0, d0 + BD) of X in shared memory, zero-padded.
@@ -118,47 +118,50 @@ __device__ __forceinline__ void stage_rows(T (*dst)[LDT], const T* __restrict__ 
   }
 }
 
-// tile = Q[i0:i0+BQ] K[j0:j0+BK]^T over the full embedding. Called by all threads; ends synced.
+// Tile tile = Q[i0:i0+BQ] K[j0:j0+BK]^T on the tensor cores (fp16/bf16, sm_80+): 8 warps x
+// (16 x 32) outputs, WMMA m16n16k16 with fp32 accumulation. Called by all threads; ends synced.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(RLL_EMULATE_WMMA)
 template <class T>
-__device__ void dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t j0) {
+__device__ __forceinline__ void wmma_dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t j0) {
+  namespace wmma = nvcuda::wmma;
+  using C = TileCfg<T>;
+  constexpr int BQ = C::BQ, BK = C::BK, BD = C::BD, LDT = C::LDT;
+  static_assert(BQ == 64 && BK == 64 && kWarps == 8, "WMMA layout: 8 warps x (16 x 32)");
+  const int warp = threadIdx.x / 32;
+  const int r0 = (warp % 4) * 16, c0 = (warp / 4) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
+  wmma::fill_fragment(acc0, 0.f);
+  wmma::fill_fragment(acc1, 0.f);
+  for (int64_t d0 = 0; d0 < pb.D; d0 += BD) {
+    stage_rows<T, BQ, BD, LDT>(sm.u.dot.a, pb.q, pb.ldq, i0, pb.N, d0, pb.D);
+    stage_rows<T, BK, BD, LDT>(sm.u.dot.b, pb.k, pb.ldk, j0, pb.M, d0, pb.D);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BD; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb0, fb1;
+      wmma::load_matrix_sync(fa, &sm.u.dot.a[r0][kk], LDT);
+      // B(d, c) = K[c][d]: column-major with leading dimension LDT
+      wmma::load_matrix_sync(fb0, &sm.u.dot.b[c0][kk], LDT);
+      wmma::load_matrix_sync(fb1, &sm.u.dot.b[c0 + 16][kk], LDT);
+      wmma::mma_sync(acc0, fa, fb0, acc0);
+      wmma::mma_sync(acc1, fa, fb1, acc1);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(&sm.tile[r0][c0], acc0, Smem<T>::LDS, wmma::mem_row_major);
+  wmma::store_matrix_sync(&sm.tile[r0][c0 + 16], acc1, Smem<T>::LDS, wmma::mem_row_major);
+  __syncthreads();
+}
+#endif
+
+// The same tile on the CUDA cores: a 16 x 16 thread grid, each thread (BQ/16) x (BK/16) outputs,
+// strided by 16. Called by all threads; ends synced.
+template <class T>
+__device__ __forceinline__ void fma_dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t j0) {
   using C = TileCfg<T>;
   using S = acc_t<T>;
   constexpr int BQ = C::BQ, BK = C::BK, BD = C::BD, LDT = C::LDT;
-  constexpr bool kHalf = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(RLL_EMULATE_WMMA)
-  if constexpr (kHalf) {
-    namespace wmma = nvcuda::wmma;
-    static_assert(BQ == 64 && BK == 64 && kWarps == 8, "WMMA layout: 8 warps x (16 x 32)");
-    const int warp = threadIdx.x / 32;
-    const int r0 = (warp % 4) * 16, c0 = (warp / 4) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
-    wmma::fill_fragment(acc0, 0.f);
-    wmma::fill_fragment(acc1, 0.f);
-    for (int64_t d0 = 0; d0 < pb.D; d0 += BD) {
-      stage_rows<T, BQ, BD, LDT>(sm.u.dot.a, pb.q, pb.ldq, i0, pb.N, d0, pb.D);
-      stage_rows<T, BK, BD, LDT>(sm.u.dot.b, pb.k, pb.ldk, j0, pb.M, d0, pb.D);
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BD; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb0, fb1;
-        wmma::load_matrix_sync(fa, &sm.u.dot.a[r0][kk], LDT);
-        // B(d, c) = K[c][d]: column-major with leading dimension LDT
-        wmma::load_matrix_sync(fb0, &sm.u.dot.b[c0][kk], LDT);
-        wmma::load_matrix_sync(fb1, &sm.u.dot.b[c0 + 16][kk], LDT);
-        wmma::mma_sync(acc0, fa, fb0, acc0);
-        wmma::mma_sync(acc1, fa, fb1, acc1);
-      }
-      __syncthreads();
-    }
-    wmma::store_matrix_sync(&sm.tile[r0][c0], acc0, Smem<T>::LDS, wmma::mem_row_major);
-    wmma::store_matrix_sync(&sm.tile[r0][c0 + 16], acc1, Smem<T>::LDS, wmma::mem_row_major);
-    __syncthreads();
-    return;
-  }
-#endif
-  (void)kHalf;
-  // CUDA cores: a 16 x 16 thread grid, each thread (BQ/16) x (BK/16) outputs, strided by 16
   constexpr int RA = BQ / 16, RB = BK / 16;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   S acc[RA][RB];
@@ -191,9 +194,24 @@ __device__ void dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t 
   __syncthreads();
 }
 
-// Row-side and column-side information of a tile in shared memory.
+// tile = Q[i0:i0+BQ] K[j0:j0+BK]^T over the full embedding: tensor cores for fp16/bf16 on sm_80+,
+// CUDA-core FMAs else. Called by all threads; ends synced.
 template <class T>
-__device__ __forceinline__ void load_rows(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* norms, int64_t i0) {
+__device__ void dot_tile(Smem<T>& sm, const Problem<T>& pb, int64_t i0, int64_t j0) {
+  constexpr bool kHalf = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(RLL_EMULATE_WMMA)
+  if constexpr (kHalf) {
+    wmma_dot_tile(sm, pb, i0, j0);
+    return;
+  }
+#endif
+  (void)kHalf;
+  fma_dot_tile(sm, pb, i0, j0);
+}
+
+// Query-side and gallery-side information of a tile in shared memory.
+template <class T>
+__device__ __forceinline__ void load_query_rows(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* norms, int64_t i0) {
   for (int r = threadIdx.x; r < TileCfg<T>::BQ; r += kThreads) {
     const int64_t i = i0 + r;
     const bool ok = i < pb.N;
@@ -203,7 +221,7 @@ __device__ __forceinline__ void load_rows(Smem<T>& sm, const Problem<T>& pb, con
   }
 }
 template <class T>
-__device__ __forceinline__ void load_cols(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* norms, int64_t j0) {
+__device__ __forceinline__ void load_gallery_rows(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* norms, int64_t j0) {
   for (int c = threadIdx.x; c < TileCfg<T>::BK; c += kThreads) {
     const int64_t j = j0 + c;
     const bool ok = j < pb.M;
@@ -212,7 +230,7 @@ __device__ __forceinline__ void load_cols(Smem<T>& sm, const Problem<T>& pb, con
     sm.kid[c] = (ok && pb.k_ids) ? pb.k_ids[j] : 0;
   }
 }
-// Row stats for the gradient kernels: rst[r] = (logden_P, L_P, logden_N, L_N, upstream grad).
+// Row stats for the gradient kernels: row_state[r] = (logden_P, L_P, logden_N, L_N, upstream grad).
 template <class T>
 __device__ __forceinline__ void load_row_stats(Smem<T>& sm, const Problem<T>& pb, const acc_t<T>* stats,
                                                const acc_t<T>* grad_rows, int64_t i0) {
@@ -221,8 +239,8 @@ __device__ __forceinline__ void load_row_stats(Smem<T>& sm, const Problem<T>& pb
     const int64_t i = i0 + r;
     const bool ok = i < pb.N;
 #pragma unroll
-    for (int s = 0; s < 4; ++s) sm.rst[r][s] = ok ? stats[i * 4 + s] : neg_inf<S>();
-    sm.rst[r][4] = ok ? (grad_rows ? grad_rows[i] : S(1)) : S(0);
+    for (int s = 0; s < 4; ++s) sm.row_state[r][s] = ok ? stats[i * 4 + s] : neg_inf<S>();
+    sm.row_state[r][4] = ok ? (grad_rows ? grad_rows[i] : S(1)) : S(0);
   }
 }
 
@@ -236,9 +254,9 @@ template <class T>
 __device__ __forceinline__ PairVals<acc_t<T>> pair_at(const Smem<T>& sm, const Problem<T>& pb, int r, int c,
                                                       int64_t j, acc_t<T> rel) {
   using S = acc_t<T>;
-  const S nqi = sm.nq[r], nkj = sm.nk[c];
-  const S d2 = gram_d2(sm.tile[r][c], nqi, nkj);
-  const bool dup = is_dup(d2, nqi, nkj, rel);
+  const S nq = sm.nq[r], nk = sm.nk[c];
+  const S d2 = gram_d2(sm.tile[r][c], nq, nk);
+  const bool dup = is_dup(d2, nq, nk, rel);
   PairVals<S> pv;
   pv.d = pair_dist(d2, dup);
   pv.inv = pair_inv_dist(pv.d, dup);
@@ -251,7 +269,7 @@ __device__ __forceinline__ PairVals<acc_t<T>> pair_at(const Smem<T>& sm, const P
 
 // One online-softmax step of one row and set, by a whole warp (state in shared memory).
 template <class S, int CPL>
-__device__ __forceinline__ void online_step(S* st, S tile_max, const S (&lg)[CPL], const S (&val)[CPL]) {
+__device__ __forceinline__ void online_step(S* st, S tile_max, const S (&s)[CPL], const S (&v)[CPL]) {
   if (tile_max == neg_inf<S>()) return;  // warp-uniform: no member in this tile
   OnlineRow<S> row;
   row.m = st[0];
@@ -261,9 +279,9 @@ __device__ __forceinline__ void online_step(S* st, S tile_max, const S (&lg)[CPL
   S l = S(0), a = S(0);
 #pragma unroll
   for (int t = 0; t < CPL; ++t) {
-    const S w = online_weight(lg[t], row);
+    const S w = online_weight(s[t], row);
     l += w;
-    a += w * val[t];
+    a += w * v[t];
   }
   l = warp_sum(l);
   a = warp_sum(a);
@@ -277,10 +295,10 @@ __device__ __forceinline__ void online_step(S* st, S tile_max, const S (&lg)[CPL
 }
 
 // G_ij = dL_i/dd_ij / d_ij (times the upstream gradient) for the rows of tile, in place.
-// Row sums are added to sm.rsum when with_rowsum. Called by all threads; no barrier inside.
+// Row sums are added to sm.rowsum when with_rowsum. Called by all threads; no barrier inside.
 template <class T, bool with_rowsum>
-__device__ __forceinline__ void g_tile(Smem<T>& sm, const Problem<T>& pb, const Params<acc_t<T>>& prm,
-                                       bool attached, int64_t i0, int64_t j0) {
+__device__ __forceinline__ void pair_grad_tile(Smem<T>& sm, const Problem<T>& pb, const Params<acc_t<T>>& prm,
+                                               bool attached, int64_t i0, int64_t j0) {
   using S = acc_t<T>;
   using C = TileCfg<T>;
   constexpr int RPW = C::BQ / kWarps, CPL = C::BK / 32;
@@ -288,36 +306,37 @@ __device__ __forceinline__ void g_tile(Smem<T>& sm, const Problem<T>& pb, const 
   const S rel = dup_rel<S>();
   for (int rr = 0; rr < RPW; ++rr) {
     const int r = warp * RPW + rr;
-    const S lgp = sm.rst[r][0], Lp = sm.rst[r][1], lgn = sm.rst[r][2], Ln = sm.rst[r][3], g = sm.rst[r][4];
-    const bool hasp = lgp != neg_inf<S>(), hasn = lgn != neg_inf<S>();
-    const bool live = i0 + r < pb.N && (hasp || hasn) && g != S(0);  // warp-uniform
+    const S* st = sm.row_state[r];
+    const S logden_p = st[0], Lp = st[1], logden_n = st[2], Ln = st[3], g = st[4];
+    const bool has_p = logden_p != neg_inf<S>(), has_n = logden_n != neg_inf<S>();
+    const bool live = i0 + r < pb.N && (has_p || has_n) && g != S(0);  // warp-uniform
     const S wp = (S(1) - prm.lam) * g, wn = prm.lam * g;
     S rs = S(0);
 #pragma unroll
     for (int t = 0; t < CPL; ++t) {
       const int c = lane + 32 * t;
-      S gv = S(0);
+      S G = S(0);
       if (live) {
         const PairVals<S> pv = pair_at(sm, pb, r, c, j0 + c, rel);
         S coef = S(0);
-        if (hasp) {
-          const S v = pos_value(pv.d, prm);
-          const S p = final_weight(masked_logit(in_pos(pv.same, pv.d, prm), v, prm.Tp), lgp);
-          coef += wp * pos_coef(p, v, Lp, prm.Tp, attached);
+        if (has_p) {
+          const S vp = pos_value(pv.d, prm);
+          coef += pos_pair_grad(wp, masked_logit(in_pos(pv.same, pv.d, prm), vp, prm.Tp), vp, logden_p, Lp, prm.Tp,
+                                attached);
         }
-        if (hasn) {
-          const S v = neg_value(pv.d, prm);
-          const S p = final_weight(masked_logit(in_neg(pv.diff, pv.d, prm), v, prm.Tn), lgn);
-          coef += wn * neg_coef(p, v, Ln, prm.Tn, attached);
+        if (has_n) {
+          const S vn = neg_value(pv.d, prm);
+          coef += neg_pair_grad(wn, masked_logit(in_neg(pv.diff, pv.d, prm), vn, prm.Tn), vn, logden_n, Ln, prm.Tn,
+                                attached);
         }
-        gv = coef * pv.inv;
+        G = coef * pv.inv;
       }
-      sm.tile[r][c] = gv;
-      rs += gv;
+      sm.tile[r][c] = G;
+      rs += G;
     }
     if (with_rowsum) {
       rs = warp_sum(rs);
-      if (lane == 0) sm.rsum[r] += rs;
+      if (lane == 0) sm.rowsum[r] += rs;
     }
   }
 }
@@ -398,6 +417,76 @@ __global__ void __launch_bounds__(kThreads, 2) rll_sqnorm_kernel(const T* __rest
   if ((threadIdx.x & 31) == 0) out[r] = s;
 }
 
+// Empty online states of both sets: row_state[r] = (m_P, l_P, a_P, m_N, l_N, a_N).
+template <class T>
+__device__ __forceinline__ void start_online_rows(Smem<T>& sm) {
+  using S = acc_t<T>;
+  for (int r = threadIdx.x; r < TileCfg<T>::BQ; r += kThreads) {
+    sm.row_state[r][0] = sm.row_state[r][3] = neg_inf<S>();
+    sm.row_state[r][1] = sm.row_state[r][2] = sm.row_state[r][4] = sm.row_state[r][5] = S(0);
+  }
+}
+
+// Folds the gallery tile at j0 (Gram tile in sm.tile) into the online state of every query row:
+// each warp owns BQ/8 rows, each lane BK/32 columns. warp, lane and rel = dup_rel are taken once
+// by the kernel (computed in here they changed the generated code). Called by all threads; no
+// barrier inside.
+template <class T>
+__device__ __forceinline__ void fold_tile_into_online_rows(Smem<T>& sm, const Problem<T>& pb,
+                                                           const Params<acc_t<T>>& prm, int64_t i0, int64_t j0,
+                                                           int warp, int lane, acc_t<T> rel) {
+  using S = acc_t<T>;
+  using C = TileCfg<T>;
+  constexpr int RPW = C::BQ / kWarps, CPL = C::BK / 32;
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int r = warp * RPW + rr;
+    if (i0 + r >= pb.N) break;  // warp-uniform
+    S sp[CPL], vp[CPL], sn[CPL], vn[CPL];
+    S max_sp = neg_inf<S>(), max_sn = neg_inf<S>();
+#pragma unroll
+    for (int t = 0; t < CPL; ++t) {
+      const int c = lane + 32 * t;
+      const PairVals<S> pv = pair_at(sm, pb, r, c, j0 + c, rel);
+      vp[t] = pos_value(pv.d, prm);
+      vn[t] = neg_value(pv.d, prm);
+      sp[t] = masked_logit(in_pos(pv.same, pv.d, prm), vp[t], prm.Tp);
+      sn[t] = masked_logit(in_neg(pv.diff, pv.d, prm), vn[t], prm.Tn);
+      max_sp = rll_max(max_sp, sp[t]);
+      max_sn = rll_max(max_sn, sn[t]);
+    }
+    max_sp = warp_max(max_sp);
+    max_sn = warp_max(max_sn);
+    online_step<S, CPL>(&sm.row_state[r][0], max_sp, sp, vp);
+    online_step<S, CPL>(&sm.row_state[r][3], max_sn, sn, vn);
+  }
+}
+
+// Loss and stats [logden_P, L_P, logden_N, L_N] of the block's rows from their online states.
+template <class T>
+__device__ __forceinline__ void finish_rows(const Smem<T>& sm, const Problem<T>& pb, const Params<acc_t<T>>& prm,
+                                            int64_t i0, acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ stats) {
+  using S = acc_t<T>;
+  for (int r = threadIdx.x; r < TileCfg<T>::BQ; r += kThreads) {
+    const int64_t i = i0 + r;
+    if (i >= pb.N) continue;
+    const S* st = sm.row_state[r];
+    OnlineRow<S> on_pos, on_neg;
+    on_pos.m = st[0];
+    on_pos.l = st[1];
+    on_pos.a = st[2];
+    on_neg.m = st[3];
+    on_neg.l = st[4];
+    on_neg.a = st[5];
+    const SetStats<S> pos = online_finish(on_pos, prm.den_bias), neg = online_finish(on_neg, prm.den_bias);
+    loss[i] = row_loss(pos.L, neg.L, prm);
+    stats[i * 4 + 0] = pos.logden;
+    stats[i * 4 + 1] = pos.L;
+    stats[i * 4 + 2] = neg.logden;
+    stats[i * 4 + 3] = neg.L;
+  }
+}
+
+// Loss and stats of the block's BQ query rows, streaming every gallery tile.
 template <class T>
 __global__ void __launch_bounds__(kThreads, 2) rll_stats_kernel(const Problem<T> pb, const Params<acc_t<T>> prm,
                                                              const acc_t<T>* __restrict__ norms,
@@ -405,61 +494,20 @@ __global__ void __launch_bounds__(kThreads, 2) rll_stats_kernel(const Problem<T>
                                                              acc_t<T>* __restrict__ stats) {
   using S = acc_t<T>;
   using C = TileCfg<T>;
-  constexpr int RPW = C::BQ / kWarps, CPL = C::BK / 32;
   __shared__ Smem<T> sm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int64_t i0 = int64_t(blockIdx.x) * C::BQ;
   const S rel = dup_rel<S>();
-  load_rows(sm, pb, norms, i0);
-  for (int r = threadIdx.x; r < C::BQ; r += kThreads) {
-    sm.rst[r][0] = sm.rst[r][3] = neg_inf<S>();
-    sm.rst[r][1] = sm.rst[r][2] = sm.rst[r][4] = sm.rst[r][5] = S(0);
-  }
+  load_query_rows(sm, pb, norms, i0);
+  start_online_rows(sm);
   for (int64_t j0 = 0; j0 < pb.M; j0 += C::BK) {
     __syncthreads();  // the previous tile is consumed
-    load_cols(sm, pb, norms, j0);
+    load_gallery_rows(sm, pb, norms, j0);
     dot_tile(sm, pb, i0, j0);
-    for (int rr = 0; rr < RPW; ++rr) {
-      const int r = warp * RPW + rr;
-      if (i0 + r >= pb.N) break;  // warp-uniform
-      S lp[CPL], vp[CPL], ln[CPL], vn[CPL];
-      S mp = neg_inf<S>(), mn = neg_inf<S>();
-#pragma unroll
-      for (int t = 0; t < CPL; ++t) {
-        const int c = lane + 32 * t;
-        const PairVals<S> pv = pair_at(sm, pb, r, c, j0 + c, rel);
-        vp[t] = pos_value(pv.d, prm);
-        vn[t] = neg_value(pv.d, prm);
-        lp[t] = masked_logit(in_pos(pv.same, pv.d, prm), vp[t], prm.Tp);
-        ln[t] = masked_logit(in_neg(pv.diff, pv.d, prm), vn[t], prm.Tn);
-        mp = rll_max(mp, lp[t]);
-        mn = rll_max(mn, ln[t]);
-      }
-      mp = warp_max(mp);
-      mn = warp_max(mn);
-      // rst[r] = (m_P, l_P, a_P, m_N, l_N, a_N)
-      online_step<S, CPL>(&sm.rst[r][0], mp, lp, vp);
-      online_step<S, CPL>(&sm.rst[r][3], mn, ln, vn);
-    }
+    fold_tile_into_online_rows(sm, pb, prm, i0, j0, warp, lane, rel);
   }
   __syncthreads();
-  for (int r = threadIdx.x; r < C::BQ; r += kThreads) {
-    const int64_t i = i0 + r;
-    if (i >= pb.N) continue;
-    OnlineRow<S> p, n;
-    p.m = sm.rst[r][0];
-    p.l = sm.rst[r][1];
-    p.a = sm.rst[r][2];
-    n.m = sm.rst[r][3];
-    n.l = sm.rst[r][4];
-    n.a = sm.rst[r][5];
-    const SetStats<S> sp = online_finish(p, prm.den_bias), sn = online_finish(n, prm.den_bias);
-    loss[i] = row_loss(sp.L, sn.L, prm);
-    stats[i * 4 + 0] = sp.logden;
-    stats[i * 4 + 1] = sp.L;
-    stats[i * 4 + 2] = sn.logden;
-    stats[i * 4 + 3] = sn.L;
-  }
+  finish_rows(sm, pb, prm, i0, loss, stats);
 }
 
 // dL/dq for the block's BQ query rows; grad_rows == nullptr means 1 ("paper" grad in forward).
@@ -474,19 +522,19 @@ __global__ void __launch_bounds__(kThreads, 2) rll_grad_q_kernel(const Problem<T
   __shared__ Smem<T> sm;
   const int64_t i0 = int64_t(blockIdx.x) * C::BQ;
   const int rows = int(pb.N - i0 < C::BQ ? pb.N - i0 : C::BQ);
-  load_rows(sm, pb, norms, i0);
+  load_query_rows(sm, pb, norms, i0);
   load_row_stats(sm, pb, stats, grad_rows, i0);
-  for (int r = threadIdx.x; r < C::BQ; r += kThreads) sm.rsum[r] = S(0);
+  for (int r = threadIdx.x; r < C::BQ; r += kThreads) sm.rowsum[r] = S(0);
   for (int64_t j0 = 0; j0 < pb.M; j0 += C::BK) {
     __syncthreads();
-    load_cols(sm, pb, norms, j0);
+    load_gallery_rows(sm, pb, norms, j0);
     dot_tile(sm, pb, i0, j0);
-    g_tile<T, true>(sm, pb, prm, attached, i0, j0);
+    pair_grad_tile<T, true>(sm, pb, prm, attached, i0, j0);
     __syncthreads();
     sub_g_times_x<T, false>(sm, pb.k, pb.ldk, j0, pb.M, gq + i0 * pb.D, pb.D, rows, pb.D);
   }
   __syncthreads();
-  add_diag(sm.rsum, pb.q, pb.ldq, i0, rows, gq + i0 * pb.D, pb.D);
+  add_diag(sm.rowsum, pb.q, pb.ldq, i0, rows, gq + i0 * pb.D, pb.D);
 }
 
 // dL/dk for the block's BK gallery rows, streaming every query tile.
@@ -501,24 +549,24 @@ __global__ void __launch_bounds__(kThreads, 2) rll_grad_k_kernel(const Problem<T
   __shared__ Smem<T> sm;
   const int64_t j0 = int64_t(blockIdx.x) * C::BK;
   const int cols = int(pb.M - j0 < C::BK ? pb.M - j0 : C::BK);
-  load_cols(sm, pb, norms, j0);
-  for (int c = threadIdx.x; c < C::BK; c += kThreads) sm.csum[c] = S(0);
+  load_gallery_rows(sm, pb, norms, j0);
+  for (int c = threadIdx.x; c < C::BK; c += kThreads) sm.colsum[c] = S(0);
   for (int64_t i0 = 0; i0 < pb.N; i0 += C::BQ) {
     __syncthreads();
-    load_rows(sm, pb, norms, i0);
+    load_query_rows(sm, pb, norms, i0);
     load_row_stats(sm, pb, stats, grad_rows, i0);
     dot_tile(sm, pb, i0, j0);
-    g_tile<T, false>(sm, pb, prm, attached, i0, j0);
+    pair_grad_tile<T, false>(sm, pb, prm, attached, i0, j0);
     __syncthreads();
     for (int c = threadIdx.x; c < C::BK; c += kThreads) {  // one owner per column
       S s = S(0);
       for (int r = 0; r < C::BQ; ++r) s += sm.tile[r][c];
-      sm.csum[c] += s;
+      sm.colsum[c] += s;
     }
     sub_g_times_x<T, true>(sm, pb.q, pb.ldq, i0, pb.N, gk + j0 * pb.D, pb.D, cols, pb.D);
   }
   __syncthreads();
-  add_diag(sm.csum, pb.k, pb.ldk, j0, cols, gk + j0 * pb.D, pb.D);
+  add_diag(sm.colsum, pb.k, pb.ldk, j0, cols, gk + j0 * pb.D, pb.D);
 }
 
 template <class T>

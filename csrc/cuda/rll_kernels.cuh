@@ -4,7 +4,8 @@
 // so they compile with plain `nvcc -c` in CI without a GPU or a CUDA torch. The torch glue
 // (rll_cuda_glue.cu) allocates the outputs and calls the launchers declared here.
 //
-// Semantics are those of the CPU kernel (csrc/rll_cpu.cpp, SPEC section 1). With G_ij = dL_i/dd_ij / d_ij:
+// Semantics are those of the CPU kernel (csrc/rll_cpu.cpp, docs/semantics.md §2). With
+// G_ij = dL_i/dd_ij / d_ij:
 //   dL/dq_i = sum_j G_ij (q_i - k_j) = (G 1)_i q_i - (G K)_i
 //   dL/dk_j = sum_i G_ij (k_j - q_i) = (G^T 1)_j k_j - (G^T Q)_j
 // Kernels (all tiled, fp32 accumulation, fp64 for fp64 inputs, no atomics):

@@ -5,6 +5,7 @@ Submodules import triton lazily so that `import rll_kernels` never needs it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -12,9 +13,27 @@ from typing import Optional
 
 import torch
 
+from .._checks import compute_dtype
+
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def hyper_params(x: torch.Tensor, *values: float) -> torch.Tensor:
+    """A kernel's hyper-parameters as a tensor in the accumulation dtype of ``x``, on its device.
+
+    Every Triton kernel reads its hyper-parameters from such a tensor (``PRM``): Triton passes a
+    Python float to a compiled kernel as fp32, which would break fp64 parity (docs/semantics.md
+    §1.2). Cached per (device, dtype, values): a host-to-device copy per call would synchronise the
+    stream (pageable memory). The kernels only read it.
+    """
+    return _hyper_params(str(x.device), compute_dtype(x.dtype), tuple(float(v) for v in values))
+
+
+@functools.lru_cache(maxsize=64)
+def _hyper_params(device: str, dtype: torch.dtype, values: tuple[float, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def status(device: torch.device | str) -> Optional[str]:

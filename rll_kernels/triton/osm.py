@@ -2,12 +2,14 @@
 ``rll_kernels::osm_triton_fwd`` (registered in rll_kernels/ops/osm.py).
 
 One pass over the pair tiles, FlashAttention-forward style: program (row block I, feature chunk
-c) streams every column block J, computes the distance tile from a ``tl.dot`` over D, the
-constant pair weights, and accumulates per row the unnormalised sums [S+, T+, S-, T-] and the
-unnormalised gradients sum_j C_ij (z_i - z_j) of each set on its feature chunk (a second and
-third ``tl.dot``). Each row sees every column, so both ends of a pair get their gradient without
-atomics (row sums count each unordered pair twice and are halved). The global normalisers
-S+ = sum w+, S- = sum w- rescale the two gradients at the end, in PyTorch. Memory O(N D).
+c) streams every column block J, computes the distance tile from a ``tl.dot`` over D (the Gram
+form and the duplicate rule of rll_kernels/triton/_tiles.py, shared with RLL), the constant pair
+weights, and accumulates per row the unnormalised sums [S+, T+, S-, T-] and the unnormalised
+gradients sum_j C_ij (z_i - z_j) of each set on its feature chunk (a second and third
+``tl.dot``). Each row sees every column, so both ends of a pair get their gradient without atomics
+(row sums count each unordered pair twice and are halved). The global normalisers S+ = sum w+,
+S- = sum w- rescale the two gradients at the end, in torch ops on the device (no host sync).
+Memory O(N D).
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``tl.dot`` uses
 ``input_precision="ieee"``: TF32 distances would break the duplicate rule and the fp32 accuracy.
@@ -22,13 +24,29 @@ import triton
 import triton.language as tl
 
 from .._checks import dup_rel_tol
-from . import interpret_mode
+from . import hyper_params, interpret_mode
+from ._tiles import gram_chunked, load_tile, pair_distance, pair_sets, row_norms, store_gram_grad, store_row4
+
+
+@triton.jit
+def _caa_weights(d, same, diff, ai, ATT, offs_n, mask_n, alpha, neg_inv_2s2, HAS_ATT: tl.constexpr):
+    """(w+, w-, h = [alpha - d]_+, d^2) of a tile: w+ = a_ij e^{-d^2 / (2 sigma^2)} on positive pairs,
+    w- = a_ij h on negative pairs, 0 elsewhere, a_ij = min(a_i, a_j) or 1 (docs/semantics.md §4.1)."""
+    dd = d * d
+    wp = tl.exp(dd * neg_inv_2s2)
+    h = tl.maximum(alpha - d, 0.0)
+    wn = h
+    if HAS_ATT:
+        aj = tl.load(ATT + offs_n, mask=mask_n, other=1.0)
+        aij = tl.minimum(ai[:, None], aj[None, :])
+        wp = wp * aij
+        wn = wn * aij
+    return tl.where(same, wp, 0.0), tl.where(diff, wn, 0.0), h, dd
 
 
 @triton.jit
 def _osm_rows_kernel(
     Z,
-    NRM,
     LAB,
     ATT,
     PRM,
@@ -43,89 +61,61 @@ def _osm_rows_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    mask_m = offs_m < N
-    rows = offs_m.to(tl.int64)
-    offs_k = tl.arange(0, BK)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_d = offs_d < D
     # hyper-parameters in the value type (fp64 runs need them exact): [alpha, -1/(2 sigma^2), rel]
     alpha = tl.load(PRM)
     neg_inv_2s2 = tl.load(PRM + 1)
     rel = tl.load(PRM + 2)
-    zero = alpha * 0
-    nq = tl.load(NRM + offs_m, mask=mask_m, other=0.0)
+    acc_t = PRM.dtype.element_ty
+    pid_d = tl.program_id(1)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    mask_m = offs_m < N
+    z_rows = Z + offs_m.to(tl.int64)[:, None] * D
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mask_d = offs_d < D
+    nq = row_norms(z_rows, mask_m, D, PRM, BLOCK_D, BK)
     li = tl.load(LAB + offs_m, mask=mask_m, other=-1)
+    ai = nq
     if HAS_ATT:
         ai = tl.load(ATT + offs_m, mask=mask_m, other=1.0)
-    sp = tl.zeros([BM], dtype=alpha.dtype)
-    tp = tl.zeros([BM], dtype=alpha.dtype)
-    sn = tl.zeros([BM], dtype=alpha.dtype)
-    tn = tl.zeros([BM], dtype=alpha.dtype)
-    rsp = tl.zeros([BM], dtype=alpha.dtype)
-    rsn = tl.zeros([BM], dtype=alpha.dtype)
-    accp = tl.zeros([BM, BD], dtype=alpha.dtype)
-    accn = tl.zeros([BM, BD], dtype=alpha.dtype)
+    sp = tl.zeros([BM], dtype=acc_t)
+    tp = tl.zeros([BM], dtype=acc_t)
+    sn = tl.zeros([BM], dtype=acc_t)
+    tn = tl.zeros([BM], dtype=acc_t)
+    rsp = tl.zeros([BM], dtype=acc_t)
+    rsn = tl.zeros([BM], dtype=acc_t)
+    accp = tl.zeros([BM, BD], dtype=acc_t)
+    accn = tl.zeros([BM, BD], dtype=acc_t)
     for j0 in range(0, N, BN):
         offs_n = j0 + tl.arange(0, BN)
         mask_n = offs_n < N
-        cols = offs_n.to(tl.int64)
-        dot = tl.zeros([BM, BN], dtype=alpha.dtype)
-        for k0 in range(0, D, BK):
-            kk = k0 + offs_k
-            mk = kk < D
-            a = tl.load(Z + rows[:, None] * D + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-            b = tl.load(Z + cols[None, :] * D + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-            dot = tl.dot(a, b, dot, input_precision="ieee")
-        nk = tl.load(NRM + offs_n, mask=mask_n, other=0.0)
+        zj_rows = Z + offs_n.to(tl.int64)[:, None] * D
+        dot, nk = gram_chunked(z_rows, mask_m, zj_rows, mask_n, D, PRM, False, "ieee", BLOCK_D, BK)
         lj = tl.load(LAB + offs_n, mask=mask_n, other=-2)
-        tot = nq[:, None] + nk[None, :]
-        d2 = tl.maximum(tot - 2.0 * dot, zero)
-        dup = d2 <= rel * tot  # Gram-form duplicate: d = 0, no direction (csrc/rll_pair.h)
-        d = tl.where(dup, zero, tl.sqrt(d2))
-        valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        same = valid & (li[:, None] == lj[None, :])
-        diff = valid & (li[:, None] != lj[None, :])
-        dd = d * d
-        wp = tl.exp(dd * neg_inv_2s2)
-        h = tl.maximum(alpha - d, zero)
-        wn = h
-        if HAS_ATT:
-            aj = tl.load(ATT + offs_n, mask=mask_n, other=1.0)
-            aij = tl.minimum(ai[:, None], aj[None, :])
-            wp = wp * aij
-            wn = wn * aij
-        wp = tl.where(same, wp, zero)
-        wn = tl.where(diff, wn, zero)
+        # a row is never paired with itself (docs/semantics.md §4.1): the positions act as ids
+        same, diff = pair_sets(li, lj, offs_m, offs_n, mask_m, mask_n, True)
+        d, inv = pair_distance(dot, nq[:, None], nk[None, :], rel)
+        wp, wn, h, dd = _caa_weights(d, same, diff, ai, ATT, offs_n, mask_n, alpha, neg_inv_2s2, HAS_ATT)
         sp += tl.sum(wp, axis=1)
         tp += tl.sum(wp * dd, axis=1)
         sn += tl.sum(wn, axis=1)
         tn += tl.sum(wn * h * h, axis=1)
         if NEED_GRAD:
-            # C+ = w+ (dL/dd = w+ d, direction (z_i - z_j)/d); C- = w- h / d; 0 for duplicates
-            cp = tl.where(dup, zero, wp)
-            cn = tl.where(dup, zero, wn * h / tl.maximum(d, 1e-30))
+            # C+ = w+ (dL/dd = w+ d, direction (z_i - z_j)/d); C- = w- h / d; 0 for duplicates (1/d = 0)
+            cp = tl.where(inv > 0.0, wp, 0.0)
+            cn = wn * h * inv
             rsp += tl.sum(cp, axis=1)
             rsn += tl.sum(cn, axis=1)
-            zj = tl.load(
-                Z + cols[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
-            )
-            accp = tl.dot(cp, zj, accp, input_precision="ieee")
-            accn = tl.dot(cn, zj, accn, input_precision="ieee")
+            zj = load_tile(zj_rows, mask_n, offs_d, mask_d)
+            accp = tl.dot(cp, zj, accp, input_precision="ieee", out_dtype=acc_t)
+            accn = tl.dot(cn, zj, accn, input_precision="ieee", out_dtype=acc_t)
     if pid_d == 0:
-        tl.store(ROWS + rows * 4 + 0, sp, mask=mask_m)
-        tl.store(ROWS + rows * 4 + 1, tp, mask=mask_m)
-        tl.store(ROWS + rows * 4 + 2, sn, mask=mask_m)
-        tl.store(ROWS + rows * 4 + 3, tn, mask=mask_m)
+        store_row4(ROWS, offs_m.to(tl.int64), mask_m, sp, tp, sn, tn)
     if NEED_GRAD:
-        md = mask_m[:, None] & mask_d[None, :]
-        ptr = rows[:, None] * D + offs_d[None, :]
-        zi = tl.load(Z + ptr, mask=md, other=0.0)
-        tl.store(GP + ptr, rsp[:, None] * zi - accp, mask=md)
-        tl.store(GN + ptr, rsn[:, None] * zi - accn, mask=md)
+        zi = load_tile(z_rows, mask_m, offs_d, mask_d)
+        store_gram_grad(GP + offs_m.to(tl.int64)[:, None] * D, mask_m, offs_d, mask_d, rsp, zi, accp)
+        store_gram_grad(GN + offs_m.to(tl.int64)[:, None] * D, mask_m, offs_d, mask_d, rsn, zi, accn)
 
 
 def _blocks(d: int) -> tuple[int, int, int, int, int]:
@@ -134,6 +124,22 @@ def _blocks(d: int) -> tuple[int, int, int, int, int]:
         return 16, 16, 16, 16, 1
     bd = min(64, max(16, triton.next_power_of_2(d)))
     return 64, 32, 32, bd, 4
+
+
+def _loss_and_set_scales(sums: torch.Tensor, imbalance: float) -> tuple[torch.Tensor, ...]:
+    """(loss, dL/dS+-weighted sum scale of each set) from the sums [S+, T+, S-, T-], on the device.
+
+    L = (1 - lambda) T+ / (2 S+) + lambda T- / (2 S-) with an empty set contributing 0
+    (docs/semantics.md §4.1, §4.5); the unnormalised set gradients scale by (1 - lambda) / S+ and
+    -lambda / S- (§4.4). Torch ops on the (4,) tensor: no value reaches the host, so a CUDA call
+    never synchronises."""
+    s_p, t_p, s_n, t_n = sums.unbind()
+    has_p, has_n = s_p > 0, s_n > 0
+    s_p, s_n = torch.where(has_p, s_p, 1.0), torch.where(has_n, s_n, 1.0)
+    loss = (1.0 - imbalance) * torch.where(has_p, 0.5 * t_p / s_p, 0.0) + imbalance * torch.where(
+        has_n, 0.5 * t_n / s_n, 0.0
+    )
+    return loss, torch.where(has_p, (1.0 - imbalance) / s_p, 0.0), torch.where(has_n, -imbalance / s_n, 0.0)
 
 
 def osm_forward(
@@ -150,42 +156,19 @@ def osm_forward(
         raise ValueError(f"osm_triton_fwd: z must be 2-D float32/float64, got {tuple(z.shape)} {z.dtype}")
     z = z.detach().contiguous()
     n, d = z.shape
-    nrm = (z * z).sum(1).contiguous()
-    prm = torch.tensor([alpha, -0.5 / (sigma * sigma), dup_rel_tol(z.dtype)], dtype=z.dtype, device=z.device)
-    rows = torch.empty(n, 4, dtype=z.dtype, device=z.device)
+    prm = hyper_params(z, alpha, -0.5 / (sigma * sigma), dup_rel_tol(z.dtype))
+    rows = z.new_empty(n, 4)
     gp = torch.empty_like(z) if need_grad else z.new_empty(1)
     gn = torch.empty_like(z) if need_grad else z.new_empty(1)
     att = attention.detach().to(z.dtype).contiguous() if attention is not None else z.new_empty(1)
     bm, bn, bk, bd, nw = _blocks(d)
     grid = (triton.cdiv(n, bm), triton.cdiv(d, bd) if need_grad else 1)
-    _osm_rows_kernel[grid](
-        z,
-        nrm,
-        labels.contiguous(),
-        att,
-        prm,
-        rows,
-        gp,
-        gn,
-        n,
-        d,
-        HAS_ATT=attention is not None,
-        NEED_GRAD=need_grad,
-        BM=bm,
-        BN=bn,
-        BK=bk,
-        BD=bd,
-        num_warps=nw,
+    flags = dict(
+        HAS_ATT=attention is not None, NEED_GRAD=need_grad, BLOCK_D=max(bk, triton.next_power_of_2(d))
     )
+    args = (z, labels.contiguous(), att, prm, rows, gp, gn, n, d)
+    _osm_rows_kernel[grid](*args, **flags, BM=bm, BN=bn, BK=bk, BD=bd, num_warps=nw)
     sums = rows.to(torch.float64).sum(0) * 0.5  # ordered pairs: every unordered pair counted twice
-    s_p, t_p, s_n, t_n = (float(v) for v in sums.tolist())
-    lp = 0.5 * t_p / s_p if s_p > 0 else 0.0
-    ln = 0.5 * t_n / s_n if s_n > 0 else 0.0
-    loss = torch.tensor((1.0 - imbalance) * lp + imbalance * ln, dtype=z.dtype, device=z.device)
-    if need_grad:
-        fp = (1.0 - imbalance) / s_p if s_p > 0 else 0.0
-        fn = -imbalance / s_n if s_n > 0 else 0.0
-        grad = gp.mul_(fp).add_(gn, alpha=fn)
-    else:
-        grad = z.new_empty(0)
-    return loss, grad, sums
+    loss, scale_p, scale_n = _loss_and_set_scales(sums, imbalance)
+    grad = gp.mul_(scale_p.to(z.dtype)).addcmul_(gn, scale_n.to(z.dtype)) if need_grad else z.new_empty(0)
+    return loss.to(z.dtype), grad, sums

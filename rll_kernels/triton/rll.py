@@ -1,22 +1,29 @@
-r"""Triton backend of the Ranked List Loss: the launchers behind the ops ``rll_kernels::rll_triton_fwd``
-and ``rll_triton_bwd`` (registered in rll_kernels/ops/rll.py with the schemas of
-rll_kernels/ops/_schemas.py, the same contract as the C++ ``rll_fwd`` / ``rll_bwd``). They return:
+r"""Triton backend of the Ranked List Loss (docs/semantics.md §2.6): the kernels and the launchers
+behind the ops ``rll_kernels::rll_triton_fwd`` and ``rll_triton_bwd`` (registered in
+rll_kernels/ops/rll.py with the schemas of rll_kernels/ops/_schemas.py, the same contract as the C++
+``rll_fwd`` / ``rll_bwd``). They return:
 
 * forward: (per-row losses (N,), the query gradient of each row's loss (N, D) when
   ``need_grad and not attached`` else (0,), row statistics (N, 4) = [log den_P, L_P, log den_N, L_N]);
 * backward: (grad q (N, D) or (0,), grad k (M, D) or (0,)) from the saved statistics.
 
-With :math:`G_{ij} = \partial L/\partial d_{ij} / d_{ij}`:
+Three kernels, each one program per block of rows streaming the other side in tiles, so no N x M
+matrix ever exists (memory O((N + M) D)):
 
-.. math::
-    \partial L/\partial z_i = (G\mathbf{1})_i z_i - (G K)_i, \qquad
-    \partial L/\partial k_j = (G^\top\mathbf{1})_j k_j - (G^\top Q)_j.
+* ``rll_fwd_kernel``: per block of BLOCK_M queries I, loop over gallery tiles J of BLOCK_N rows.
+  ``tl.dot`` gives the Gram tile; d, the duplicate rule and the sets as in rll_kernels/triton/_tiles.py
+  (strict set inequalities, -inf logits for non-members); per row and set an OnlineRow (m, l, a). With
+  ``PAPER_GRAD`` it also accumulates the query gradient in the same pass: sum_j c_ij (z_i - z_j) =
+  (sum_j c_ij) z_i - (C K)_i, one ``tl.dot`` per tile and set, rescaled when the running max moves.
+* ``rll_bwd_q_kernel``: recomputes each tile from the saved statistics and forms G = dL/dd / d
+  (weights attached or not); dq_i = (G 1)_i z_i - (G K)_i.
+* ``rll_bwd_k_kernel``: the transposed pass, one program per block of gallery rows:
+  dk_j = (G^T 1)_j k_j - (G^T Q)_j (FlashAttention's dK pass; no atomics).
 
 Inputs may be fp32, fp64, fp16 or bf16. Accumulation is fp32 (fp64 for fp64 inputs); for half
 inputs the row losses, statistics and the forward's query gradient are fp32, the backward's
-gradients have the input dtype. The ops are registered for CPU and CUDA tensors (CPU tensors run
-through the Triton interpreter, ``TRITON_INTERPRET=1``); their fake kernels and autograd are the ones
-of the C++ op (rll_kernels/ops/rll.py).
+gradients have the input dtype. Hyper-parameters reach the kernels as ``PRM`` = [alpha, beta, Tn, Tp,
+lambda, den_bias, dup_rel] in the accumulation dtype (``hyper_params``).
 
 Environment: ``RLL_TRITON_FP32_PRECISION`` selects ``tl.dot``'s ``input_precision`` for fp32 operands
 on GPU: ``tf32x3`` (default: three tf32 MMAs per product, about fp32 accuracy), ``ieee`` (fp32 FMA, no
@@ -31,17 +38,349 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
-from . import interpret_mode
-from ._rll_kernels import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
+from .._checks import compute_dtype, dup_rel_tol
+from . import hyper_params, interpret_mode
+from ._tiles import (
+    NEG_INF,
+    gram_chunked,
+    load_row4,
+    load_rows,
+    load_tile,
+    online_finish,
+    online_update,
+    pair_distance,
+    pair_sets,
+    row_norms,
+    store_gram_grad,
+    store_row4,
+    store_tile,
+)
 
 __all__ = ["INTERPRET", "rll_backward", "rll_forward"]
 
-# TRITON_INTERPRET is read when @triton.jit decorates a kernel (at import of _rll_kernels)
+
+# ------------------------------------------------------------------ tile steps
+@triton.jit
+def _rll_params(PRM):
+    """(alpha, beta, Tn, Tp, dup_rel) for the tiles, and (lambda, den_bias)."""
+    hp = (tl.load(PRM + 0), tl.load(PRM + 1), tl.load(PRM + 2), tl.load(PRM + 3), tl.load(PRM + 6))
+    return hp, tl.load(PRM + 4), tl.load(PRM + 5)
+
+
+@triton.jit
+def _labels_ids(L, ID, offs, ok, HAS_IDS: tl.constexpr):
+    """Labels and ids of a block of rows (the labels stand in for the ids when there are none)."""
+    lab = tl.load(L + offs, mask=ok, other=0)
+    ids = lab
+    if HAS_IDS:
+        ids = tl.load(ID + offs, mask=ok, other=0)
+    return lab, ids
+
+
+@triton.jit
+def _own_rows(
+    P, offs, ok, stride, D, PRM, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, K_CHUNK: tl.constexpr
+):
+    """The program's block of rows: (row pointers, dot operand, rows in the accumulation dtype, squared
+    norms); with K_CHUNK the tile is not kept (norms only; operand and copy are placeholders)."""
+    rows = P + offs[:, None] * stride
+    if K_CHUNK == 0:  # the whole block x D tile stays resident
+        offs_d = tl.arange(0, BLOCK_D)
+        x, xa, n = load_rows(rows, ok, offs_d, offs_d < D, PRM, UPCAST)
+    else:
+        n = row_norms(rows, ok, D, PRM, BLOCK_D, K_CHUNK)
+        x = n
+        xa = n
+    return rows, x, xa, n
+
+
+@triton.jit
+def _acc_rows(xa, rows, ok, D, PRM, BLOCK_D: tl.constexpr, K_CHUNK: tl.constexpr):
+    """The program's rows in the accumulation dtype: the resident copy, or read again with K_CHUNK."""
+    if K_CHUNK > 0:
+        offs_d = tl.arange(0, BLOCK_D)
+        xa = load_tile(rows, ok, offs_d, offs_d < D).to(PRM.dtype.element_ty)
+    return xa
+
+
+@triton.jit
+def _gram_tile(
+    a,
+    a_rows,
+    a_ok,
+    b_rows,
+    b_ok,
+    D,
+    PRM,
+    NEED_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_CHUNK: tl.constexpr,
+):
+    """(Gram tile a b^T, squared norms of the streamed rows b, b in the accumulation dtype when
+    ``NEED_B`` or resident). ``a`` is the resident operand; with K_CHUNK both sides are read in chunks."""
+    if K_CHUNK == 0:
+        offs_d = tl.arange(0, BLOCK_D)
+        b, ba, nb = load_rows(b_rows, b_ok, offs_d, offs_d < D, PRM, UPCAST)
+        dot = tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=PRM.dtype.element_ty)
+    else:
+        dot, nb = gram_chunked(a_rows, a_ok, b_rows, b_ok, D, PRM, UPCAST, PREC, BLOCK_D, K_CHUNK)
+        ba = nb
+        if NEED_B:  # the whole streamed tile, for the G Z product
+            offs_d = tl.arange(0, BLOCK_D)
+            ba = load_tile(b_rows, b_ok, offs_d, offs_d < D).to(PRM.dtype.element_ty)
+    return dot, nb, ba
+
+
+@triton.jit
+def _hinge_logits(dot, nq, nk, same, diff, hp):
+    """(sp, vp, sn, vn, 1/d) of a tile: vp = d - beta, vn = alpha - d, the logits sp = Tp vp on P_i
+    (d > beta) and sn = Tn vn on N_i (d < alpha), -inf elsewhere (docs/semantics.md §2.1)."""
+    alpha, beta, Tn, Tp, rel = hp
+    d, inv = pair_distance(dot, nq, nk, rel)
+    vp = d - beta
+    vn = alpha - d
+    sp = tl.where(same & (d > beta), Tp * vp, NEG_INF)
+    sn = tl.where(diff & (d < alpha), Tn * vn, NEG_INF)
+    return sp, vp, sn, vn, inv
+
+
+@triton.jit
+def _tile_G(dot, nq, nk, same, diff, wq_p, wq_n, stats, hp, ATTACHED: tl.constexpr):
+    """G = dL/dd / d of a tile from the saved row statistics (docs/semantics.md §2.3; arguments
+    broadcast to the tile): wq_p = (1 - lambda) g_i, wq_n = lambda g_i, stats = (log den_P, L_P,
+    log den_N, L_N)."""
+    lgp, Lp, lgn, Ln = stats
+    alpha, beta, Tn, Tp, rel = hp
+    sp, vp, sn, vn, inv = _hinge_logits(dot, nq, nk, same, diff, hp)
+    pp = tl.exp(sp - tl.where(lgp == NEG_INF, 0.0, lgp))
+    pn = tl.exp(sn - tl.where(lgn == NEG_INF, 0.0, lgn))
+    if ATTACHED:
+        cp = pp * (1.0 + Tp * (vp - Lp))
+        cn = -pn * (1.0 + Tn * (vn - Ln))
+    else:
+        cp = pp
+        cn = -pn
+    return (wq_p * cp + wq_n * cn) * inv
+
+
+@triton.jit
+def _rescaled_gram_grad(cs, acc, f, c, y, PREC: tl.constexpr):
+    """Running (sum_j c_ij, sum_j c_ij y_j) of a row block, the old sums rescaled by f (the running
+    max moved)."""
+    acc = acc * f[:, None] + tl.dot(c, y, input_precision=PREC, out_dtype=acc.dtype)
+    return cs * f + tl.sum(c, 1), acc
+
+
+@triton.jit
+def _set_scale(m, logden, lam):
+    """lam e^{m - log den}: the weight of a set's gradient sums, kept in units of e^m (0 if empty)."""
+    return tl.where(logden == NEG_INF, 0.0, lam * tl.exp(m - tl.where(logden == NEG_INF, 0.0, logden)))
+
+
+# ------------------------------------------------------------------ kernels
+@triton.jit
+def rll_fwd_kernel(
+    Q,
+    K,
+    QL,
+    KL,
+    QID,
+    KID,
+    PRM,
+    LOSS,
+    STATS,
+    GQ,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PAPER_GRAD: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+    PREC_QK: tl.constexpr,
+    PREC_GZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr = 0,
+):
+    acc_t = PRM.dtype.element_ty
+    hp, lam, bias = _rll_params(PRM)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    q_rows, q, qa, nq = _own_rows(Q, offs_m, row_ok, stride_q, D, PRM, UPCAST_QK, BLOCK_D, K_CHUNK)
+    ql, qid = _labels_ids(QL, QID, offs_m, row_ok, HAS_IDS)
+    m_p = tl.full([BLOCK_M], NEG_INF, acc_t)
+    l_p = tl.zeros([BLOCK_M], acc_t)
+    a_p = tl.zeros([BLOCK_M], acc_t)
+    m_n = tl.full([BLOCK_M], NEG_INF, acc_t)
+    l_n = tl.zeros([BLOCK_M], acc_t)
+    a_n = tl.zeros([BLOCK_M], acc_t)
+    cs_p = tl.zeros([BLOCK_M], acc_t)
+    cs_n = tl.zeros([BLOCK_M], acc_t)
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], acc_t)
+    acc_n = tl.zeros([BLOCK_M, BLOCK_D], acc_t)
+    for j0 in range(0, M, BLOCK_N):
+        offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = offs_n < M
+        k_rows = K + offs_n[:, None] * stride_k
+        dot, nk, ka = _gram_tile(
+            q, q_rows, row_ok, k_rows, col_ok, D, PRM, PAPER_GRAD, UPCAST_QK, PREC_QK, BLOCK_D, K_CHUNK
+        )
+        kl, kid = _labels_ids(KL, KID, offs_n, col_ok, HAS_IDS)
+        same, diff = pair_sets(ql, kl, qid, kid, row_ok, col_ok, HAS_IDS)
+        sp, vp, sn, vn, inv = _hinge_logits(dot, nq[:, None], nk[None, :], same, diff, hp)
+        m_p, l_p, a_p, f_p, w_p = online_update(m_p, l_p, a_p, sp, vp)
+        m_n, l_n, a_n, f_n, w_n = online_update(m_n, l_n, a_n, sn, vn)
+        if PAPER_GRAD:
+            cs_p, acc_p = _rescaled_gram_grad(cs_p, acc_p, f_p, w_p * inv, ka, PREC_GZ)
+            cs_n, acc_n = _rescaled_gram_grad(cs_n, acc_n, f_n, w_n * inv, ka, PREC_GZ)
+    L_p, lg_p = online_finish(m_p, l_p, a_p, bias, HAS_BIAS)
+    L_n, lg_n = online_finish(m_n, l_n, a_n, bias, HAS_BIAS)
+    tl.store(LOSS + offs_m, (1.0 - lam) * L_p + lam * L_n, mask=row_ok)
+    store_row4(STATS, offs_m, row_ok, lg_p, L_p, lg_n, L_n)
+    if PAPER_GRAD:
+        # dL/dz_i = sum_set +-lambda_set e^{m - logden} (csum z_i - acc_i)
+        fp = _set_scale(m_p, lg_p, 1.0 - lam)
+        fn = _set_scale(m_n, lg_n, -lam)
+        qa = _acc_rows(qa, q_rows, row_ok, D, PRM, BLOCK_D, K_CHUNK)
+        g = (fp * cs_p + fn * cs_n)[:, None] * qa - fp[:, None] * acc_p - fn[:, None] * acc_n
+        offs_d = tl.arange(0, BLOCK_D)
+        store_tile(GQ + offs_m[:, None] * stride_g, row_ok, offs_d, offs_d < D, g)
+
+
+@triton.jit
+def rll_bwd_q_kernel(
+    GR,
+    Q,
+    K,
+    QL,
+    KL,
+    QID,
+    KID,
+    STATS,
+    PRM,
+    GQ,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    ATTACHED: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+    PREC_QK: tl.constexpr,
+    PREC_GZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr = 0,
+):
+    acc_t = PRM.dtype.element_ty
+    hp, lam, _ = _rll_params(PRM)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    q_rows, q, qa, nq = _own_rows(Q, offs_m, row_ok, stride_q, D, PRM, UPCAST_QK, BLOCK_D, K_CHUNK)
+    ql, qid = _labels_ids(QL, QID, offs_m, row_ok, HAS_IDS)
+    g_row = tl.load(GR + offs_m, mask=row_ok, other=0.0).to(acc_t)
+    lgp, Lp, lgn, Ln = load_row4(STATS, offs_m, row_ok, PRM)
+    stats = (lgp[:, None], Lp[:, None], lgn[:, None], Ln[:, None])
+    wq_p = ((1.0 - lam) * g_row)[:, None]
+    wq_n = (lam * g_row)[:, None]
+    rs = tl.zeros([BLOCK_M], acc_t)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], acc_t)
+    for j0 in range(0, M, BLOCK_N):
+        offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = offs_n < M
+        k_rows = K + offs_n[:, None] * stride_k
+        dot, nk, ka = _gram_tile(
+            q, q_rows, row_ok, k_rows, col_ok, D, PRM, True, UPCAST_QK, PREC_QK, BLOCK_D, K_CHUNK
+        )
+        kl, kid = _labels_ids(KL, KID, offs_n, col_ok, HAS_IDS)
+        same, diff = pair_sets(ql, kl, qid, kid, row_ok, col_ok, HAS_IDS)
+        G = _tile_G(dot, nq[:, None], nk[None, :], same, diff, wq_p, wq_n, stats, hp, ATTACHED)
+        rs += tl.sum(G, 1)
+        acc += tl.dot(G, ka, input_precision=PREC_GZ, out_dtype=acc_t)
+    qa = _acc_rows(qa, q_rows, row_ok, D, PRM, BLOCK_D, K_CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    store_gram_grad(GQ + offs_m[:, None] * stride_g, row_ok, offs_d, offs_d < D, rs, qa, acc)
+
+
+@triton.jit
+def rll_bwd_k_kernel(
+    GR,
+    Q,
+    K,
+    QL,
+    KL,
+    QID,
+    KID,
+    STATS,
+    PRM,
+    GK,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    ATTACHED: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+    PREC_QK: tl.constexpr,
+    PREC_GZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr = 0,
+):
+    # one program per BLOCK_N gallery rows J; loops over query tiles I (tiles are gallery-major)
+    acc_t = PRM.dtype.element_ty
+    hp, lam, _ = _rll_params(PRM)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    k_rows, k, ka, nk = _own_rows(K, offs_n, col_ok, stride_k, D, PRM, UPCAST_QK, BLOCK_D, K_CHUNK)
+    kl, kid = _labels_ids(KL, KID, offs_n, col_ok, HAS_IDS)
+    cs = tl.zeros([BLOCK_N], acc_t)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], acc_t)
+    for i0 in range(0, N, BLOCK_M):
+        offs_m = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = offs_m < N
+        q_rows = Q + offs_m[:, None] * stride_q
+        dot, nq, qa = _gram_tile(
+            k, k_rows, col_ok, q_rows, row_ok, D, PRM, True, UPCAST_QK, PREC_QK, BLOCK_D, K_CHUNK
+        )  # (BLOCK_N, BLOCK_M)
+        ql, qid = _labels_ids(QL, QID, offs_m, row_ok, HAS_IDS)
+        same, diff = pair_sets(kl, ql, kid, qid, col_ok, row_ok, HAS_IDS)
+        g_row = tl.load(GR + offs_m, mask=row_ok, other=0.0).to(acc_t)
+        lgp, Lp, lgn, Ln = load_row4(STATS, offs_m, row_ok, PRM)
+        stats = (lgp[None, :], Lp[None, :], lgn[None, :], Ln[None, :])
+        wq_p = ((1.0 - lam) * g_row)[None, :]
+        wq_n = (lam * g_row)[None, :]
+        GT = _tile_G(dot, nq[None, :], nk[:, None], same, diff, wq_p, wq_n, stats, hp, ATTACHED)
+        cs += tl.sum(GT, 1)
+        acc += tl.dot(GT, qa, input_precision=PREC_GZ, out_dtype=acc_t)
+    # dL/dk_j = sum_i G_ij (k_j - q_i)
+    ka = _acc_rows(ka, k_rows, col_ok, D, PRM, BLOCK_D, K_CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    store_gram_grad(GK + offs_n[:, None] * stride_g, col_ok, offs_d, offs_d < D, cs, ka, acc)
+
+
+# ------------------------------------------------------------------ launch settings
+# TRITON_INTERPRET is read when @triton.jit decorates a kernel (at import of this module)
 INTERPRET = interpret_mode()
 _HALF = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float32, torch.float64) + _HALF
@@ -52,10 +391,6 @@ _KERNELS = {"fwd": rll_fwd_kernel, "bwd_q": rll_bwd_q_kernel, "bwd_k": rll_bwd_k
 # Under the interpreter programs run serially in Python: few programs, large blocks.
 # (BLOCK_M, BLOCK_N[, K_CHUNK]); K_CHUNK = 0 keeps the whole D of a tile resident.
 _INTERP_BLOCKS = {"fwd": (32, 64), "bwd_q": (32, 64), "bwd_k": (64, 32)}
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fp32_precision() -> str:
@@ -101,7 +436,7 @@ def _block_d(d: int) -> int:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, K_CHUNK]). sm_90 (H100: 228 KiB smem/SM) takes deeper pipelines
 # and bigger tiles than sm_80 (A100: 164 KiB). Configs whose accumulators or staged tiles cannot fit
 # are pruned per BLOCK_D and dtype before timing (see _prune); the shared-memory model was checked
-# against Triton's AOT compile for sm_90 (python -m rll_kernels.triton._rll_aot): within +-50%, and a
+# against Triton's AOT compile for sm_90 (python -m rll_kernels.triton._aot): within +-50%, and a
 # config that still runs out of resources is timed as inf by the autotuner. (16, 32, 4, 2) is the
 # small-footprint fallback: 128 KiB at BLOCK_D = 512 fp32 (compiled for sm_90). Configs with a K_CHUNK
 # accumulate the Gram tile over D in chunks, so only chunk tiles are staged: at large D these are the
@@ -144,10 +479,10 @@ _CONFIGS = {
 _SMEM = {90: 227 * 1024, 80: 163 * 1024}
 
 
-def _prune(kind: str, cap: int):
+def _prune(kind: str, cap: int) -> Callable[..., list]:
     """early_config_prune: drop configs whose register accumulators or staged tiles overflow."""
 
-    def prune(configs, named_args, **kwargs):
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
         args = {**named_args, **kwargs}
         bd = args["BLOCK_D"]
         elem = args["Q"].element_size()
@@ -180,19 +515,17 @@ def _prune(kind: str, cap: int):
 
 
 @functools.cache
-def _tuned(kind: str, cap: int):
-    fn = _KERNELS[kind]
-    configs = _configs(cap)
+def _tuned(kind: str, cap: int) -> triton.runtime.Autotuner:
     # BLOCK_D (D rounded up to a power of 2) rather than D: one tuning per size class, not per D
     key = ["BLOCK_D", "HAS_IDS"] + (["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"])
     return triton.autotune(
-        configs=configs,
+        configs=_configs(cap),
         key=key,
         prune_configs_by={"early_config_prune": _prune(kind, 90 if cap >= 90 else 80)},
-    )(fn)
+    )(_KERNELS[kind])
 
 
-def _configs(cap: int) -> list:
+def _configs(cap: int) -> list[triton.Config]:
     table = _CONFIGS[90 if cap >= 90 else 80]
     return [
         triton.Config(
@@ -204,10 +537,9 @@ def _configs(cap: int) -> list:
     ]
 
 
-def pick_config(kind: str, cap: int, args: tuple, flags: dict):
+def pick_config(kind: str, cap: int, args: tuple, flags: dict) -> triton.Config:
     """The first launch configuration that survives pruning (no timing): RLL_TRITON_AUTOTUNE=0."""
-    fn = _KERNELS[kind]
-    named = dict(zip(fn.arg_names, args))
+    named = dict(zip(_KERNELS[kind].arg_names, args))
     return _prune(kind, 90 if cap >= 90 else 80)(_configs(cap), named, **flags)[0]
 
 
@@ -215,9 +547,9 @@ def _launch(kind: str, grid_rows: int, args: tuple, device: torch.device, **flag
     """Launch one kernel: fixed blocks under the interpreter, autotuned on a GPU (RLL_TRITON_AUTOTUNE=0:
     the first configuration that fits, without timing; what the GPU test run uses)."""
     row_block = "BLOCK_N" if kind == "bwd_k" else "BLOCK_M"
+    fn = _KERNELS[kind]
     if INTERPRET or device.type != "cuda":
         bm, bn, *kc = _INTERP_BLOCKS[kind]
-        fn = _KERNELS[kind]
         blk = {"BLOCK_M": bm, "BLOCK_N": bn, "K_CHUNK": kc[0] if kc else 0}
         fn[(triton.cdiv(grid_rows, blk[row_block]),)](*args, **flags, **blk, num_warps=4)
         return
@@ -226,15 +558,18 @@ def _launch(kind: str, grid_rows: int, args: tuple, device: torch.device, **flag
     with torch.cuda.device(device):
         if os.environ.get("RLL_TRITON_AUTOTUNE", "1") == "0":
             c = pick_config(kind, cap, args, flags)
-            _KERNELS[kind][(triton.cdiv(grid_rows, c.kwargs[row_block]),)](
-                *args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages
-            )
+            grid = (triton.cdiv(grid_rows, c.kwargs[row_block]),)
+            fn[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             return
-        fn = _tuned(kind, cap)
-        fn[lambda meta: (triton.cdiv(grid_rows, meta[row_block]),)](*args, **flags)
+        _tuned(kind, cap)[lambda meta: (triton.cdiv(grid_rows, meta[row_block]),)](*args, **flags)
 
 
 # ------------------------------------------------------------------ argument checks
+def _check_index(name: str, t: torch.Tensor, n: int) -> None:
+    if t.dim() != 1 or t.shape[0] != n or t.dtype != torch.int64:
+        raise ValueError(f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+
+
 def _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> None:
     if q.dim() != 2:
         raise ValueError(f"rll_triton: q must be 2-D (N, D), got {q.dim()}-D")
@@ -248,19 +583,13 @@ def _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> None:
         raise ValueError(f"rll_triton: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     if q.dtype not in _DTYPES:
         raise ValueError(f"rll_triton: q must be one of {_DTYPES}, got {q.dtype}")
-    for name, t, n in (("q_labels", q_labels, q.shape[0]), ("k_labels", k_labels, k.shape[0])):
-        if t.dim() != 1 or t.shape[0] != n or t.dtype != torch.int64:
-            raise ValueError(
-                f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}"
-            )
+    _check_index("q_labels", q_labels, q.shape[0])
+    _check_index("k_labels", k_labels, k.shape[0])
     if (q_ids is None) != (k_ids is None):
         raise ValueError("rll_triton: q_ids and k_ids must be given together")
     if q_ids is not None:
-        for name, t, n in (("q_ids", q_ids, q.shape[0]), ("k_ids", k_ids, k.shape[0])):
-            if t.dim() != 1 or t.shape[0] != n or t.dtype != torch.int64:
-                raise ValueError(
-                    f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}"
-                )
+        _check_index("q_ids", q_ids, q.shape[0])
+        _check_index("k_ids", k_ids, k.shape[0])
     for t in (q, q_labels, k, k_labels) + ((q_ids, k_ids) if q_ids is not None else ()):
         if t.device != q.device:
             raise ValueError(f"rll_triton: all tensors must be on {q.device}, got {t.device}")
@@ -281,37 +610,24 @@ def _check_params(alpha: float, beta: float, imbalance: float, den_bias: float) 
         raise ValueError(f"rll_triton: den_bias must be >= 0, got {den_bias}")
 
 
-def _params(q: torch.Tensor, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.Tensor:
-    return _params_cached(
-        str(q.device),
-        _acc_dtype(q.dtype),
-        float(alpha),
-        float(beta),
-        float(Tn),
-        float(Tp),
-        float(imbalance),
-        float(den_bias),
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _params_cached(device: str, acc: torch.dtype, alpha, beta, Tn, Tp, imbalance, den_bias) -> torch.Tensor:
-    # cached: a host-to-device copy per call would synchronise the stream (pageable memory); the
-    # kernels only read it
-    rel = (
-        64.0 * torch.finfo(acc).eps
-    )  # duplicate threshold (docs/semantics.md §1.3): 64 eps of the accumulation type
-    return torch.tensor([alpha, beta, Tn, Tp, imbalance, den_bias, rel], dtype=acc, device=device)
-
-
-def _ids_args(q_ids, k_ids, q_labels, k_labels):
-    # without ids the kernels never read QID/KID; pass the labels as typed placeholders
+# ------------------------------------------------------------------ launchers
+def _tile_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """(q, k, q_labels, k_labels, q_ids, k_ids) as the kernels read them, and whether there are ids
+    (without ids the kernels never read QID/KID: the labels stand in as typed placeholders)."""
+    q, k = q.detach().contiguous(), k.detach().contiguous()
+    ql, kl = q_labels.contiguous(), k_labels.contiguous()
     if q_ids is None:
-        return q_labels, k_labels, False
-    return q_ids.contiguous(), k_ids.contiguous(), True
+        return (q, k, ql, kl, ql, kl), False
+    return (q, k, ql, kl, q_ids.contiguous(), k_ids.contiguous()), True
 
 
-# ------------------------------------------------------------------ custom ops
+def _bwd_args(g: torch.Tensor, t: tuple, stats: torch.Tensor, prm: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The argument list of rll_bwd_q_kernel / rll_bwd_k_kernel."""
+    q, k, ql, kl, qid, kid = t
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    return (g, q, k, ql, kl, qid, kid, stats, prm, out, n, m, d, q.stride(0), k.stride(0), out.stride(0))
+
+
 def rll_forward(
     q: torch.Tensor,
     q_labels: torch.Tensor,
@@ -333,70 +649,24 @@ def rll_forward(
     _check_params(alpha, beta, imbalance, den_bias)
     paper_grad = need_grad and not attached
     n, d = q.shape
-    acc = _acc_dtype(q.dtype)
-    loss = torch.empty(n, dtype=acc, device=q.device)
-    stats = torch.empty(n, 4, dtype=acc, device=q.device)
-    gradq = (
-        torch.empty(n, d, dtype=acc, device=q.device)
-        if paper_grad
-        else torch.empty(0, dtype=acc, device=q.device)
-    )
+    acc = compute_dtype(q.dtype)
+    loss = q.new_empty(n, dtype=acc)
+    stats = q.new_empty(n, 4, dtype=acc)
+    gradq = q.new_empty((n, d) if paper_grad else (0,), dtype=acc)
     if n == 0:
         return loss, gradq, stats
-    q, k = q.detach().contiguous(), k.detach().contiguous()
-    ql, kl = q_labels.contiguous(), k_labels.contiguous()
-    qid, kid, has_ids = _ids_args(q_ids, k_ids, ql, kl)
-    prm = _params(q, alpha, beta, Tn, Tp, imbalance, den_bias)
+    t, has_ids = _tile_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
+    prm = hyper_params(q, alpha, beta, Tn, Tp, imbalance, den_bias, dup_rel_tol(acc))
     one_pass = paper_grad and d <= _one_pass_max_d()
     g_arg = gradq if one_pass else loss  # placeholder pointer when no gradient is written
-    args = (
-        q,
-        k,
-        ql,
-        kl,
-        qid,
-        kid,
-        prm,
-        loss,
-        stats,
-        g_arg,
-        n,
-        k.shape[0],
-        d,
-        q.stride(0),
-        k.stride(0),
-        gradq.stride(0) if one_pass else d,
-    )
+    dims = (n, k.shape[0], d, t[0].stride(0), t[1].stride(0), g_arg.stride(0) if one_pass else d)
     flags = dict(HAS_IDS=has_ids, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
+    args = (t[0], t[1], t[2], t[3], t[4], t[5], prm, loss, stats, g_arg) + dims
     _launch("fwd", n, args, q.device, HAS_BIAS=den_bias > 0.0, PAPER_GRAD=one_pass, **flags)
     if paper_grad and not one_pass:
         # large D: the query gradient of every row (grad_rows = 1) from the saved statistics
-        ones = torch.ones(n, dtype=acc, device=q.device)
-        _launch(
-            "bwd_q",
-            n,
-            (
-                ones,
-                q,
-                k,
-                ql,
-                kl,
-                qid,
-                kid,
-                stats,
-                prm,
-                gradq,
-                n,
-                k.shape[0],
-                d,
-                q.stride(0),
-                k.stride(0),
-                gradq.stride(0),
-            ),
-            q.device,
-            ATTACHED=False,
-            **flags,
-        )
+        ones = q.new_ones(n, dtype=acc)
+        _launch("bwd_q", n, _bwd_args(ones, t, stats, prm, gradq), q.device, ATTACHED=False, **flags)
     return loss, gradq, stats
 
 
@@ -431,28 +701,14 @@ def rll_backward(
     gk = torch.zeros_like(k) if need_gk else k.new_empty(0)
     if n == 0 or m == 0 or (not need_gq and not need_gk):
         return gq, gk
-    acc = _acc_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     g = grad_rows.detach().to(acc).contiguous()
     st = stats.detach().to(acc).contiguous()
-    qc, kc = q.detach().contiguous(), k.detach().contiguous()
-    ql, kl = q_labels.contiguous(), k_labels.contiguous()
-    qid, kid, has_ids = _ids_args(q_ids, k_ids, ql, kl)
-    prm = _params(q, alpha, beta, Tn, Tp, imbalance, den_bias)
+    t, has_ids = _tile_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
+    prm = hyper_params(q, alpha, beta, Tn, Tp, imbalance, den_bias, dup_rel_tol(acc))
     flags = dict(HAS_IDS=has_ids, ATTACHED=attached, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
     if need_gq:
-        _launch(
-            "bwd_q",
-            n,
-            (g, qc, kc, ql, kl, qid, kid, st, prm, gq, n, m, d, qc.stride(0), kc.stride(0), gq.stride(0)),
-            q.device,
-            **flags,
-        )
+        _launch("bwd_q", n, _bwd_args(g, t, st, prm, gq), q.device, **flags)
     if need_gk:
-        _launch(
-            "bwd_k",
-            m,
-            (g, qc, kc, ql, kl, qid, kid, st, prm, gk, n, m, d, qc.stride(0), kc.stride(0), gk.stride(0)),
-            q.device,
-            **flags,
-        )
+        _launch("bwd_k", m, _bwd_args(g, t, st, prm, gk), q.device, **flags)
     return gq, gk

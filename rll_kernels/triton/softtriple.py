@@ -25,45 +25,38 @@ import torch
 import triton
 import triton.language as tl
 
+from . import hyper_params
+from ._tiles import load_tile, online_rescale, store_tile
+
 __all__ = ["softtriple_backward", "softtriple_forward"]
 
 NORM_EPS = 1e-12
 
 
 @triton.jit
-def _logits_tile(
-    x_ptr,
-    w_ptr,
-    rn_ptr,
-    offs_m,
-    mask_m,
-    col,
-    valid_j,
-    D,
-    stride_xn,
-    stride_wd,
-    BM: tl.constexpr,
-    BCKP: tl.constexpr,
-    BD: tl.constexpr,
-):
+def _softtriple_params(PRM):
+    """(1/gamma, la, la * margin) (docs/semantics.md §3.1)."""
+    return tl.load(PRM + 0), tl.load(PRM + 1), tl.load(PRM + 2)
+
+
+@triton.jit
+def _logits_tile(x_rows, mask_m, w_ptr, col, valid_j, rn_ptr, D, stride_wd, BD: tl.constexpr):
     """s[m, j] = x_m . w_col(j) / |w_col(j)| for a row block and a class tile (0 where masked)."""
-    acc = tl.zeros((BM, BCKP), dtype=x_ptr.dtype.element_ty)  # float32 or float64
+    acc = tl.zeros((mask_m.shape[0], col.shape[0]), dtype=x_rows.dtype.element_ty)  # float32 or float64
     for d0 in range(0, D, BD):
         offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
         mask_d = offs_d < D
-        xb = tl.load(
-            x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
-            mask=mask_m[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        wb = tl.load(
-            w_ptr + offs_d[:, None] * stride_wd + col[None, :],
-            mask=mask_d[:, None] & valid_j[None, :],
-            other=0.0,
-        )
+        xb = load_tile(x_rows, mask_m, offs_d, mask_d)
+        wb = load_tile(w_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j)
         acc += tl.dot(xb, wb, input_precision="ieee")
     rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
     return acc * rn[None, :]
+
+
+@triton.jit
+def _add_to_tile(rows, ok, offs_c, c_ok, value):
+    """rows[:, offs_c] += value (a tile this program owns: no atomics)."""
+    store_tile(rows, ok, offs_c, c_ok, load_tile(rows, ok, offs_c, c_ok) + value)
 
 
 @triton.jit
@@ -82,22 +75,10 @@ def _class_sims(s, valid_j, inv_gamma, BM: tl.constexpr, BC: tl.constexpr, KP: t
 
 @triton.jit
 def _grad_tile(
-    s,
-    y,
-    lse,
-    g_row,
-    mask_m,
-    c0,
-    C,
-    valid_j,
-    inv_gamma,
-    la,
-    la_margin,
-    BM: tl.constexpr,
-    BC: tl.constexpr,
-    KP: tl.constexpr,
+    s, y, lse, g_row, mask_m, c0, C, valid_j, hp, BM: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr
 ):
     """G[m, j] = dL/ds for a tile: g_i la (P_ic - [c = y_i]) q_ick (1 + (s_ick - S_ic)/gamma)."""
+    inv_gamma, la, la_margin = hp
     S, e, den = _class_sims(s, valid_j, inv_gamma, BM, BC, KP)
     cls = c0 + tl.arange(0, BC)
     is_y = (cls[None, :] == y[:, None]).to(S.dtype)
@@ -121,6 +102,14 @@ def _tile_columns(c0, C, K, BC: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
+def _row_inputs(y_ptr, lse_ptr, g_ptr, offs_m, mask_m):
+    """Labels, saved log-sum-exp and upstream gradient of a block of rows."""
+    y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    return y, lse, tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+
+
+@triton.jit
 def _st_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -128,23 +117,22 @@ def _st_fwd_kernel(
     rn_ptr,
     loss_ptr,
     lse_ptr,
+    PRM,
     N,
     D,
     C,
     K,
     stride_xn,
     stride_wd,
-    inv_gamma,
-    la,
-    la_margin,
     BM: tl.constexpr,
     BC: tl.constexpr,
     KP: tl.constexpr,
     BD: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_m = pid * BM + tl.arange(0, BM)
+    inv_gamma, la, la_margin = _softtriple_params(PRM)
+    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     mask_m = offs_m < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xn
     y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
     dt = loss_ptr.dtype.element_ty
     m_i = tl.full((BM,), -1.0e30, dtype=dt)
@@ -152,18 +140,15 @@ def _st_fwd_kernel(
     zt = tl.zeros((BM,), dtype=dt)
     for c0 in range(0, C, BC):
         col, valid_j = _tile_columns(c0, C, K, BC, KP)
-        s = _logits_tile(
-            x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd, BM, BC * KP, BD
-        )
+        s = _logits_tile(x_rows, mask_m, w_ptr, col, valid_j, rn_ptr, D, stride_wd, BD)
         S, e, den = _class_sims(s, valid_j, inv_gamma, BM, BC, KP)
         cls = c0 + tl.arange(0, BC)
         is_y = cls[None, :] == y[:, None]
         z = la * S - la_margin * is_y.to(S.dtype)
         z = tl.where(cls[None, :] < C, z, -1.0e30)
         zt += tl.sum(tl.where(is_y, z, 0.0), axis=1)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, f, w = online_rescale(m_i, z)
+        l_i = l_i * f + tl.sum(w, axis=1)
     lse = m_i + tl.log(l_i)
     tl.store(lse_ptr + offs_m, lse, mask=mask_m)
     tl.store(loss_ptr + offs_m, lse - zt, mask=mask_m)
@@ -178,49 +163,37 @@ def _st_bwd_dx_kernel(
     rn_ptr,
     lse_ptr,
     gxp_ptr,
+    PRM,
     N,
     D,
     C,
     K,
     stride_xn,
     stride_wd,
-    inv_gamma,
-    la,
-    la_margin,
     SPLIT,
     BM: tl.constexpr,
     BC: tl.constexpr,
     KP: tl.constexpr,
     BD: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    hp = _softtriple_params(PRM)
     split = tl.program_id(1).to(tl.int64)
-    offs_m = pid * BM + tl.arange(0, BM)
+    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     mask_m = offs_m < N
-    y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
-    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-    g_row = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-    part = gxp_ptr + split * N * D  # this program's rows of this split: owned, no atomics
+    x_rows = x_ptr + offs_m[:, None] * stride_xn
+    y, lse, g_row = _row_inputs(y_ptr, lse_ptr, g_ptr, offs_m, mask_m)
+    part_rows = gxp_ptr + split * N * D + offs_m[:, None] * D  # this split's rows: owned, no atomics
     for c0 in range(split * BC, C, SPLIT * BC):
         col, valid_j = _tile_columns(c0, C, K, BC, KP)
-        s = _logits_tile(
-            x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd, BM, BC * KP, BD
-        )
-        g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin, BM, BC, KP)
-        rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
-        g = g * rn[None, :]
+        s = _logits_tile(x_rows, mask_m, w_ptr, col, valid_j, rn_ptr, D, stride_wd, BD)
+        g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, hp, BM, BC, KP)
+        g = g * tl.load(rn_ptr + col, mask=valid_j, other=0.0)[None, :]
         for d0 in range(0, D, BD):
             offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
             mask_d = offs_d < D
-            wb = tl.load(
-                w_ptr + offs_d[:, None] * stride_wd + col[None, :],
-                mask=mask_d[:, None] & valid_j[None, :],
-                other=0.0,
-            )
-            ptrs = part + offs_m[:, None] * D + offs_d[None, :]
-            msk = mask_m[:, None] & mask_d[None, :]
-            cur = tl.load(ptrs, mask=msk, other=0.0)
-            tl.store(ptrs, cur + tl.dot(g, tl.trans(wb), input_precision="ieee"), mask=msk)
+            wb = load_tile(w_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j)
+            gx = tl.dot(g, tl.trans(wb), input_precision="ieee")
+            _add_to_tile(part_rows, mask_m, offs_d, mask_d, gx)
 
 
 @triton.jit
@@ -233,59 +206,45 @@ def _st_bwd_dw_kernel(
     q_ptr,
     lse_ptr,
     gw_ptr,
+    PRM,
     N,
     D,
     C,
     K,
     stride_xn,
     stride_wd,
-    inv_gamma,
-    la,
-    la_margin,
     BM: tl.constexpr,
     BC: tl.constexpr,
     KP: tl.constexpr,
     BD: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    c0 = pid * BC
+    hp = _softtriple_params(PRM)
+    c0 = tl.program_id(0).to(tl.int64) * BC
     col, valid_j = _tile_columns(c0, C, K, BC, KP)
     rn = tl.load(rn_ptr + col, mask=valid_j, other=0.0)
     cs = tl.zeros((BC * KP,), dtype=gw_ptr.dtype.element_ty)
     for i0 in range(0, N, BM):
         offs_m = (i0 + tl.arange(0, BM)).to(tl.int64)
         mask_m = offs_m < N
-        y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
-        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-        g_row = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-        s = _logits_tile(
-            x_ptr, w_ptr, rn_ptr, offs_m, mask_m, col, valid_j, D, stride_xn, stride_wd, BM, BC * KP, BD
-        )
-        g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, inv_gamma, la, la_margin, BM, BC, KP)
+        x_rows = x_ptr + offs_m[:, None] * stride_xn
+        y, lse, g_row = _row_inputs(y_ptr, lse_ptr, g_ptr, offs_m, mask_m)
+        s = _logits_tile(x_rows, mask_m, w_ptr, col, valid_j, rn_ptr, D, stride_wd, BD)
+        g = _grad_tile(s, y, lse, g_row, mask_m, c0, C, valid_j, hp, BM, BC, KP)
         cs += tl.sum(g * s, axis=0)
         g = g * rn[None, :]
         for d0 in range(0, D, BD):
             offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
             mask_d = offs_d < D
-            xb = tl.load(
-                x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0,
-            )
-            ptrs = gw_ptr + offs_d[:, None] * stride_wd + col[None, :]
-            msk = mask_d[:, None] & valid_j[None, :]
-            cur = tl.load(ptrs, mask=msk, other=0.0)
-            tl.store(ptrs, cur + tl.dot(tl.trans(xb), g, input_precision="ieee"), mask=msk)
+            xb = load_tile(x_rows, mask_m, offs_d, mask_d)
+            gw = tl.dot(tl.trans(xb), g, input_precision="ieee")
+            _add_to_tile(gw_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j, gw)
     # F.normalize's projection on this tile's columns (owned by this program)
     coef = tl.load(q_ptr + col, mask=valid_j, other=0.0) * cs
     for d0 in range(0, D, BD):
         offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
         mask_d = offs_d < D
-        msk = mask_d[:, None] & valid_j[None, :]
-        wb = tl.load(w_ptr + offs_d[:, None] * stride_wd + col[None, :], mask=msk, other=0.0)
-        ptrs = gw_ptr + offs_d[:, None] * stride_wd + col[None, :]
-        cur = tl.load(ptrs, mask=msk, other=0.0)
-        tl.store(ptrs, cur - coef[None, :] * wb, mask=msk)
+        wb = load_tile(w_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j)
+        _add_to_tile(gw_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j, -coef[None, :] * wb)
 
 
 # ---------------------------------------------------------------- launch helpers
@@ -338,28 +297,10 @@ def softtriple_forward(
     if n == 0:
         return loss, lse
     rn, _ = _column_scales(w)
+    prm = hyper_params(x, 1.0 / gamma, la, la * margin)
     bm, bc, kp, bd = _blocks(n, d, k)
-    _st_fwd_kernel[(triton.cdiv(n, bm),)](
-        x,
-        labels,
-        w,
-        rn,
-        loss,
-        lse,
-        n,
-        d,
-        c,
-        k,
-        x.stride(0),
-        w.stride(0),
-        1.0 / gamma,
-        float(la),
-        float(la * margin),
-        BM=bm,
-        BC=bc,
-        KP=kp,
-        BD=bd,
-    )
+    args = (x, labels, w, rn, loss, lse, prm, n, d, c, k, x.stride(0), w.stride(0))
+    _st_fwd_kernel[(triton.cdiv(n, bm),)](*args, BM=bm, BC=bc, KP=kp, BD=bd)
     return loss, lse
 
 
@@ -389,7 +330,7 @@ def softtriple_backward(
         return (torch.zeros_like(x) if need_gx else gx), (torch.zeros_like(w) if need_gw else gw)
     rn, q = _column_scales(w)
     bm, bc, kp, bd = _blocks(n, d, k)
-    args = (n, d, c, k, x.stride(0), w.stride(0), 1.0 / gamma, float(la), float(la * margin))
+    args = (hyper_params(x, 1.0 / gamma, la, la * margin), n, d, c, k, x.stride(0), w.stride(0))
     if need_gx:
         ntiles = triton.cdiv(c, bc)
         nblk = triton.cdiv(n, bm)

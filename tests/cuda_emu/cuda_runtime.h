@@ -4,13 +4,13 @@
 // __syncwarp are std::barrier waits, warp shuffles go through a per-warp buffer between two
 // barriers, __shared__ variables are function statics (one block at a time). It checks the kernels'
 // logic (indexing, tiling, masks, reductions, barriers placed where shared data is reused), not
-// their speed; the tensor-core branch (__CUDA_ARCH__ >= 800) is not compiled here.
+// their speed; the tensor-core branch (__CUDA_ARCH__ >= 800) is compiled only with RLL_EMULATE_WMMA
+// (mma.h).
 #pragma once
 
 #include <barrier>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -29,9 +29,8 @@ struct dim3 {
 inline thread_local dim3 threadIdx, blockIdx;
 
 using cudaStream_t = struct CUstream_st*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t { cudaSuccess = 0 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "error"; }
 
 namespace rll_emu {
 struct Warp {

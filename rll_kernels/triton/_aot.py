@@ -1,11 +1,13 @@
-"""Ahead-of-time compilation of the RLL Triton kernels for a GPU target, on a machine without a GPU.
+"""Ahead-of-time compilation of the Triton kernels for a GPU target, on a machine without a GPU.
 
-``python -m rll_kernels.triton._rll_aot [--cap 90] [--dtype fp32] [--block-d 128] [--config 64,64,4,3]``
+``python -m rll_kernels.triton._aot [--cap 90] [--dtype fp32] [--block-d 128] [--config 64,64,4,3]``
 compiles every kernel variant (forward with and without the one-pass gradient, backward dq and dk)
 with Triton's own compiler and ptxas for sm_80 / sm_90 and prints the shared memory each launch
 configuration needs and its tensor-core instruction count. It needs triton (with its bundled ptxas),
 no GPU and no CUDA driver, and it must run with ``TRITON_INTERPRET`` unset: under the interpreter the
 kernels are Python functions, not compilable ones. A GPU run must still confirm the speed.
+``compile_sibling`` compiles the SoftTriple and OSM kernels (``SIBLINGS``) with the block sizes their
+launchers use on a GPU, so the GPU compiler checks them too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 KINDS = ("fwd_paper", "fwd_stats", "bwd_q", "bwd_k")
 _TRITON_DT = {
@@ -35,14 +41,10 @@ def compile_kernel(
     num_stages: int,
     fp32_precision: str = "tf32x3",
     k_chunk: int = 0,
-):
-    """Compile one kernel variant for ``sm_<cap>``; returns the CompiledKernel (``.asm``, ``.metadata``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (kernels are interpreted otherwise)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from ._rll_kernels import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
+) -> CompiledKernel:
+    """Compile one RLL kernel variant for ``sm_<cap>``; returns the CompiledKernel (``.asm``,
+    ``.metadata``)."""
+    from .rll import rll_bwd_k_kernel, rll_bwd_q_kernel, rll_fwd_kernel
 
     elem, acc = _TRITON_DT[dtype]
     fn = {
@@ -80,6 +82,16 @@ def compile_kernel(
         "GQ": acc if kind.startswith("fwd") else elem,
         "GK": elem,
     }
+    return _compile(fn, consts, ptr, cap, num_warps, num_stages)
+
+
+def _compile(fn, consts: dict, ptr: dict, cap: int, num_warps: int, num_stages: int) -> CompiledKernel:
+    """triton.compile of ``fn`` for sm_<cap>: pointer arguments typed by ``ptr``, the rest i32."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (kernels are interpreted otherwise)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     sig = {a: ("constexpr" if a in consts else f"*{ptr[a]}" if a in ptr else "i32") for a in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     return triton.compile(
@@ -87,12 +99,35 @@ def compile_kernel(
     )
 
 
-def summary(k) -> dict:
+# the SoftTriple kernels at K = 10 centers per class (KP = 16, BC = 4) and D >= 64, the OSM kernel at
+# D = 128 with attention and gradient: the GPU block sizes of softtriple._blocks and osm._blocks
+SIBLINGS = ("softtriple_fwd", "softtriple_dx", "softtriple_dw", "osm")
+
+
+def compile_sibling(kernel: str, dtype: str = "fp32", cap: int = 90) -> CompiledKernel:
+    """Compile a SoftTriple or OSM kernel for ``sm_<cap>`` (dtype fp32 or fp64)."""
+    from . import osm, softtriple
+
+    if kernel == "osm":
+        consts = dict(HAS_ATT=True, NEED_GRAD=True, BM=64, BN=32, BK=32, BD=64, BLOCK_D=128)
+        ptr = dict.fromkeys(("Z", "ATT", "PRM", "ROWS", "GP", "GN"), dtype) | {"LAB": "i64"}
+        return _compile(osm._osm_rows_kernel, consts, ptr, cap, 4, 2)
+    fn = {
+        "softtriple_fwd": softtriple._st_fwd_kernel,
+        "softtriple_dx": softtriple._st_bwd_dx_kernel,
+        "softtriple_dw": softtriple._st_bwd_dw_kernel,
+    }[kernel]
+    names = ("x_ptr", "w_ptr", "rn_ptr", "q_ptr", "loss_ptr", "lse_ptr", "g_ptr", "gxp_ptr", "gw_ptr", "PRM")
+    ptr = dict.fromkeys(names, dtype) | {"y_ptr": "i64"}
+    return _compile(fn, dict(BM=64, BC=4, KP=16, BD=64), ptr, cap, 4, 2)
+
+
+def summary(k: CompiledKernel) -> dict:
     ptx = k.asm["ptx"]
     return {"shared": k.metadata.shared, "mma": ptx.count("mma.sync"), "wgmma": ptx.count("wgmma.mma_async")}
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cap", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(_TRITON_DT))

@@ -1,5 +1,6 @@
 """Queries against a large memory bank: O((N + M) D) memory at N=256, M=131072, D=512
-(docs/semantics.md §2.7).
+(docs/semantics.md §2.6, §2.7): the growth of the peak must stay below the working set plus half of
+one N x M matrix.
 
 The memory bound is measured in a fresh subprocess, as the growth of its peak resident set
 (VmHWM, reset through /proc/self/clear_refs where the kernel allows) over a forward + backward.
@@ -67,11 +68,19 @@ def test_bank_memory_is_linear_and_values_match():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    gib = 2**30
-    # a dense N x M float32 matrix is 128 MiB; the dense reference keeps > 10 of them for backward
-    assert out["growth"] <= 1 * gib, (
-        f"peak RSS grew by {out['growth'] / gib:.2f} GiB over forward+backward "
-        f"(bank {out['bank'] / gib:.2f} GiB; peak reset: {out['reset']})"
+    mib = 2**20
+    # The O((N + M) D) working set is one float32 copy of queries and bank (the normalised rows,
+    # docs/semantics.md §2.6): 256.5 MiB here. One dense N x M float32 matrix is 128 MiB, so the
+    # bound allows the working set plus half of one such matrix (for tiles, gradients, allocator
+    # slack): a kernel that materialises a single N x M matrix breaks it. (Measured: a growth of
+    # about 267 MiB; 395 MiB with one extra N x M matrix held over the step; bound 320.5 MiB.)
+    working_set = 4 * (n + m) * d
+    one_dense = 4 * n * m
+    bound = working_set + one_dense // 2
+    assert out["growth"] <= bound, (
+        f"peak RSS grew by {out['growth'] / mib:.1f} MiB over forward+backward, above the bound "
+        f"{bound / mib:.1f} MiB = working set {working_set / mib:.1f} MiB + half of one N x M matrix "
+        f"({one_dense / mib:.0f} MiB); bank {out['bank'] / mib:.0f} MiB; peak reset: {out['reset']}"
     )
     t = {
         k: tuple(torch.tensor(v, dtype=torch.float64) for v in out[k])

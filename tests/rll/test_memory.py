@@ -3,13 +3,11 @@
 PML would need ~35 GiB). Runs in a fresh subprocess so the peak is this computation's alone."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import ROOT
 
 
 @pytest.mark.slow
@@ -18,7 +16,7 @@ def test_peak_rss_growth_n32768(sem):
     out = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "bench", "rll_memory.py"),
+            str(ROOT / "bench" / "rll_memory.py"),
             "--n",
             "32768",
             "--d",

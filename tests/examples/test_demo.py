@@ -2,35 +2,22 @@
 Recall@1 over the untrained network; data loading (IDX files, missing data) behaves."""
 
 import gzip
-import importlib.util
-import os
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-
-def _load(name):
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return _load("train_fashion_mnist")
+    return load_script("examples/train_fashion_mnist.py")
 
 
 @pytest.fixture(scope="module")
 def common():
-    return _load("_common")
+    return load_script("examples/_common.py")
 
 
 @pytest.mark.slow

@@ -1,0 +1,193 @@
+// Shared CPU tile helpers of the fused kernels (rll_cpu.cpp, osm_cpu.cpp, softtriple_cpu.cpp).
+//
+// Naming, in every C++ kernel (CPU and CUDA): a pair tile (I, J) holds query rows i = i0 + r
+// (r < bq <= BQ) against gallery rows j = j0 + c (c < bk <= BK); q, k: query and gallery
+// embeddings (z when both are the batch itself); nq, nk: their squared norms; d2, d: squared
+// distance and distance; pos, neg: set masks; vp, vn: hinge values; sp, sn: logits; OnlineRow
+// (m, l, a): running max, sum of exp, weighted sum; G: dL/dd / d per pair; gq, gk: gradients.
+//
+// What the kernels share: the tile size rule, sizes padded to whole SIMD vectors, labels as values
+// of the kernel type, the excluded pairs (docs/semantics.md §1.5), per-tile gallery loads, label
+// masks, row squared norms, the Gram tile of a query and a gallery tile, the per-row pair distances
+// (docs/semantics.md §1.3 for duplicates), the per-call set-up of a pair problem and per-thread
+// partial sums.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "rll_cpu_vec.h"
+
+namespace rll {
+
+inline int64_t ceil_div(int64_t n, int64_t b) { return (n + b - 1) / b; }
+
+// n rounded up to whole SIMD vectors of S.
+template <class S>
+inline int64_t vec_pad(int64_t n) {
+  const int64_t W = Vectorized<S>::size();
+  return ceil_div(n, W) * W;
+}
+
+// A tile size for n items: `start`, halved (rounding up) down to `smallest` until every thread
+// gets at least `tiles_per_thread` tiles (small batches keep every thread busy).
+inline int64_t tile_size_for_threads(int64_t start, int64_t smallest, int64_t n, int64_t tiles_per_thread) {
+  const int64_t threads = at::get_num_threads();
+  int64_t b = start;
+  while (b > smallest && ceil_div(n, b) < tiles_per_thread * threads) b = (b + 1) / 2;
+  return b;
+}
+
+// dst[0, n) = src[0, n) converted to S, dst[n, n_pad) = fill.
+template <class S, class T>
+inline void copy_padded(const T* src, int64_t n, S* dst, int64_t n_pad, S fill) {
+  std::copy(src, src + n, dst);
+  std::fill(dst + n, dst + n_pad, fill);
+}
+
+// One tensor per thread, zero-initialised: (threads, *sizes).
+inline at::Tensor zeros_per_thread(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  std::vector<int64_t> s{static_cast<int64_t>(at::get_num_threads())};
+  s.insert(s.end(), sizes.begin(), sizes.end());
+  return at::zeros(s, opts);
+}
+
+// The tile pairs (I, J) with I <= J of nb tiles: the pair matrix of a batch with itself is
+// symmetric, so each unordered pair of tiles is visited once.
+inline std::vector<std::pair<int64_t, int64_t>> upper_tile_pairs(int64_t nb) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  pairs.reserve(nb * (nb + 1) / 2);
+  for (int64_t I = 0; I < nb; ++I)
+    for (int64_t J = I; J < nb; ++J) pairs.emplace_back(I, J);
+  return pairs;
+}
+
+// ---------------------------------------------------------------- labels and excluded pairs
+// Labels as values of the kernel's type S, so a label comparison is one SIMD compare; the parts
+// (query labels, gallery labels) are concatenated. Exact: labels are cast when they fit the
+// mantissa, else replaced by their dense rank (equality is all the kernels compare).
+template <class S>
+at::Tensor labels_as(at::TensorList parts) {
+  const int64_t lim = int64_t(1) << std::numeric_limits<S>::digits;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+  at::Tensor all = at::cat(parts);
+  if (all.numel() == 0 || (all.min().item<int64_t>() > -lim && all.max().item<int64_t>() < lim)) return all.to(opts);
+  at::Tensor inverse = std::get<1>(at::_unique(all, /*sorted=*/true, /*return_inverse=*/true));
+  return inverse.to(opts);
+}
+
+// Excluded pairs (q_ids[i] == k_ids[j], docs/semantics.md §1.5) as per-row sorted gallery lists (CSR).
+struct Exclusions {
+  std::vector<int64_t> offsets, cols;
+  bool empty() const { return cols.empty(); }
+};
+inline Exclusions build_exclusions(const int64_t* q_ids, const int64_t* k_ids, int64_t N, int64_t M) {
+  Exclusions ex;
+  if (q_ids == nullptr) return ex;
+  std::vector<std::pair<int64_t, int64_t>> id_j(M);
+  for (int64_t j = 0; j < M; ++j) id_j[j] = {k_ids[j], j};
+  std::sort(id_j.begin(), id_j.end());
+  ex.offsets.resize(N + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const auto first = std::make_pair(q_ids[i], std::numeric_limits<int64_t>::min());
+    for (auto it = std::lower_bound(id_j.begin(), id_j.end(), first); it != id_j.end() && it->first == q_ids[i]; ++it)
+      ex.cols.push_back(it->second);
+    ex.offsets[i + 1] = static_cast<int64_t>(ex.cols.size());
+  }
+  return ex;
+}
+
+// Calls f(c) for every excluded column c of row i inside the gallery tile [j0, j0 + bk).
+template <class F>
+inline void for_excluded(const Exclusions& ex, int64_t i, int64_t j0, int64_t bk, F&& f) {
+  if (ex.empty()) return;
+  const int64_t* b = ex.cols.data() + ex.offsets[i];
+  const int64_t* e = ex.cols.data() + ex.offsets[i + 1];
+  for (const int64_t* it = std::lower_bound(b, e, j0); it != e && *it < j0 + bk; ++it) f(*it - j0);
+}
+
+// ---------------------------------------------------------------- per-tile data
+// Per-tile gallery data, padded to whole vectors (bk_pad): squared norms and labels (NaN labels in
+// the padding match nothing, so the tail lanes are in no set).
+template <class S>
+inline void load_tile(const S* NK, const S* KL, int64_t j0, int64_t bk, int64_t bk_pad, S* nk, S* kl) {
+  copy_padded(NK + j0, bk, nk, bk_pad, S(0));
+  copy_padded(KL + j0, bk, kl, bk_pad, std::numeric_limits<S>::quiet_NaN());
+}
+
+// Same-label and other-label masks of one vector of gallery labels against the query's label.
+template <class S>
+inline void label_masks(const Vectorized<S>& kl, const Vectorized<S>& li, Vectorized<S>& same, Vectorized<S>& diff) {
+  same = kl == li;
+  diff = (kl < li) | (kl > li);  // both false for the NaN padding
+}
+
+// Squared row norms without an N x D temporary (the gallery can be a 10^5-row bank).
+template <class S>
+at::Tensor row_sq_norms(const at::Tensor& x) {
+  const int64_t R = x.size(0), D = x.size(1);
+  at::Tensor out = at::empty({R}, x.options());
+  const S* X = x.data_ptr<S>();
+  S* O = out.data_ptr<S>();
+  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      O[r] = at::vec::map_reduce_all<S>([](Vectorized<S> v) { return v * v; },
+                                        [](Vectorized<S> a, Vectorized<S> b) { return a + b; }, X + r * D, D);
+  });
+  return out;
+}
+
+// The Gram tile Q_I K_J^T (bq x bk, row stride bk) into buf; returns it as a tensor.
+template <class S>
+inline at::Tensor gram_tile(S* buf, const at::Tensor& qI, const at::Tensor& kJ) {
+  at::Tensor dots = at::from_blob(buf, {qI.size(0), kJ.size(0)}, qI.options());
+  at::mm_out(dots, qI, kJ.t());
+  return dots;
+}
+
+// Distances of query row i (squared norm nq) to the gallery columns [c, c + W) of a Gram tile row
+// (cnt of them real, cnt may be <= 0 past the tile), with the duplicate mask (docs/semantics.md §1.3).
+template <class S>
+struct PairDistances {
+  Vectorized<S> d, dup;
+};
+template <class S>
+inline PairDistances<S> pair_distances(const S* dot_row, const S* nk, int64_t c, int64_t cnt, const Vectorized<S>& nq,
+                                       S rel) {
+  using V = Vectorized<S>;
+  const V dot = V::loadu(dot_row + c, std::max<int64_t>(cnt, 0));
+  const V nkc = V::loadu(nk + c);
+  const V d2 = gram_d2(dot, nq, nkc);
+  const V dup = is_dup(d2, nq, nkc, rel);
+  return {pair_dist(d2, dup), dup};
+}
+
+// Per-call set-up of a pair problem (queries q against the gallery k): squared norms, labels as S,
+// excluded pairs. When q is k, the norms are computed once.
+template <class S>
+struct PairProblem {
+  at::Tensor nq_t, nk_t, labels_t;
+  const S *NQ, *NK, *QL, *KL;
+  Exclusions ex;
+  int64_t N, M, D;
+  PairProblem(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
+              const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids)
+      : N(q.size(0)), M(k.size(0)), D(q.size(1)) {
+    nq_t = row_sq_norms<S>(q);
+    nk_t = k.is_same(q) ? nq_t : row_sq_norms<S>(k);
+    labels_t = labels_as<S>({q_labels, k_labels});
+    NQ = nq_t.data_ptr<S>();
+    NK = nk_t.data_ptr<S>();
+    QL = labels_t.data_ptr<S>();
+    KL = QL + N;
+    ex = build_exclusions(q_ids.has_value() ? q_ids->data_ptr<int64_t>() : nullptr,
+                          k_ids.has_value() ? k_ids->data_ptr<int64_t>() : nullptr, N, M);
+  }
+};
+
+}  // namespace rll

@@ -1,0 +1,176 @@
+"""``@triton.jit`` tile helpers shared by the Triton kernels of every loss.
+
+Names follow the convention of docs/architecture.md: a program owns a block of rows and streams
+the other side in tiles; ``rows`` is the pointer column ``P + offs[:, None] * stride`` of a block
+of rows of a row-major matrix and ``ok`` its 1-D row mask, so a tile of columns ``offs_c`` is
+``rows + offs_c[None, :]``. Accumulation is in the dtype of the kernel's hyper-parameter tensor
+``PRM`` (fp32, fp64 for fp64 inputs; docs/semantics.md §1.2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import interpret_mode
+from ._compat import patch_interpreter_scalar_index
+
+if interpret_mode():
+    patch_interpreter_scalar_index()
+
+NEG_INF = tl.constexpr(float("-inf"))  # a constexpr global: plain globals are refused by the compiler
+
+
+# ------------------------------------------------------------------ masked tiles
+@triton.jit
+def load_tile(rows, ok, offs_c, c_ok):
+    """The tile rows[:, offs_c], 0 where a row or a column is masked."""
+    return tl.load(rows + offs_c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(rows, ok, offs_c, c_ok, value):
+    tl.store(rows + offs_c[None, :], value, mask=ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def load_rows(rows, ok, offs_d, d_ok, PRM, UPCAST: tl.constexpr):
+    """A resident block of rows: (the ``tl.dot`` operand, upcast to the accumulation dtype when
+    ``UPCAST``; the rows in the accumulation dtype; their squared norms)."""
+    x = load_tile(rows, ok, offs_d, d_ok)
+    xa = x.to(PRM.dtype.element_ty)
+    if UPCAST:
+        x = xa
+    return x, xa, tl.sum(xa * xa, 1)
+
+
+@triton.jit
+def row_norms(rows, ok, D, PRM, BLOCK_D: tl.constexpr, K_CHUNK: tl.constexpr):
+    """Squared norms of a block of rows, read in chunks of K_CHUNK columns."""
+    n = tl.zeros([ok.shape[0]], PRM.dtype.element_ty)
+    for c0 in range(0, BLOCK_D, K_CHUNK):
+        offs_c = c0 + tl.arange(0, K_CHUNK)
+        x = load_tile(rows, ok, offs_c, offs_c < D).to(PRM.dtype.element_ty)
+        n += tl.sum(x * x, 1)
+    return n
+
+
+@triton.jit
+def store_row4(P, offs, ok, c0, c1, c2, c3):
+    """Store four values per row as the rows of an (N, 4) matrix."""
+    tl.store(P + offs * 4 + 0, c0, mask=ok)
+    tl.store(P + offs * 4 + 1, c1, mask=ok)
+    tl.store(P + offs * 4 + 2, c2, mask=ok)
+    tl.store(P + offs * 4 + 3, c3, mask=ok)
+
+
+@triton.jit
+def load_row4(P, offs, ok, PRM):
+    """The four values per row of an (N, 4) matrix, in the accumulation dtype (0 where masked)."""
+    acc_t = PRM.dtype.element_ty
+    c0 = tl.load(P + offs * 4 + 0, mask=ok, other=0.0).to(acc_t)
+    c1 = tl.load(P + offs * 4 + 1, mask=ok, other=0.0).to(acc_t)
+    c2 = tl.load(P + offs * 4 + 2, mask=ok, other=0.0).to(acc_t)
+    c3 = tl.load(P + offs * 4 + 3, mask=ok, other=0.0).to(acc_t)
+    return c0, c1, c2, c3
+
+
+# ------------------------------------------------------------------ Gram form and the duplicate rule
+@triton.jit
+def gram_chunked(
+    a_rows,
+    a_ok,
+    b_rows,
+    b_ok,
+    D,
+    PRM,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_CHUNK: tl.constexpr,
+):
+    """The Gram tile A_I B_J^T accumulated over D in chunks of K_CHUNK (only chunk tiles are staged),
+    and the squared norms of the B rows."""
+    acc_t = PRM.dtype.element_ty
+    dot = tl.zeros([a_ok.shape[0], b_ok.shape[0]], acc_t)
+    nb = tl.zeros([b_ok.shape[0]], acc_t)
+    for c0 in range(0, BLOCK_D, K_CHUNK):
+        offs_c = c0 + tl.arange(0, K_CHUNK)
+        c_ok = offs_c < D
+        a = load_tile(a_rows, a_ok, offs_c, c_ok)
+        b = load_tile(b_rows, b_ok, offs_c, c_ok)
+        ba = b.to(acc_t)
+        nb += tl.sum(ba * ba, 1)
+        if UPCAST:
+            a = a.to(acc_t)
+            b = ba
+        dot += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=acc_t)
+    return dot, nb
+
+
+@triton.jit
+def pair_distance(dot, na, nb, rel):
+    """d and 1/d of a tile from the Gram form d^2 = |a|^2 + |b|^2 - 2 a.b clamped at 0.
+
+    The duplicate rule (docs/semantics.md §1.3): d^2 <= rel (|a|^2 + |b|^2) gives d = 0 and no
+    direction, 1/d = 0; 1/d is 0 for duplicates only."""
+    d2 = tl.maximum(na + nb - 2.0 * dot, 0.0)
+    dup = d2 <= rel * (na + nb)
+    d = tl.where(dup, 0.0, tl.sqrt(tl.where(dup, 1.0, d2)))
+    inv = tl.where(dup, 0.0, 1.0 / tl.maximum(d, 1e-30))
+    return d, inv
+
+
+@triton.jit
+def pair_sets(la, lb, ida, idb, a_ok, b_ok, HAS_IDS: tl.constexpr):
+    """(same, diff): the pairs of a tile with equal / different labels, among the valid ones (both
+    rows in range and, with ids, ``ida != idb``: docs/semantics.md §1.5)."""
+    valid = a_ok[:, None] & b_ok[None, :]
+    if HAS_IDS:
+        valid = valid & (ida[:, None] != idb[None, :])
+    same = valid & (la[:, None] == lb[None, :])
+    diff = valid & (la[:, None] != lb[None, :])
+    return same, diff
+
+
+@triton.jit
+def store_gram_grad(rows, ok, offs_d, d_ok, row_sum, x, acc):
+    """Store sum_j G_ij (x_i - y_j) = (G 1)_i x_i - (G Y)_i from its two accumulated parts."""
+    store_tile(rows, ok, offs_d, d_ok, row_sum[:, None] * x - acc)
+
+
+# ------------------------------------------------------------------ online softmax (per row)
+@triton.jit
+def online_rescale(m, s):
+    """Fold a tile of logits s (-inf for non-members) into the running max m of each row: (new max,
+    factor e^{m - m_new} for what was accumulated so far, tile weights e^{s - m_new})."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+    f = tl.where(m == NEG_INF, 0.0, tl.exp(m - m_ref))
+    return m_new, f, tl.exp(s - m_ref[:, None])
+
+
+@triton.jit
+def online_update(m, l, a, s, v):
+    """OnlineRow (m, l = sum e^{s - m}, a = sum e^{s - m} v) after a tile of logits s and values v.
+
+    Returns (m, l, a, the factor applied to the old accumulators, the tile weights e^{s - m})."""
+    m_new, f, w = online_rescale(m, s)
+    return m_new, l * f + tl.sum(w, 1), a * f + tl.sum(w * v, 1), f, w
+
+
+@triton.jit
+def online_finish(m, l, a, bias, HAS_BIAS: tl.constexpr):
+    """(L, log den) of a set; log den = logaddexp(m + log l, log bias); empty set: (0, -inf)."""
+    nonempty = l > 0.0
+    l_safe = tl.where(nonempty, l, 1.0)
+    log_sum = tl.where(nonempty, m, 0.0) + tl.log(l_safe)
+    if HAS_BIAS:
+        lb = tl.log(bias)
+        hi = tl.maximum(log_sum, lb)
+        logden = hi + tl.log(1.0 + tl.exp(-tl.abs(log_sum - lb)))
+    else:
+        logden = log_sum
+    L = tl.where(nonempty, (a / l_safe) * tl.exp(log_sum - logden), 0.0)
+    logden = tl.where(nonempty, logden, NEG_INF)
+    return L, logden

@@ -1,0 +1,36 @@
+"""OSM op: torch.library conformance (opcheck) on every fused backend, and
+torch.compile(fullgraph=True) through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from osm_cases import rand_att, run
+from tolerance import assert_close_derived
+
+import rll_kernels
+from rll_kernels._backends import fused_op
+
+
+@pytest.mark.parametrize("n, att, need_grad", [(19, True, True), (19, False, False), (18, True, True)])
+def test_opcheck_op(backend, device, n, att, need_grad):
+    z = F.normalize(torch.randn(n, 5, dtype=torch.float64), dim=1).to(device).requires_grad_(need_grad)
+    y = torch.randint(0, 3, (n,), device=device)
+    a = rand_att(n, torch.float64, device=device) if att else None
+    torch.library.opcheck(fused_op("osm", backend), (z, y, a, 1.2, 0.8, 0.5, need_grad))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(backend, device):
+    x = torch.randn(40, 9, device=device, requires_grad=True)
+    y = torch.randint(0, 4, (40,), device=device)
+    a = rand_att(40, torch.float32, device=device)
+    f = torch.compile(
+        lambda x, y, a: rll_kernels.weighted_contrastive_loss(x, y, a, backend=backend), fullgraph=True
+    )
+    (g_c,) = torch.autograd.grad(f(x, y, a), x)
+    l_e, g_e = run(backend, x, y, a)
+    l_64, g_64 = run("reference", x.double(), y, a.double())
+    assert_close_derived(f(x, y, a).detach(), l_e, l_64, "loss")
+    assert_close_derived(g_c, g_e, g_64, "grad")
