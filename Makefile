@@ -53,7 +53,7 @@ TORCH_HEADERS ?= 2.11.0
 torch-headers: $(STAMP)
 	$(if $(TORCH_HEADERS),$(VPY) tests/torch_headers.py $(TORCH_HEADERS),@echo "TORCH_HEADERS is empty: the compile checks against other torch headers are skipped")
 
-test: $(BUILD) torch-headers
+test: lint $(BUILD) torch-headers
 	$(VPY) -m rll_kernels.env_report
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q tests $(PYTEST_ARGS)
 

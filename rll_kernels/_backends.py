@@ -104,7 +104,7 @@ def resolve(loss: str, backend: str, device: torch.device) -> str:
     return "reference"
 
 
-def fused_op(loss: str, backend: str, which: str = "fwd"):
+def fused_op(loss: str, backend: str, which: str = "fwd") -> torch._ops.OpOverloadPacket:
     """The op of ``loss`` on a fused ``backend``; every backend of a loss shares one schema."""
     fwd, bwd = OPS[loss]["triton" if backend == "triton" else "cpp"]
     return getattr(torch.ops.rll_kernels, fwd if which == "fwd" else bwd)

@@ -52,7 +52,7 @@ def _all_gather_rows(x: torch.Tensor, sizes: list[int], group, differentiable: b
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def world_and_rank(group, owner: str) -> tuple[int, int]:
+def world_and_rank(group: Optional[dist.ProcessGroup], owner: str) -> tuple[int, int]:
     """(world size, rank) of ``group``; RuntimeError naming ``owner`` without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -100,7 +100,7 @@ def gather_batch(
     labels: torch.Tensor,
     indices: Optional[torch.Tensor],
     *,
-    group,
+    group: Optional[dist.ProcessGroup],
     attached: bool,
     owner: str,
 ) -> GlobalBatch:

@@ -73,7 +73,9 @@ class DistributedLossWrapper(nn.Module):
         self.loss = loss
         self.group = group
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[tuple] = None
+    ) -> torch.Tensor:
         """:math:`\\mathcal{L}_r` of this rank's (N_r, D) ``embeddings`` against the global batch."""
         if indices_tuple is not None:
             raise ValueError("indices_tuple is not supported for this loss function (RLL mines its own sets)")
