@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "cpu_tiles.h"
@@ -381,12 +382,15 @@ S row_pair_grads(const PairProblem<S>& pb, const Params<S> prm, bool attached, c
     rs = rs + g;
     g.store(g_row + c, cnt);
   }
-  S rsum = hsum(rs);
+  // An excluded pair is in no set, but the vector loop computed its entry as if it were: its logit may
+  // exceed the set's log-denominator (the d = 0 diagonal when beta < 0) and exp() overflow, so the row
+  // is summed again after zeroing instead of subtracting the entry from the sum.
+  bool any_excluded = false;
   for_excluded(pb.ex, i, j0, bk, [&](int64_t c) {
-    rsum -= g_row[c];
     g_row[c] = S(0);
+    any_excluded = true;
   });
-  return rsum;
+  return any_excluded ? std::accumulate(g_row, g_row + bk, S(0)) : hsum(rs);
 }
 
 // What every thread of one (not in-batch) backward call reads and writes.
@@ -595,7 +599,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  const std::string err = params_error(alpha, beta, lam, den_bias);
+  const std::string err = params_error(alpha, beta, Tn, Tp, lam, den_bias);
   TORCH_CHECK(err.empty(), err);
   return params_in<S>(alpha, beta, Tn, Tp, lam, den_bias);
 }

@@ -54,10 +54,12 @@ struct Params {
 
 // Why the hyper-parameters lie outside their domain (docs/semantics.md §2.2), "" when they do not.
 // Host only: the CPU op raises it with TORCH_CHECK, the stable-ABI CUDA glue with STD_TORCH_CHECK.
-inline std::string params_error(double alpha, double beta, double lam, double den_bias) {
+inline std::string params_error(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
   std::ostringstream msg;
-  if (!(alpha > beta))
-    msg << "rll: alpha must exceed beta = alpha - margin (margin > 0), got alpha=" << alpha << " beta=" << beta;
+  // any finite boundaries: beta >= alpha (margin <= 0) or beta <= 0 are valid, the labels split the sets
+  if (!(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(Tn) && std::isfinite(Tp)))
+    msg << "rll: alpha, beta, Tn and Tp must be finite, got alpha=" << alpha << " beta=" << beta << " Tn=" << Tn
+        << " Tp=" << Tp;
   else if (!(lam >= 0.0 && lam <= 1.0))
     msg << "rll: imbalance must lie in [0, 1], got " << lam;
   else if (!(den_bias >= 0.0))

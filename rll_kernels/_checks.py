@@ -8,6 +8,7 @@ of every loss and backend: compute in float32, or float64 when an operand is flo
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -131,16 +132,14 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
 
 # ---------------------------------------------------------------- Ranked List Loss
 def check_rll_params(margin: float, alpha: float, imbalance: float, Tn: float, Tp: float) -> None:
+    """PML 2.9.0's domain (docs/semantics.md §2.2): any finite real number, ``imbalance`` in [0, 1].
+
+    ``margin`` may be 0 or negative and ``alpha`` anything, so the positive boundary
+    ``alpha - margin`` may be 0, negative or above ``alpha``; the labels keep the two sets apart.
+    """
     for nm, v in (("margin", margin), ("alpha", alpha), ("imbalance", imbalance), ("Tn", Tn), ("Tp", Tp)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{nm} must be a finite number, got {v!r}")
-    if margin <= 0:
-        raise ValueError(f"margin must be > 0, got {margin}")
-    if alpha <= margin:
-        raise ValueError(
-            f"alpha must be > margin (the positive boundary alpha - margin must be > 0), "
-            f"got alpha={alpha}, margin={margin}"
-        )
     if not 0.0 <= imbalance <= 1.0:
         raise ValueError(f"imbalance must lie in [0, 1], got {imbalance}")
 

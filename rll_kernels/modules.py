@@ -24,8 +24,39 @@ from .functional import ranked_list_loss, soft_triple_loss, weighted_contrastive
 __all__ = ["RLLFused", "SoftTripleFused", "WeightedContrastiveFused", "rll_kwargs"]
 
 
+# PML's constructor keywords that the native modules do not take (their drop-ins in rll_kernels.pml do)
+_PML_BASE_KEYWORDS = ("reducer", "distance", "embedding_regularizer", "embedding_reg_weight", "collect_stats")
+_PML_KEYWORDS = {
+    "RLLFused": ("RankedListLoss", _PML_BASE_KEYWORDS + ("neg_temperature", "pos_temperature")),
+    "SoftTripleFused": (
+        "SoftTripleLoss",
+        _PML_BASE_KEYWORDS + ("weight_regularizer", "weight_reg_weight", "weight_init_func"),
+    ),
+}
+
+
+def _refuse_pml_keywords(owner: str, kwargs: dict[str, Any]) -> None:
+    """TypeError for keywords the module does not take, pointing PML's own to the exact drop-in."""
+    if not kwargs:
+        return
+    dropin, known = _PML_KEYWORDS[owner]
+    pml = sorted(k for k in kwargs if k in known)
+    if pml:
+        raise TypeError(
+            f"{owner} is the native module and does not take PML's keyword arguments {pml}; "
+            f"rll_kernels.pml.{dropin} is the exact PML drop-in that does "
+            "(it needs pip install pytorch-metric-learning)"
+        )
+    raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {sorted(kwargs)[0]!r}")
+
+
 class RLLFused(nn.Module):
-    r"""Ranked List Loss with fused kernels; a drop-in for PML's ``RankedListLoss``.
+    r"""Ranked List Loss with fused kernels, the native module (the paper's gradient by default).
+
+    PML's ``RankedListLoss`` keyword names and call, with defaults for ``margin`` and ``Tn``;
+    ``semantics="pml"`` gives PML's value and gradient. PML's base-class keywords (``reducer=``,
+    ``distance=``, ...) raise ``TypeError``: the exact PML drop-in (PML's base class, reducers,
+    wrappers) is :class:`rll_kernels.pml.RankedListLoss` (README, "Which class").
 
     .. math::
         L(i) = (1 - \lambda) \sum_{P_i} \mathrm{softmax}(T_p (d - \beta))(d - \beta)
@@ -55,8 +86,10 @@ class RLLFused(nn.Module):
         reduction: str = "mean",
         normalize: bool = True,
         backend: str = "auto",
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        _refuse_pml_keywords("RLLFused", kwargs)
         check_choice(semantics, "semantics", ("paper", "pml"))
         check_choice(reduction, "reduction", ("mean", "sum", "none"))
         check_choice(backend, "backend", BACKENDS["rll"])
@@ -109,10 +142,12 @@ class RLLFused(nn.Module):
 class SoftTripleFused(torch.nn.Module):
     r"""Fused SoftTriple loss with its centers as the parameter ``fc`` (D x C*K, PML's name and shape).
 
-    A PML ``SoftTripleLoss`` state_dict loads unchanged. ``fc`` stays float32 whatever the input
-    dtype (fp16/bf16 embeddings are computed in fp32; PML casts ``fc`` to the input dtype, PML
-    issues #293/#309) unless the module itself is converted (``.double()``). ``tau=0`` equals PML's
-    default (no regulariser). See :func:`soft_triple_loss` for the equation.
+    The native module: the official configuration's regulariser weight ``tau=0.2`` by default
+    (``tau=0`` equals PML's default, no regulariser). A PML ``SoftTripleLoss`` state_dict loads
+    unchanged. ``fc`` stays float32 whatever the input dtype (fp16/bf16 embeddings are computed in
+    fp32; PML casts ``fc`` to the input dtype, PML issues #293/#309) unless the module itself is
+    converted (``.double()``). See :func:`soft_triple_loss` for the equation. The exact PML drop-in
+    (``weight_regularizer=``, reducers, wrappers) is :class:`rll_kernels.pml.SoftTripleLoss`.
     """
 
     def __init__(
@@ -126,8 +161,10 @@ class SoftTripleFused(torch.nn.Module):
         tau: float = 0.2,
         *,
         backend: str = "auto",
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        _refuse_pml_keywords("SoftTripleFused", kwargs)
         check_positive_int(num_classes, "num_classes")
         check_positive_int(embedding_size, "embedding_size")
         check_softtriple_params(centers_per_class, la, gamma, margin, tau)

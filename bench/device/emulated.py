@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -43,7 +44,9 @@ def harness() -> Path:
     if cxx is None:
         raise RuntimeError("no host C++ compiler (g++/c++) to build the CUDA emulation harness")
     exe.parent.mkdir(parents=True, exist_ok=True)
-    tmp = exe.with_suffix(".tmp")
+    # one temporary file per process: parallel first builds (the parity workers) must not write to the
+    # file another process has already renamed into place and runs ("Text file busy")
+    tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{EMU}", f"-I{ROOT / 'csrc'}"]
     cmd += ["-x", "c++", str(SOURCES[0]), "-x", "none", str(EMU / "harness.cpp"), "-o", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -82,7 +82,7 @@ ScalarType acc_type(ScalarType st) { return st == ScalarType::Double ? ScalarTyp
 
 template <class S>
 Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
-  const std::string err = params_error(alpha, beta, lam, den_bias);
+  const std::string err = params_error(alpha, beta, Tn, Tp, lam, den_bias);
   STD_TORCH_CHECK(err.empty(), err);
   return params_in<S>(alpha, beta, Tn, Tp, lam, den_bias);
 }

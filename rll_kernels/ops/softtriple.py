@@ -91,7 +91,8 @@ class _SparseCentersRaw(torch.autograd.Function):
         nrm = torch.linalg.vector_norm(centers, dim=0)
         rn = 1.0 / nrm.clamp_min(1e-12)
         cos = torch.bmm(wc, wc.transpose(1, 2)) * (rn.view(c, k, 1) * rn.view(c, 1, k))
-        root = torch.sqrt(2.0 + reg_eps - 2.0 * cos)
+        # a cosine above 1 is rounding: clamped, as PML's SparseCentersRegularizer clamps 2 cos at 2
+        root = torch.sqrt(2.0 + reg_eps - 2.0 * cos.clamp(max=1.0))
         upper = torch.ones(k, k, dtype=torch.bool, device=centers.device).triu(1)
         ctx.save_for_backward(centers, nrm, cos, root)
         ctx.k = k
@@ -106,8 +107,11 @@ class _SparseCentersRaw(torch.autograd.Function):
         rn = (1.0 / nrm.clamp_min(1e-12)).view(c, k)
         q = torch.where(nrm > 1e-12, 1.0 / nrm.clamp_min(1e-12) ** 2, torch.zeros_like(nrm)).view(c, k)
         off = ~torch.eye(k, dtype=torch.bool, device=centers.device)
-        # dR/dcos_ts for t != s, both orders (each unordered pair appears once in R)
-        a = torch.where(off, -g / (root * (c * k * (k - 1))), torch.zeros_like(root))
+        # dR/dcos_ts for t != s, both orders (each unordered pair appears once in R); 0 where the cosine
+        # was clamped, and at root = 0 (coinciding centers with a tiny reg_eps: PML's gradient is NaN
+        # there; the cosine's own gradient vanishes for coinciding directions)
+        live = off & (cos <= 1.0) & (root > 0)
+        a = torch.where(live, -g / (root * (c * k * (k - 1))), torch.zeros_like(root))
         m = a * (rn.unsqueeze(2) * rn.unsqueeze(1))
         m = m - torch.diag_embed(q * (a * cos).sum(2))  # (C, K, K)
         out = torch.empty_like(centers)

@@ -36,6 +36,7 @@ The interpreter computes every fp32 ``tl.dot`` in fp32 whatever the setting.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Optional
@@ -600,10 +601,9 @@ def _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> None:
 
 
 def _check_params(alpha: float, beta: float, imbalance: float, den_bias: float) -> None:
-    if not alpha > beta:
-        raise ValueError(
-            f"rll_triton: alpha must exceed beta = alpha - margin (margin > 0), got alpha={alpha} beta={beta}"
-        )
+    # any finite boundaries (docs/semantics.md §2.2): beta >= alpha or beta <= 0 are valid
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise ValueError(f"rll_triton: alpha and beta must be finite, got alpha={alpha} beta={beta}")
     if not 0.0 <= imbalance <= 1.0:
         raise ValueError(f"rll_triton: imbalance must lie in [0, 1], got {imbalance}")
     if not den_bias >= 0.0:

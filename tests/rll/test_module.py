@@ -1,5 +1,5 @@
-"""RLLFused, the module: a drop-in for PML's RankedListLoss (docs/semantics.md §2.8), its
-signature and repr."""
+"""RLLFused, the native module: PML's RankedListLoss names and call (docs/semantics.md §2.8; the exact
+drop-in is rll_kernels.pml.RankedListLoss, tests/pml), its signature and repr."""
 
 import pytest
 import torch
