@@ -233,3 +233,32 @@ def normalize_rows(x, z, norms) -> None:
     block_r = max(1, min(64, 4096 // block_d))
     grid = (triton.cdiv(r, block_r),)
     normalize_rows_kernel[grid](x, z, norms, r, d, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+@triton.jit
+def normalize_rows_backward_kernel(G, Z, NORMS, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """In place, g <- (g - z (z . g)) / |x| for BLOCK_R contiguous rows of G (0 for a zero row, NaN
+    for a non-finite one): the Jacobian epilogue of an op whose rows normalize_rows normalised."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = offs_r < R
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    norm = tl.load(NORMS + offs_r, mask=ok, other=1.0)
+    g = load_tile(G + offs_r[:, None] * D, ok, offs_d, d_ok).to(norm.dtype)
+    z = load_tile(Z + offs_r[:, None] * D, ok, offs_d, d_ok).to(norm.dtype)
+    store_tile(
+        G + offs_r[:, None] * D, ok, offs_d, d_ok, normalize_backward(g, z, norm).to(G.dtype.element_ty)
+    )
+
+
+def normalize_rows_backward(g, z, norms) -> None:
+    """Launch ``normalize_rows_backward_kernel`` on the contiguous (R x D) gradient ``g`` of the rows
+    ``z`` and ``norms`` that :func:`normalize_rows` wrote."""
+    r, d = g.shape
+    if r == 0:
+        return
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = max(1, min(64, 4096 // block_d))
+    normalize_rows_backward_kernel[(triton.cdiv(r, block_r),)](
+        g, z, norms, r, d, BLOCK_R=block_r, BLOCK_D=block_d
+    )
