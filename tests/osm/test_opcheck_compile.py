@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from compile_counts import assert_no_recompile
+from host_reads import host_reads
 from osm_cases import rand_att, run
 from tolerance import assert_close_derived
 
@@ -56,3 +57,17 @@ def test_compile_no_recompile_over_batch_sizes(backend, device, api, dynamic):
         return e, torch.randint(0, 3, (n,), device=device), torch.randn(n, 3, device=device)
 
     assert_no_recompile(fn, make_args, dynamic)
+
+
+def test_no_host_read_on_the_python_path(backend, device):
+    # finite values and the attention range are checked inside the op: nothing in Python reads a
+    # tensor value, so a CUDA step never synchronises (docs/semantics.md §6)
+    module = rll_kernels.WeightedContrastiveFused(backend=backend)
+    e, y = torch.randn(20, 8, device=device), torch.randint(0, 3, (20,), device=device)
+    att = rand_att(20, torch.float32, device=device)
+
+    def step():
+        x = e.clone().requires_grad_(True)
+        (rll_kernels.weighted_contrastive_loss(x, y, att, backend=backend) + module(x, y, att)).backward()
+
+    assert host_reads(step) == []

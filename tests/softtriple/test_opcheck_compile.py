@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from compile_counts import assert_no_recompile
+from host_reads import host_reads
 from softtriple_cases import loss_and_grads, problem
 from tolerance import assert_close_fp64
 
@@ -59,3 +60,17 @@ def test_compile_no_recompile_over_batch_sizes(backend, device, api, dynamic):
         return torch.randn(n, d, device=device, requires_grad=True), torch.randint(0, c, (n,), device=device)
 
     assert_no_recompile(fn, make_args, dynamic)
+
+
+def test_no_host_read_on_the_python_path(backend, device):
+    # the label range and finite values are checked inside the op: nothing in Python reads a tensor
+    # value, so a CUDA step never synchronises (docs/semantics.md §6)
+    module = SoftTripleFused(5, 8, 3, backend=backend).to(device)
+    e, y = torch.randn(20, 8, device=device), torch.randint(0, 5, (20,), device=device)
+    centers = torch.randn(8, 15, device=device, requires_grad=True)
+
+    def step():
+        x = e.clone().requires_grad_(True)
+        (soft_triple_loss(x, y, centers, 3, backend=backend) + module(x, y)).backward()
+
+    assert host_reads(step) == []
