@@ -195,8 +195,7 @@ def safe_row_norms(x):
 def normalize_backward(g, z, norm):
     """The gradient through z = x/|x| of a block of rows: (g - z (z . g)) / |x|; 0 for a zero row."""
     zg = tl.sum(z * g, 1)
-    inv = tl.where(norm == 0.0, 0.0, 1.0 / norm)
-    return (g - z * zg[:, None]) * inv[:, None]
+    return tl.where((norm == 0.0)[:, None], 0.0, (g - z * zg[:, None]) / norm[:, None])
 
 
 @triton.jit
@@ -214,8 +213,13 @@ def normalize_rows_kernel(
         mask=ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    norm, xs, s = safe_row_norms(x.to(NORMS.dtype.element_ty))
-    z = tl.where((norm == 0.0)[:, None], 0.0, xs / tl.sqrt(tl.where(s > 0.0, s, 1.0))[:, None])
+    x = x.to(NORMS.dtype.element_ty)
+    norm, xs, s = safe_row_norms(x)
+    # x / |x| (one rounding, as F.normalize); (x / m) / sqrt(s) where |x| is subnormal
+    tiny = norm < 1.1754943508222875e-38
+    n_div = tl.where(tiny | (norm == 0.0), 1.0, norm)
+    z = tl.where(tiny[:, None], xs / tl.sqrt(tl.where(s > 0.0, s, 1.0))[:, None], x / n_div[:, None])
+    z = tl.where((norm == 0.0)[:, None], 0.0, z)
     z = tl.where((norm == norm)[:, None], z, float("nan"))
     tl.store(
         Z + offs_r[:, None] * D + offs_d[None, :], z.to(Z.dtype.element_ty), mask=ok[:, None] & d_ok[None, :]
