@@ -92,11 +92,13 @@ def op_ratios(a) -> None:
     y = torch.randint(0, a.c, (a.n,))
     g = torch.full((a.n,), 1.0 / a.n)
     ops = torch.ops.rll_kernels
-    _, lse = ops.softtriple_fwd(x, y, w, a.k, 20.0, 0.1, 0.01)
+    _, lse, z, nrm = ops.softtriple_fwd(x, y, w, a.k, 20.0, 0.1, 0.01, True)
     fns = {
         "torch.mm(x, W)": lambda: torch.mm(x, w),
-        "softtriple_fwd": lambda: ops.softtriple_fwd(x, y, w, a.k, 20.0, 0.1, 0.01),
-        "softtriple_bwd": lambda: ops.softtriple_bwd(g, x, y, w, lse, a.k, 20.0, 0.1, 0.01, True, True),
+        "softtriple_fwd": lambda: ops.softtriple_fwd(x, y, w, a.k, 20.0, 0.1, 0.01, True),
+        "softtriple_bwd": lambda: ops.softtriple_bwd(
+            g, x, y, w, lse, z, nrm, a.k, 20.0, 0.1, 0.01, True, True, True
+        ),
     }
     times = {k: [] for k in fns}
     for f in fns.values():

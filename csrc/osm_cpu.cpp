@@ -17,6 +17,11 @@
 // C^T Z_I (GEMMs on from_blob tiles, or a sparse loop when a tile has few non-zero weights).
 // Each thread owns its own (N, D) accumulators: no atomics; they are summed at the end.
 // Memory: O(threads N D) plus per-thread tiles; no N x N matrix.
+//
+// The op takes the raw embeddings x (any strides): with normalize it normalises them itself
+// (row_norms.h: scale-safe norms, docs/semantics.md §1.4) into the contiguous z the tiles read, and
+// the normalisation's Jacobian takes dL/dz back to dL/dx at the end. A non-finite row of x and an
+// attention value outside (0, 1] raise ValueError here (docs/semantics.md §6), eager and compiled.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +31,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
+#include "row_norms.h"
 
 namespace rll {
 namespace osm {
@@ -243,14 +249,13 @@ void osm_tile_pair(const OsmProblem<S>& pb, OsmTile<S>& tile, ThreadSums<S>& th,
 }
 
 template <class S>
-void osm_kernel(const at::Tensor& z, const at::Tensor& labels, const c10::optional<at::Tensor>& att, const Hyper<S> hp,
-                bool need_grad, std::vector<double>& sums, at::Tensor& acc_parts, at::Tensor& rs_parts) {
+void osm_kernel(const at::Tensor& z, const S* nz, const at::Tensor& labels, const c10::optional<at::Tensor>& att,
+                const Hyper<S> hp, bool need_grad, std::vector<double>& sums, at::Tensor& acc_parts,
+                at::Tensor& rs_parts) {
   const int64_t N = z.size(0), B = tile_size_for_threads(128, 16, N, 2);
-  // not row_sq_norms: its summation order would change the rounding of every result
-  const at::Tensor nz_t = (z * z).sum(1);
   const at::Tensor lab_t = labels_as<S>({labels});
   const OsmProblem<S> pb{z,
-                         nz_t.data_ptr<S>(),
+                         nz,
                          lab_t.data_ptr<S>(),
                          att.has_value() ? att->data_ptr<S>() : nullptr,
                          hp,
@@ -279,14 +284,13 @@ void osm_kernel(const at::Tensor& z, const at::Tensor& labels, const c10::option
 }
 
 void check_inputs(const at::Tensor& z, const at::Tensor& labels, const c10::optional<at::Tensor>& attention) {
-  TORCH_CHECK(z.dim() == 2, "osm: z must be 2-D (N, D), got ", z.dim(), "-D");
+  TORCH_CHECK(z.dim() == 2, "osm: x must be 2-D (N, D), got ", z.dim(), "-D");
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
-              "osm (cpu): z must be float32 or float64, got ", z.scalar_type());
+              "osm (cpu): x must be float32 or float64, got ", z.scalar_type());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0), "osm: labels must have shape (", z.size(0), ",), got ",
               labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong, "osm: labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(z.device().is_cpu() && labels.device().is_cpu(), "osm (cpu): tensors must be on the CPU");
-  TORCH_CHECK(z.is_contiguous(), "osm: z must be contiguous");
   if (attention.has_value()) {
     TORCH_CHECK(attention->dim() == 1 && attention->size(0) == z.size(0), "osm: attention must have shape (", z.size(0),
                 ",), got ", attention->sizes());
@@ -294,6 +298,33 @@ void check_inputs(const at::Tensor& z, const at::Tensor& labels, const c10::opti
                 ", got ", attention->scalar_type());
     TORCH_CHECK(attention->device().is_cpu(), "osm (cpu): attention must be on the CPU");
   }
+}
+
+// Every attention value in (0, 1] (a NaN fails both comparisons), else a ValueError naming the
+// first bad entry (docs/semantics.md §4.5, §6).
+template <class S>
+void check_attention_range(const at::Tensor& att) {
+  const S* A = att.data_ptr<S>();
+  for (int64_t i = 0; i < att.size(0); ++i)
+    TORCH_CHECK_VALUE(A[i] > S(0) && A[i] <= S(1), "attention values must lie in (0, 1]; attention[", i,
+                      "] = ", A[i]);
+}
+
+// The rows the kernel reads (contiguous) and their squared norms: z = x/|x| with |x| into norms
+// (normalize), or x itself; a non-finite row raises, naming "embeddings" (docs/semantics.md §6).
+template <class S>
+at::Tensor embedding_rows(const at::Tensor& x, bool normalize, at::Tensor& sq, at::Tensor& norms) {
+  const int64_t N = x.size(0), D = x.size(1);
+  sq = at::empty({N}, x.options());
+  if (!normalize) {
+    const at::Tensor xc = x.contiguous();
+    check_finite_rows(sq_norms_checked<S>(xc, sq.data_ptr<S>()), "embeddings");
+    return xc;
+  }
+  at::Tensor z = at::empty({N, D}, x.options());
+  norms = at::empty({N}, x.options());
+  check_finite_rows(normalize_rows<S>(x, z.data_ptr<S>(), norms.data_ptr<S>(), sq.data_ptr<S>()), "embeddings");
+  return z;
 }
 
 // dL/dz_i = fp (rs+_i z_i + acc+_i) + fn (rs-_i z_i + acc-_i), with the normalisers
@@ -311,34 +342,40 @@ at::Tensor gradient_from_parts(const at::Tensor& z, const std::vector<double>& s
   return grad;
 }
 
-// Returns (loss (), dL/dz (N, D) when need_grad else (0,), sums (4,) float64 = [S+, T+, S-, T-]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> osm_fwd_cpu(const at::Tensor& z, const at::Tensor& labels,
+// Returns (loss (), dL/dx (N, D) when need_grad else (0,), sums (4,) float64 = [S+, T+, S-, T-]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> osm_fwd_cpu(const at::Tensor& x, const at::Tensor& labels,
                                                            const c10::optional<at::Tensor>& attention, double alpha,
-                                                           double sigma, double imbalance, bool need_grad) {
-  check_inputs(z, labels, attention);
+                                                           double sigma, double imbalance, bool normalize,
+                                                           bool need_grad) {
+  check_inputs(x, labels, attention);
   TORCH_CHECK(sigma > 0.0, "osm: sigma must be > 0, got ", sigma);
   TORCH_CHECK(imbalance >= 0.0 && imbalance <= 1.0, "osm: imbalance must lie in [0, 1], got ", imbalance);
-  const int64_t N = z.size(0), D = z.size(1);
-  at::Tensor grad = need_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  const int64_t N = x.size(0), D = x.size(1);
+  at::Tensor grad = need_grad ? at::zeros({N, D}, x.options()) : at::empty({0}, x.options());
   std::vector<double> sums(4, 0.0);
-  // the kernel's inner GEMMs must not see autograd (this op's autograd is registered in Python)
-  const at::Tensor zd = z.detach();
-  if (N >= 2) {
-    c10::optional<at::Tensor> att;
-    if (attention.has_value()) att = attention->detach().contiguous();
-    at::Tensor acc_parts = need_grad ? zeros_per_thread({2, N, D}, z.options()) : at::Tensor();
-    at::Tensor rs_parts = need_grad ? zeros_per_thread({2, N}, z.options().dtype(at::kDouble)) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "osm_fwd_cpu", [&] {
-      const Hyper<scalar_t> hp{static_cast<scalar_t>(alpha), static_cast<scalar_t>(-0.5 / (sigma * sigma))};
-      osm_kernel<scalar_t>(zd, labels, att, hp, need_grad, sums, acc_parts, rs_parts);
-    });
-    if (need_grad) grad = gradient_from_parts(zd, sums, imbalance, acc_parts, rs_parts);
-  }
+  c10::optional<at::Tensor> att;
+  if (attention.has_value()) att = attention->detach().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "osm_fwd_cpu", [&] {
+    if (att.has_value()) check_attention_range<scalar_t>(*att);
+    // the kernel's inner GEMMs must not see autograd (this op's autograd is registered in Python)
+    at::Tensor sq, norms;
+    const at::Tensor z = embedding_rows<scalar_t>(x.detach(), normalize, sq, norms);
+    if (N < 2) return;
+    at::Tensor acc_parts = need_grad ? zeros_per_thread({2, N, D}, x.options()) : at::Tensor();
+    at::Tensor rs_parts = need_grad ? zeros_per_thread({2, N}, x.options().dtype(at::kDouble)) : at::Tensor();
+    const Hyper<scalar_t> hp{static_cast<scalar_t>(alpha), static_cast<scalar_t>(-0.5 / (sigma * sigma))};
+    osm_kernel<scalar_t>(z, sq.data_ptr<scalar_t>(), labels.contiguous(), att, hp, need_grad, sums, acc_parts,
+                         rs_parts);
+    if (!need_grad) return;
+    grad = gradient_from_parts(z, sums, imbalance, acc_parts, rs_parts);
+    if (normalize)  // dL/dx from dL/dz: the normalisation's Jacobian, row by row
+      normalize_backward_rows(grad.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), N, D);
+  });
   const double Lp = sums[0] > 0.0 ? 0.5 * sums[1] / sums[0] : 0.0;
   const double Ln = sums[2] > 0.0 ? 0.5 * sums[3] / sums[2] : 0.0;
   const double loss = (1.0 - imbalance) * Lp + imbalance * Ln;
-  at::Tensor loss_t = at::scalar_tensor(loss, z.options());
-  at::Tensor sums_t = at::tensor(sums, z.options().dtype(at::kDouble));
+  at::Tensor loss_t = at::scalar_tensor(loss, x.options());
+  at::Tensor sums_t = at::tensor(sums, x.options().dtype(at::kDouble));
   return {loss_t, grad, sums_t};
 }
 

@@ -1,9 +1,13 @@
 // Fused SoftTriple loss, CPU kernels (docs/semantics.md §3, fused form §3.4).
 //
-// x (N, D) is already normalised; the centers w (D, C*K) (column c*K + k = center k of class c)
-// are the raw parameter: the kernel scales each center column by 1/max(|w_ck|, 1e-12) on the fly
-// (as F.normalize) and returns the gradient of the raw parameter, so no normalised copy of W
-// (which, at D x C*K, is larger than N x C*K in the target case) is ever made.
+// x (N, D) are the raw embeddings (any strides): with normalize, the op normalises them itself
+// (row_norms.h: scale-safe norms, the non-finite check naming "embeddings", docs/semantics.md §1.4)
+// into the contiguous z it returns for the backward, which applies the normalisation's Jacobian to
+// dL/dz in its epilogue. The centers w (D, C*K) (column c*K + k = center k of class c) are the raw
+// parameter: the kernel scales each center column by 1/|w_ck| (scale-safe, 0 for a zero column) on
+// the fly and returns the gradient of the raw parameter, so no normalised copy of W (which, at
+// D x C*K, is larger than N x C*K in the target case) is ever made. Labels outside [0, C) and
+// non-finite centers raise ValueError here (docs/semantics.md §6), in eager and compiled code.
 //
 // The classes are streamed in tiles of TC classes (TC*K columns). Per class tile and query tile of
 // BQ rows, one GEMM gives the transposed logits tile s^T = W_tile^T X_I^T (TC*K x BQ), so that for
@@ -27,6 +31,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
+#include "row_norms.h"
 
 namespace rll {
 namespace softtriple {
@@ -37,21 +42,34 @@ struct Params {
   double la, gamma, margin;
 };
 
-// 1 / max(|w_col|, eps) per center column, and the projection coefficient of F.normalize's
-// gradient (r^2, or 0 where the norm is clamped).
-constexpr double kNormEps = 1e-12;
+// 1 / |w_col| per center column (0 for a zero column): the squared norms summed over the rows of
+// w, and the columns where that overflows, underflows or is not finite recomputed with the
+// scale-safe row_norm of row_norms.h on a gathered copy. A non-finite column raises.
 template <class S>
-void column_scales(const at::Tensor& w, std::vector<S>& rn, std::vector<S>* q) {
-  const at::Tensor nrm = at::linalg_vector_norm(w, 2, {0}, false, c10::nullopt).contiguous();
-  const S* NR = nrm.data_ptr<S>();
-  const int64_t CK = w.size(1);
-  rn.resize(CK);
-  if (q) q->resize(CK);
-  for (int64_t j = 0; j < CK; ++j) {
-    const S n = NR[j];
-    rn[j] = S(1) / std::max(n, S(kNormEps));
-    if (q) (*q)[j] = n > S(kNormEps) ? rn[j] * rn[j] : S(0);
-  }
+void column_scales(const at::Tensor& w, std::vector<S>& rn) {
+  using V = Vectorized<S>;
+  const int64_t D = w.size(0), CK = w.size(1);
+  const S* WP = w.const_data_ptr<S>();
+  rn.assign(CK, S(0));
+  at::parallel_for(0, ceil_div(CK, 256), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<S> col(D);
+    for (int64_t j0 = b0 * 256; j0 < std::min(CK, b1 * 256); j0 += 256) {
+      const int64_t nj = std::min<int64_t>(256, CK - j0);
+      S* sq = rn.data() + j0;  // squared norms first, in place
+      for (int64_t d = 0; d < D; ++d)
+        at::vec::map2([](V a, V x) { return a + x * x; }, sq, sq, WP + d * CK + j0, nj);
+      for (int64_t j = j0; j < j0 + nj; ++j) {
+        S n = std::sqrt(rn[j]);
+        if (!(std::isfinite(rn[j]) && rn[j] >= safe_sq_min<S>())) {
+          for (int64_t d = 0; d < D; ++d) col[d] = WP[d * CK + j];
+          const RowNorm<S> r = row_norm(col.data(), D);
+          TORCH_CHECK_VALUE(r.finite, "centers contains NaN or Inf (column ", j, ")");
+          n = r.norm;
+        }
+        rn[j] = n > S(0) ? S(1) / n : S(0);
+      }
+    }
+  });
 }
 
 // What both kernels of one call share. Tiling: a class tile has about 256 center columns (W tile
@@ -65,10 +83,10 @@ struct Problem {
   int64_t N, D, CK, K, C;
   int64_t TC, BQ, ntiles;
   int64_t BQP, NP;        // BQ and N padded to whole vectors
-  std::vector<S> y;       // NP: labels as S, -1 in the padding
-  std::vector<S> rn, qn;  // CK: column scales 1/|w_ck|, projection coefficients r^2 (backward)
+  std::vector<S> y;   // NP: labels as S, -1 in the padding
+  std::vector<S> rn;  // CK: column scales 1/|w_ck|
   S inv_gamma, la, la_margin;
-  Problem(const at::Tensor& x_, const at::Tensor& labels, const at::Tensor& w_, const Params& p, bool projection)
+  Problem(const at::Tensor& x_, const at::Tensor& labels, const at::Tensor& w_, const Params& p)
       : x(x_),
         w(w_),
         Y(labels.data_ptr<int64_t>()),
@@ -86,8 +104,10 @@ struct Problem {
         inv_gamma(S(1.0 / p.gamma)),
         la(S(p.la)),
         la_margin(S(p.la * p.margin)) {
+    for (int64_t i = 0; i < N; ++i)
+      TORCH_CHECK_VALUE(Y[i] >= 0 && Y[i] < C, "labels must lie in [0, num_classes=", C, "), got ", Y[i]);
     copy_padded(Y, N, y.data(), NP, S(-1));
-    column_scales<S>(w, rn, projection ? &qn : nullptr);
+    column_scales<S>(w, rn);
   }
 };
 
@@ -184,7 +204,7 @@ void merge_thread_lse(const Problem<S>& pb, const std::vector<S>& m, const std::
 template <class S>
 void forward_kernel(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w, const Params& p,
                     at::Tensor& loss, at::Tensor& lse) {
-  const Problem<S> pb(x, labels, w, p, /*projection=*/false);
+  const Problem<S> pb(x, labels, w, p);
   const int64_t nthreads = at::get_num_threads();
   // per-thread online LSE state per row: running max and sum of exp
   std::vector<S> m(nthreads * pb.NP, neg_inf<S>()), l(nthreads * pb.NP, S(0));
@@ -258,24 +278,28 @@ void logit_grads_of_tile(const Problem<S>& pb, BackwardTile<S>& tile, const S* l
   }
 }
 
-// dW[:, col0 + j] = wbuf[:, j] - r^2 (sum_i G_ij s_ij) w[:, col0 + j] (F.normalize's projection).
+// dW[:, col0 + j] = wbuf[:, j] - (r sum_i G_ij s_ij) (r w[:, col0 + j]), the projection of the center
+// normalisation (docs/semantics.md §3.3), as two factors of r: r^2 alone underflows for large columns.
 template <class S>
 void write_center_grads(const Problem<S>& pb, BackwardTile<S>& tile, S* GW, int64_t col0, int64_t tck) {
   using V = Vectorized<S>;
   const int64_t W = V::size(), CK = pb.CK;
   const S* WP = pb.w.template data_ptr<S>();
+  const S* rt = pb.rn.data() + col0;
   for (int64_t j = 0; j < tck; ++j) {
     S cs = 0;
     for (int64_t l = 0; l < W; ++l) cs += tile.cs[j * W + l];
-    tile.coef[j] = pb.qn[col0 + j] * cs;
+    tile.coef[j] = rt[j] * cs;
   }
+  const S* cf = tile.coef.data();
   for (int64_t d = 0; d < pb.D; ++d) {
     S* g = GW + d * CK + col0;
     const S* b = tile.wbuf.data() + d * tck;
     const S* wr = WP + d * CK + col0;
     int64_t j = 0;
-    for (; j + W <= tck; j += W) (V::loadu(b + j) - V::loadu(tile.coef.data() + j) * V::loadu(wr + j)).store(g + j);
-    for (; j < tck; ++j) g[j] = b[j] - tile.coef[j] * wr[j];
+    for (; j + W <= tck; j += W)
+      (V::loadu(b + j) - V::loadu(cf + j) * (V::loadu(rt + j) * V::loadu(wr + j))).store(g + j);
+    for (; j < tck; ++j) g[j] = b[j] - cf[j] * (rt[j] * wr[j]);
   }
 }
 
@@ -310,7 +334,7 @@ template <class S>
 void backward_kernel(const at::Tensor& g_rows, const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w,
                      const at::Tensor& lse, const Params& p, bool need_gx, bool need_gw, at::Tensor& gx,
                      at::Tensor& gw) {
-  const Problem<S> pb(x, labels, w, p, /*projection=*/true);
+  const Problem<S> pb(x, labels, w, p);
   std::vector<S> lse_p(pb.NP, S(0)), g_la(pb.NP, S(0));  // padded: LSE_i and g_i la
   const S* G = g_rows.data_ptr<S>();
   copy_padded(lse.data_ptr<S>(), pb.N, lse_p.data(), pb.NP, S(0));
@@ -341,10 +365,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tenso
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
               "softtriple: labels must be int64 of shape (", x.size(0), ",), got ", labels.sizes(), " ",
               labels.scalar_type());
-  for (const at::Tensor* t : {&x, &labels, &w}) {
+  for (const at::Tensor* t : {&x, &labels, &w})
     TORCH_CHECK(t->device().is_cpu(), "softtriple (cpu): all tensors must be on the CPU, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "softtriple: inputs must be contiguous");
-  }
 }
 
 Params make_params(int64_t K, double la, double gamma, double margin) {
@@ -352,45 +374,80 @@ Params make_params(int64_t K, double la, double gamma, double margin) {
   return Params{K, la, gamma, margin};
 }
 
-std::tuple<at::Tensor, at::Tensor> softtriple_fwd_cpu(const at::Tensor& x, const at::Tensor& labels,
-                                                      const at::Tensor& w, int64_t K, double la, double gamma,
-                                                      double margin) {
+// The rows the kernels read, contiguous: z = x/|x| into z_out with |x| into norms_out (normalize),
+// or x itself; either way a non-finite row raises, naming "embeddings" (docs/semantics.md §6).
+at::Tensor embedding_rows(const at::Tensor& x, bool normalize, at::Tensor& z_out, at::Tensor& norms_out) {
+  const int64_t N = x.size(0), D = x.size(1);
+  if (!normalize) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor sq = at::empty({N}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_rows", [&] {
+      check_finite_rows(sq_norms_checked<scalar_t>(xc, sq.data_ptr<scalar_t>()), "embeddings");
+    });
+    return xc;
+  }
+  z_out = at::empty({N, D}, x.options());
+  norms_out = at::empty({N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_rows", [&] {
+    std::vector<scalar_t> z_sq(N);
+    scalar_t* Z = z_out.data_ptr<scalar_t>();
+    check_finite_rows(normalize_rows<scalar_t>(x, Z, norms_out.data_ptr<scalar_t>(), z_sq.data()), "embeddings");
+  });
+  return z_out;
+}
+
+// Returns (l_i (N,), LSE_i (N,), z (N, D) and |x_i| (N,) with normalize, else (0,) each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softtriple_fwd_cpu(const at::Tensor& x,
+                                                                              const at::Tensor& labels,
+                                                                              const at::Tensor& w, int64_t K, double la,
+                                                                              double gamma, double margin,
+                                                                              bool normalize) {
   check_inputs(x, labels, w, K);
   const Params p = make_params(K, la, gamma, margin);
   const int64_t N = x.size(0);
   at::Tensor loss = at::empty({N}, x.options());
   at::Tensor lse = at::empty({N}, x.options());
-  if (N == 0) return {loss, lse};
+  at::Tensor z = at::empty({0}, x.options()), norms = at::empty({0}, x.options());
   // the inner GEMMs must not see autograd (autograd of this op is registered in Python)
-  const at::Tensor xd = x.detach(), wd = w.detach();
+  const at::Tensor rows = embedding_rows(x.detach(), normalize, z, norms);
+  const at::Tensor wd = w.detach().contiguous();
+  if (N == 0) return {loss, lse, z, norms};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_fwd_cpu",
-                             [&] { forward_kernel<scalar_t>(xd, labels, wd, p, loss, lse); });
-  return {loss, lse};
+                             [&] { forward_kernel<scalar_t>(rows, labels.contiguous(), wd, p, loss, lse); });
+  return {loss, lse, z, norms};
 }
 
 std::tuple<at::Tensor, at::Tensor> softtriple_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x,
                                                       const at::Tensor& labels, const at::Tensor& w,
-                                                      const at::Tensor& lse, int64_t K, double la, double gamma,
-                                                      double margin, bool need_gx, bool need_gw) {
+                                                      const at::Tensor& lse, const at::Tensor& z,
+                                                      const at::Tensor& norms, int64_t K, double la, double gamma,
+                                                      double margin, bool normalize, bool need_gx, bool need_gw) {
   check_inputs(x, labels, w, K);
   const Params p = make_params(K, la, gamma, margin);
-  const int64_t N = x.size(0);
+  const int64_t N = x.size(0), D = x.size(1);
   for (const at::Tensor* t : {&grad_rows, &lse}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type(),
                 "softtriple_bwd: grad_rows and lse must be (", N, ",) of dtype ", x.scalar_type(), ", got ", t->sizes(),
                 " ", t->scalar_type());
   }
-  at::Tensor gx = need_gx ? at::zeros_like(x) : at::empty({0}, x.options());
+  if (normalize)
+    TORCH_CHECK(z.sizes() == x.sizes() && norms.dim() == 1 && norms.size(0) == N && z.is_contiguous() &&
+                    z.scalar_type() == x.scalar_type() && norms.scalar_type() == x.scalar_type(),
+                "softtriple_bwd: z and norms must be the forward's (", N, ", ", D, ") and (", N, ",)");
+  at::Tensor gx = need_gx ? at::zeros({N, D}, x.options()) : at::empty({0}, x.options());
   // every column of gw is written exactly once by the thread owning its class tile
-  at::Tensor gw = need_gw ? at::empty_like(w) : at::empty({0}, w.options());
+  at::Tensor gw = need_gw ? at::empty({w.size(0), w.size(1)}, w.options()) : at::empty({0}, w.options());
   if (N == 0 || (!need_gx && !need_gw)) {
     if (need_gw) gw.zero_();
     return {gx, gw};
   }
-  const at::Tensor xd = x.detach(), wd = w.detach();
+  const at::Tensor rows = normalize ? z.detach() : x.detach().contiguous(), wd = w.detach().contiguous();
   const at::Tensor gd = grad_rows.detach().contiguous(), ld = lse.detach().contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_bwd_cpu",
-                             [&] { backward_kernel<scalar_t>(gd, xd, labels, wd, ld, p, need_gx, need_gw, gx, gw); });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softtriple_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(gd, rows, labels.contiguous(), wd, ld, p, need_gx, need_gw, gx, gw);
+    if (need_gx && normalize)  // dL/dx from dL/dz: the normalisation's Jacobian, row by row
+      normalize_backward_rows(gx.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), N, D);
+  });
   return {gx, gw};
 }
 

@@ -46,7 +46,9 @@ def dup_rel_tol(dtype: torch.dtype) -> float:
 
 
 def _check_finite_number(v, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # _finite_number, not math.isfinite: torch.compile(dynamic=True) passes Python floats as
+    # SymFloats, which math.isfinite cannot trace
+    if not _finite_number(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
 
 
@@ -61,7 +63,9 @@ def check_positive_int(v, name: str) -> None:
 
 
 # ---------------------------------------------------------------- tensors
-def check_embeddings(x, name: str, *, allow_empty: bool = False) -> None:
+def check_embeddings(x, name: str, *, allow_empty: bool = False, finite: bool = True) -> None:
+    """A 2-D floating (N, D) tensor, N > 0 unless ``allow_empty``, D > 0; every entry finite when
+    ``finite`` (a device sync: the fused RLL ops check their rows themselves, docs/semantics.md §6)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -75,7 +79,8 @@ def check_embeddings(x, name: str, *, allow_empty: bool = False) -> None:
     # a finite sum proves every entry finite without an N x D bool temporary (a sum that overflows
     # falls through to the exact check)
     if (
-        x.device.type != "meta"
+        finite
+        and x.device.type != "meta"
         and not torch.compiler.is_compiling()
         and not bool(torch.isfinite(x.sum()))
         and not bool(torch.isfinite(x).all())
@@ -131,6 +136,13 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
 
 
 # ---------------------------------------------------------------- Ranked List Loss
+def _finite_number(v) -> bool:
+    """A finite int or float, also as the symbolic numbers of torch.compile (no math.isfinite:
+    ``v - v == 0`` is false exactly for Inf and NaN and traces)."""
+    numbers = (int, float, torch.SymInt, torch.SymFloat)
+    return not isinstance(v, bool) and isinstance(v, numbers) and bool(v - v == 0)
+
+
 def check_rll_params(margin: float, alpha: float, imbalance: float, Tn: float, Tp: float) -> None:
     """PML 2.9.0's domain (docs/semantics.md §2.2): any finite real number, ``imbalance`` in [0, 1].
 
@@ -190,11 +202,18 @@ def check_osm_params(alpha: float, sigma: float, imbalance: float) -> None:
 
 
 def check_attention(
-    attention: Optional[torch.Tensor], n: int, dtype: torch.dtype, device: torch.device
+    attention: Optional[torch.Tensor],
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    check_values: bool = True,
 ) -> Optional[torch.Tensor]:
     """The per-sample attention a_i as a detached contiguous (n,) tensor of ``dtype``, or None.
 
-    Raises ValueError unless it is a floating (n,) tensor with every value in (0, 1].
+    Raises ValueError unless it is a floating (n,) tensor with every value in (0, 1] (the values
+    in eager mode only, and only with ``check_values``: the fused ops check them themselves,
+    docs/semantics.md §4.5).
     """
     if attention is None:
         return None
@@ -209,7 +228,7 @@ def check_attention(
     if attention.device != device:
         raise ValueError(f"attention must be on the embeddings' device {device}, got {attention.device}")
     a = attention.detach()
-    if not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling():
         bad = ~((a > 0) & (a <= 1))  # also catches NaN
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
@@ -226,7 +245,10 @@ def check_logits(logits, labels, gaussian_sigma) -> torch.Tensor:
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
     n, c = logits.shape
     labels = check_labels(labels, n, "labels", logits.device)
-    if n and not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= c)).any()):
+    # CPU tensors only (no device sync): on CUDA an out-of-range label fails the gather's
+    # device-side bounds assertion instead (docs/semantics.md §6)
+    on_cpu = logits.device.type == "cpu"
+    if n and on_cpu and not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= c)).any()):
         raise ValueError(
             f"labels must be class indices in [0, {c}) for logits with {c} columns, "
             f"got values in [{int(labels.min())}, {int(labels.max())}]"

@@ -207,25 +207,39 @@ def soft_triple_loss(
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpp"``, ``"triton"`` or ``"reference"``.
 
     Computed (and returned) in float64 if the embeddings or the centers are float64, else float32;
-    gradients reach both the embeddings and the centers.
+    gradients reach both the embeddings and the centers. The fused ops normalise the raw rows and
+    columns themselves (docs/semantics.md §1.4) and check the labels and the values
+    (docs/semantics.md §6).
     """
     check_softtriple_params(centers_per_class, la, gamma, margin, tau)
     check_choice(reduction, "reduction", ("mean", "sum", "none"))
-    check_embeddings(embeddings, "embeddings")
+    return soft_triple_checked(
+        embeddings, labels, centers, centers_per_class, la, gamma, margin, tau, reduction, backend
+    )
+
+
+def soft_triple_checked(embeddings, labels, centers, k, la, gamma, margin, tau, reduction, backend):
+    """:func:`soft_triple_loss` after its hyper-parameter checks (a module checks them when built).
+
+    No host sync on the fused path: the label range and finite values are checked by the op (the
+    C++ op raises, the Triton one gives NaN, docs/semantics.md §6); the dense reference checks them
+    here."""
+    check_embeddings(embeddings, "embeddings", finite=False)
     labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
-    k = centers_per_class
     num_classes = check_centers(centers, embeddings.shape[1], k, embeddings.device)
-    check_label_range(labels, num_classes)
     name = resolve("softtriple", backend, embeddings.device)
     dt = compute_dtype(embeddings.dtype, centers.dtype)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if name == "reference":
+            check_embeddings(embeddings, "embeddings")
+            check_label_range(labels, num_classes)
             return reference.soft_triple_loss(
                 embeddings.to(dt), labels, centers.to(dt), k, la, gamma, margin, tau, reduction=reduction
             )
-        x = F.normalize(embeddings.to(dt), dim=1).contiguous()
-        w = centers.to(dt).contiguous()  # raw: the kernel normalises each center column itself
-        rows, _ = fused_op("softtriple", name)(x, labels, w, k, float(la), float(gamma), float(margin))
+        w = centers.to(dt)  # raw: the kernel normalises each center column itself
+        rows = fused_op("softtriple", name)(
+            embeddings.to(dt), labels, w, k, float(la), float(gamma), float(margin), True
+        )[0]
         if reduction == "none":
             return rows
         loss = _reduce(rows, reduction)
@@ -292,19 +306,31 @@ def weighted_contrastive_loss(
         backend: ``"auto"`` (cpp on CPU, triton on CUDA), ``"cpp"``, ``"triton"``, ``"reference"``.
     """
     check_osm_params(alpha, sigma, imbalance)
-    check_embeddings(embeddings, "embeddings")
+    return weighted_contrastive_checked(
+        embeddings, labels, attention, alpha, sigma, imbalance, normalize, backend
+    )
+
+
+def weighted_contrastive_checked(embeddings, labels, attention, alpha, sigma, imbalance, normalize, backend):
+    """:func:`weighted_contrastive_loss` after its hyper-parameter checks (a module checks them when
+    built). No host sync on the fused path: finite values and the attention range are checked by
+    the op (the C++ op raises, the Triton one gives NaN, docs/semantics.md §6); the dense reference
+    checks them here."""
+    check_embeddings(embeddings, "embeddings", finite=False)
     labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
     dt = compute_dtype(embeddings.dtype)
-    att = check_attention(attention, embeddings.shape[0], dt, embeddings.device)
     name = resolve("osm", backend, embeddings.device)
+    att = check_attention(
+        attention, embeddings.shape[0], dt, embeddings.device, check_values=name == "reference"
+    )
     if name == "reference":
+        check_embeddings(embeddings, "embeddings")
         return reference.weighted_contrastive_loss(
             embeddings, labels, att, alpha, sigma, imbalance, normalize=normalize
         )
-    z = embeddings.to(dt)
-    z = F.normalize(z, dim=1) if normalize else z
-    need_grad = torch.is_grad_enabled() and z.requires_grad
+    x = embeddings.to(dt)  # raw: the op normalises the rows itself when asked (docs/semantics.md §1.4)
+    need_grad = torch.is_grad_enabled() and x.requires_grad
     loss, _, _ = fused_op("osm", name)(
-        z.contiguous(), labels, att, float(alpha), float(sigma), float(imbalance), need_grad
+        x, labels, att, float(alpha), float(sigma), float(imbalance), bool(normalize), need_grad
     )
     return loss

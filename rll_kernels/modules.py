@@ -19,7 +19,7 @@ from ._checks import (
     check_rll_params,
     check_softtriple_params,
 )
-from .functional import ranked_list_loss, soft_triple_loss, weighted_contrastive_loss
+from .functional import ranked_list_loss, soft_triple_checked, weighted_contrastive_checked
 
 __all__ = ["RLLFused", "SoftTripleFused", "WeightedContrastiveFused", "rll_kwargs"]
 
@@ -195,7 +195,8 @@ class SoftTripleFused(torch.nn.Module):
             raise ValueError("indices_tuple is not supported for this loss function")
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb is not supported for this loss function")
-        return soft_triple_loss(
+        # the hyper-parameters were checked in __init__: nothing per call but the tensors' checks
+        return soft_triple_checked(
             embeddings,
             labels,
             self.fc,
@@ -204,7 +205,8 @@ class SoftTripleFused(torch.nn.Module):
             self.gamma,
             self.margin,
             self.tau,
-            backend=self.backend,
+            "mean",
+            self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -250,15 +252,16 @@ class WeightedContrastiveFused(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, attention: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        return weighted_contrastive_loss(
+        # the hyper-parameters were checked in __init__
+        return weighted_contrastive_checked(
             embeddings,
             labels,
             attention,
             self.alpha,
             self.sigma,
             self.imbalance,
-            normalize=self.normalize,
-            backend=self.backend,
+            self.normalize,
+            self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -27,17 +27,20 @@ _RLL_BWD = (
     "Tensor stats, float alpha, float beta, float Tn, float Tp, float imbalance, float den_bias, "
     "bool attached, bool need_gq, bool need_gk) -> (Tensor, Tensor)"
 )
+# SoftTriple and OSM take the raw embeddings and normalise them inside the op when `normalize`
+# (docs/semantics.md §1.4); the SoftTriple forward returns z = x/|x| and |x| for its backward.
 _SOFTTRIPLE_FWD = (
-    "(Tensor x, Tensor labels, Tensor w, int centers_per_class, float la, float gamma, float margin) "
-    "-> (Tensor, Tensor)"
+    "(Tensor x, Tensor labels, Tensor w, int centers_per_class, float la, float gamma, float margin, "
+    "bool normalize) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _SOFTTRIPLE_BWD = (
-    "(Tensor grad_rows, Tensor x, Tensor labels, Tensor w, Tensor lse, int centers_per_class, float la, "
-    "float gamma, float margin, bool need_gx, bool need_gw) -> (Tensor, Tensor)"
+    "(Tensor grad_rows, Tensor x, Tensor labels, Tensor w, Tensor lse, Tensor z, Tensor norms, "
+    "int centers_per_class, float la, float gamma, float margin, bool normalize, bool need_gx, bool need_gw) "
+    "-> (Tensor, Tensor)"
 )
 _OSM_FWD = (
-    "(Tensor z, Tensor labels, Tensor? attention, float alpha, float sigma, float imbalance, bool need_grad) "
-    "-> (Tensor, Tensor, Tensor)"
+    "(Tensor x, Tensor labels, Tensor? attention, float alpha, float sigma, float imbalance, bool normalize, "
+    "bool need_grad) -> (Tensor, Tensor, Tensor)"
 )
 
 # loss -> backend -> (forward op, backward op or None); "cpp" names the C++ ops, which also carry the

@@ -1,10 +1,11 @@
 """OSM + CAA weighted contrastive loss op contract: fake kernel and autograd, shared by the C++ op and
 its Triton twin.
 
-Forward ``(z, labels, attention, alpha, sigma, imbalance, need_grad) -> (loss (), dL/dz (N, D) or (0,),
-sums (4,) float64 [S+, T+, S-, T-])``. The pair weights are constants, so the forward computes the
-gradient in the same pass and the backward only scales it by the incoming gradient (docs/semantics.md
-§4.3 and §4.4).
+Forward ``(x, labels, attention, alpha, sigma, imbalance, normalize, need_grad) -> (loss (), dL/dx (N, D)
+or (0,), sums (4,) float64 [S+, T+, S-, T-])`` on the raw embeddings x (any strides; normalised inside
+the op when ``normalize``, docs/semantics.md §1.4). The pair weights are constants, so the forward
+computes the gradient, through the normalisation, in the same pass and the backward only scales it by
+the incoming gradient (docs/semantics.md §4.3 and §4.4).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from ._schemas import OPS
 __all__ = ["osm_forward_fake"]
 
 
-def osm_forward_fake(z, labels, attention, alpha, sigma, imbalance, need_grad):
-    torch._check(z.dim() == 2, lambda: "osm: z must be 2-D")
-    grad = torch.empty_like(z) if need_grad else z.new_empty(0)
-    return z.new_empty(()), grad, z.new_empty(4, dtype=torch.float64)
+def osm_forward_fake(x, labels, attention, alpha, sigma, imbalance, normalize, need_grad):
+    torch._check(x.dim() == 2, lambda: "osm: x must be 2-D")
+    grad = x.new_empty(x.shape) if need_grad else x.new_empty(0)  # contiguous whatever the strides of x
+    return x.new_empty(()), grad, x.new_empty(4, dtype=torch.float64)
 
 
 def _setup_context(ctx, inputs, output):
@@ -30,11 +31,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_loss, _g_grad, _g_sums):
     if not ctx.needs_input_grad[0]:
-        return (None,) * 7
+        return (None,) * 8
     if not ctx.has_grad:
         raise RuntimeError("osm: the forward ran with need_grad=False; no gradient was computed")
     (grad,) = ctx.saved_tensors
-    return (grad * g_loss,) + (None,) * 6
+    return (grad * g_loss,) + (None,) * 7
 
 
 def _triton_forward(*args):

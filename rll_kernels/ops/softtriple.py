@@ -1,10 +1,12 @@
 """SoftTriple op contract: fake kernels and autograd, shared by the C++ op and its Triton twin, and the
 center-sparsity regulariser as an autograd function over the raw centers.
 
-Forward ``(x, labels, w, centers_per_class, la, gamma, margin) -> (rows (N,), lse (N,))`` on normalised
-embeddings x and the raw (D, C*K) centers w (normalised per column inside the kernels); backward
-``(grad_rows, x, labels, w, lse, ...) -> (grad x or (0,), grad w or (0,))`` recomputes the class tiles
-from the saved per-row log-sum-exp. See docs/semantics.md §3.
+Forward ``(x, labels, w, centers_per_class, la, gamma, margin, normalize) -> (rows (N,), lse (N,), z, norms)``
+on the raw embeddings x (any strides; with ``normalize`` the op normalises them and returns
+z = x/|x| (N, D) and |x| (N,) for the backward, else (0,) each) and the raw (D, C*K) centers w
+(normalised per column inside the kernels); backward ``(grad_rows, x, labels, w, lse, z, norms, ...)
+-> (grad x or (0,), grad w or (0,))`` recomputes the class tiles from the saved per-row log-sum-exp and
+applies the normalisation's Jacobian to the rows' gradient. See docs/semantics.md §1.4 and §3.
 """
 
 from __future__ import annotations
@@ -17,37 +19,40 @@ from ._schemas import OPS
 __all__ = ["softtriple_backward_fake", "softtriple_forward_fake", "sparse_centers_raw"]
 
 
-def softtriple_forward_fake(x, labels, w, centers_per_class, la, gamma, margin):
+def softtriple_forward_fake(x, labels, w, centers_per_class, la, gamma, margin, normalize):
     torch._check(x.dim() == 2 and w.dim() == 2, lambda: "softtriple_fwd: x and w must be 2-D")
     torch._check(x.shape[1] == w.shape[0], lambda: "softtriple_fwd: x and w embedding sizes differ")
     n = x.shape[0]
-    return x.new_empty(n), x.new_empty(n)
+    z = x.new_empty(x.shape) if normalize else x.new_empty(0)
+    return x.new_empty(n), x.new_empty(n), z, x.new_empty(n if normalize else 0)
 
 
 def softtriple_backward_fake(
-    grad_rows, x, labels, w, lse, centers_per_class, la, gamma, margin, need_gx, need_gw
+    grad_rows, x, labels, w, lse, z, norms, centers_per_class, la, gamma, margin, normalize, need_gx, need_gw
 ):
-    gx = torch.empty_like(x) if need_gx else x.new_empty(0)
-    gw = torch.empty_like(w) if need_gw else w.new_empty(0)
+    # contiguous whatever the strides of x and w (the kernels write row-major gradients)
+    gx = x.new_empty(x.shape) if need_gx else x.new_empty(0)
+    gw = w.new_empty(w.shape) if need_gw else w.new_empty(0)
     return gx, gw
 
 
 def _setup_context(ctx, inputs, output):
-    x, labels, w, k, la, gamma, margin = inputs
-    _, lse = output
-    ctx.params = (k, la, gamma, margin)
-    ctx.save_for_backward(x, labels, w, lse)
+    x, labels, w, k, la, gamma, margin, normalize = inputs
+    _, lse, z, norms = output
+    ctx.params = (k, la, gamma, margin, normalize)
+    ctx.save_for_backward(x, labels, w, lse, z, norms)
 
 
 def _make_backward(backend: str):
     backward_op = getattr(torch.ops.rll_kernels, OPS["softtriple"][backend][1])
 
-    def backward(ctx, g_rows, _g_lse):
-        # the LSE is a saved statistic: its gradient is not propagated (the API never returns it)
-        x, labels, w, lse = ctx.saved_tensors
+    def backward(ctx, g_rows, _g_lse, _g_z, _g_norms):
+        # LSE, z and the norms are saved statistics: their gradients are not propagated (the API
+        # never returns them)
+        x, labels, w, lse, z, norms = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        gx, gw = backward_op(g_rows.contiguous(), x, labels, w, lse, *ctx.params, need_x, need_w)
-        return (gx if need_x else None, None, gw if need_w else None, None, None, None, None)
+        gx, gw = backward_op(g_rows.contiguous(), x, labels, w, lse, z, norms, *ctx.params, need_x, need_w)
+        return (gx if need_x else None, None, gw if need_w else None) + (None,) * 5
 
     return backward
 

@@ -36,6 +36,19 @@ def _hyper_params(device: str, dtype: torch.dtype, values: tuple[float, ...]) ->
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def strict_checks() -> bool:
+    """``RLL_STRICT_FINITE=1``: the Triton launchers make the value checks of the CPU ops (finite
+    rows, the SoftTriple label range, the OSM attention range) and raise their ValueError, at the
+    cost of a device sync (docs/semantics.md §6); by default a bad value gives a NaN loss, no sync."""
+    return os.environ.get("RLL_STRICT_FINITE", "0") == "1"
+
+
+def raise_if(bad: torch.Tensor, message: str) -> None:
+    """The strict check: ``ValueError(message)`` when the 0-dim bool tensor ``bad`` is true (a sync)."""
+    if bool(bad):
+        raise ValueError(message)
+
+
 def status(device: torch.device | str) -> Optional[str]:
     """None if the Triton backend can run on ``device``, else why not.
 

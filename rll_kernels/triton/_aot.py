@@ -117,7 +117,7 @@ def compile_sibling(kernel: str, dtype: str = "fp32", cap: int = 90) -> Compiled
         "softtriple_dx": softtriple._st_bwd_dx_kernel,
         "softtriple_dw": softtriple._st_bwd_dw_kernel,
     }[kernel]
-    names = ("x_ptr", "w_ptr", "rn_ptr", "q_ptr", "loss_ptr", "lse_ptr", "g_ptr", "gxp_ptr", "gw_ptr", "PRM")
+    names = ("x_ptr", "w_ptr", "rn_ptr", "loss_ptr", "lse_ptr", "g_ptr", "gxp_ptr", "gw_ptr", "PRM")
     ptr = dict.fromkeys(names, dtype) | {"y_ptr": "i64"}
     return _compile(fn, dict(BM=64, BC=4, KP=16, BD=64), ptr, cap, 4, 2)
 

@@ -174,3 +174,95 @@ def online_finish(m, l, a, bias, HAS_BIAS: tl.constexpr):
     L = tl.where(nonempty, (a / l_safe) * tl.exp(log_sum - logden), 0.0)
     logden = tl.where(nonempty, logden, NEG_INF)
     return L, logden
+
+
+# ------------------------------------------------------------ row normalisation (docs/semantics.md §1.4)
+@triton.jit
+def safe_row_norms(x):
+    """Scale-safe norms of the rows of a tile ``x`` (accumulation dtype, masked entries 0) and the
+    rows scaled by their largest |x| (every entry in [-1, 1]): no overflow or underflow for any
+    finite row. A row with an Inf or NaN entry gets a NaN norm; a zero row norm 0."""
+    m = tl.max(tl.abs(x), 1)
+    m_safe = tl.where(m > 0.0, m, 1.0)
+    xs = x / m_safe[:, None]
+    s = tl.sum(xs * xs, 1)
+    norm = tl.where(m > 0.0, m * tl.sqrt(s), tl.where(m == 0.0, 0.0, m + s))  # NaN m: NaN
+    norm = tl.where(m == float("inf"), float("nan"), norm)
+    return norm, xs, s
+
+
+@triton.jit
+def normalize_backward(g, z, norm):
+    """The gradient through z = x/|x| of a block of rows: (g - z (z . g)) / |x|; 0 for a zero row."""
+    zg = tl.sum(z * g, 1)
+    return tl.where((norm == 0.0)[:, None], 0.0, (g - z * zg[:, None]) / norm[:, None])
+
+
+@triton.jit
+def normalize_rows_kernel(
+    X, Z, NORMS, R, D, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """z = x/|x| of BLOCK_R rows of X (any strides) into the contiguous Z (its dtype) and |x| into
+    NORMS: one read of the rows, one write. Non-finite rows get NaN norms and NaN z rows."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = offs_r < R
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    x = tl.load(
+        X + offs_r[:, None] * stride_r + offs_d[None, :] * stride_c,
+        mask=ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    x = x.to(NORMS.dtype.element_ty)
+    norm, xs, s = safe_row_norms(x)
+    # x / |x| (one rounding, as F.normalize); (x / m) / sqrt(s) where |x| is subnormal
+    tiny = norm < 1.1754943508222875e-38
+    n_div = tl.where(tiny | (norm == 0.0), 1.0, norm)
+    z = tl.where(tiny[:, None], xs / tl.sqrt(tl.where(s > 0.0, s, 1.0))[:, None], x / n_div[:, None])
+    z = tl.where((norm == 0.0)[:, None], 0.0, z)
+    z = tl.where((norm == norm)[:, None], z, float("nan"))
+    tl.store(
+        Z + offs_r[:, None] * D + offs_d[None, :], z.to(Z.dtype.element_ty), mask=ok[:, None] & d_ok[None, :]
+    )
+    tl.store(NORMS + offs_r, norm, mask=ok)
+
+
+def normalize_rows(x, z, norms) -> None:
+    """Launch ``normalize_rows_kernel``: the rows of ``x`` (R x D, any strides) normalised into the
+    contiguous ``z`` (R x D), their norms into ``norms`` (R,) in the accumulation dtype."""
+    r, d = x.shape
+    if r == 0:
+        return
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = max(1, min(64, 4096 // block_d))
+    grid = (triton.cdiv(r, block_r),)
+    normalize_rows_kernel[grid](x, z, norms, r, d, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+@triton.jit
+def normalize_rows_backward_kernel(G, Z, NORMS, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """In place, g <- (g - z (z . g)) / |x| for BLOCK_R contiguous rows of G (0 for a zero row, NaN
+    for a non-finite one): the Jacobian epilogue of an op whose rows normalize_rows normalised."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = offs_r < R
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    norm = tl.load(NORMS + offs_r, mask=ok, other=1.0)
+    g = load_tile(G + offs_r[:, None] * D, ok, offs_d, d_ok).to(norm.dtype)
+    z = load_tile(Z + offs_r[:, None] * D, ok, offs_d, d_ok).to(norm.dtype)
+    store_tile(
+        G + offs_r[:, None] * D, ok, offs_d, d_ok, normalize_backward(g, z, norm).to(G.dtype.element_ty)
+    )
+
+
+def normalize_rows_backward(g, z, norms) -> None:
+    """Launch ``normalize_rows_backward_kernel`` on the contiguous (R x D) gradient ``g`` of the rows
+    ``z`` and ``norms`` that :func:`normalize_rows` wrote."""
+    r, d = g.shape
+    if r == 0:
+        return
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = max(1, min(64, 4096 // block_d))
+    normalize_rows_backward_kernel[(triton.cdiv(r, block_r),)](
+        g, z, norms, r, d, BLOCK_R=block_r, BLOCK_D=block_d
+    )

@@ -11,6 +11,12 @@ gradients sum_j C_ij (z_i - z_j) of each set on its feature chunk (a second and 
 S- = sum w- rescale the two gradients at the end, in torch ops on the device (no host sync).
 Memory O(N D).
 
+The op takes the raw embeddings (any strides): with ``normalize`` they are normalised first
+(``_tiles.normalize_rows``: scale-safe norms, docs/semantics.md §1.4) and the gradient goes back
+through the normalisation's Jacobian at the end (``_tiles.normalize_rows_backward``). A non-finite
+row or an attention value outside (0, 1] gives a NaN loss and gradient without a host sync
+(``RLL_STRICT_FINITE=1``: a ValueError, at the cost of a sync; docs/semantics.md §6).
+
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``tl.dot`` uses
 ``input_precision="ieee"``: TF32 distances would break the duplicate rule and the fp32 accuracy.
 """
@@ -24,8 +30,18 @@ import triton
 import triton.language as tl
 
 from .._checks import dup_rel_tol
-from . import hyper_params, interpret_mode
-from ._tiles import gram_chunked, load_tile, pair_distance, pair_sets, row_norms, store_gram_grad, store_row4
+from . import hyper_params, interpret_mode, raise_if, strict_checks
+from ._tiles import (
+    gram_chunked,
+    load_tile,
+    normalize_rows,
+    normalize_rows_backward,
+    pair_distance,
+    pair_sets,
+    row_norms,
+    store_gram_grad,
+    store_row4,
+)
 
 
 @triton.jit
@@ -126,15 +142,17 @@ def _blocks(d: int) -> tuple[int, int, int, int, int]:
     return 64, 32, 32, bd, 4
 
 
-def _loss_and_set_scales(sums: torch.Tensor, imbalance: float) -> tuple[torch.Tensor, ...]:
+def _loss_and_set_scales(sums: torch.Tensor, imbalance: float, ok: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(loss, dL/dS+-weighted sum scale of each set) from the sums [S+, T+, S-, T-], on the device.
 
     L = (1 - lambda) T+ / (2 S+) + lambda T- / (2 S-) with an empty set contributing 0
     (docs/semantics.md §4.1, §4.5); the unnormalised set gradients scale by (1 - lambda) / S+ and
-    -lambda / S- (§4.4). Torch ops on the (4,) tensor: no value reaches the host, so a CUDA call
-    never synchronises."""
+    -lambda / S- (§4.4). All three are NaN unless the 0-dim bool ``ok`` is true and the sums are
+    finite (a non-finite row or a bad attention value: never a finite wrong loss). Torch ops on the
+    (4,) tensor: no value reaches the host, so a CUDA call never synchronises."""
+    sums = torch.where(ok & torch.isfinite(sums).all(), sums, float("nan"))
     s_p, t_p, s_n, t_n = sums.unbind()
-    has_p, has_n = s_p > 0, s_n > 0
+    has_p, has_n = (s_p > 0) | s_p.isnan(), (s_n > 0) | s_n.isnan()
     s_p, s_n = torch.where(has_p, s_p, 1.0), torch.where(has_n, s_n, 1.0)
     loss = (1.0 - imbalance) * torch.where(has_p, 0.5 * t_p / s_p, 0.0) + imbalance * torch.where(
         has_n, 0.5 * t_n / s_n, 0.0
@@ -142,33 +160,57 @@ def _loss_and_set_scales(sums: torch.Tensor, imbalance: float) -> tuple[torch.Te
     return loss, torch.where(has_p, (1.0 - imbalance) / s_p, 0.0), torch.where(has_n, -imbalance / s_n, 0.0)
 
 
+def _inputs(x, attention, normalize: bool, strict: bool) -> tuple[torch.Tensor, ...]:
+    """(rows the kernel reads, norms, attention, ok): z = x/|x| and |x| with ``normalize``, else the
+    contiguous x; ``ok`` is a 0-dim device bool, false for a non-finite row or an attention value
+    outside (0, 1]; strict: these raise instead (a sync)."""
+    x = x.detach()
+    if normalize:
+        z, norms = torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[0])
+        normalize_rows(x, z, norms)
+    else:
+        z, norms = x.contiguous(), x.new_empty(0)
+    finite = torch.isfinite(norms if normalize else z).all()
+    att = attention.detach().to(x.dtype).contiguous() if attention is not None else x.new_empty(1)
+    att_ok = ((att > 0) & (att <= 1)).all() if attention is not None else torch.ones_like(finite)
+    if strict:
+        raise_if(~finite, "embeddings contains NaN or Inf")
+        raise_if(~att_ok, "attention values must lie in (0, 1]")
+    return z, norms, att, finite & att_ok
+
+
 def osm_forward(
-    z: torch.Tensor,
+    x: torch.Tensor,
     labels: torch.Tensor,
     attention: Optional[torch.Tensor],
     alpha: float,
     sigma: float,
     imbalance: float,
+    normalize: bool,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``rll_kernels::osm_fwd``: (loss (), dL/dz (N, D) or (0,), sums (4,) float64)."""
-    if z.dim() != 2 or z.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"osm_triton_fwd: z must be 2-D float32/float64, got {tuple(z.shape)} {z.dtype}")
-    z = z.detach().contiguous()
+    """Same contract as ``rll_kernels::osm_fwd``: (loss (), dL/dx (N, D) or (0,), sums (4,) float64)."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"osm_triton_fwd: x must be 2-D float32/float64, got {tuple(x.shape)} {x.dtype}")
+    z, norms, att, ok = _inputs(x, attention, normalize, strict_checks())
     n, d = z.shape
     prm = hyper_params(z, alpha, -0.5 / (sigma * sigma), dup_rel_tol(z.dtype))
     rows = z.new_empty(n, 4)
     gp = torch.empty_like(z) if need_grad else z.new_empty(1)
     gn = torch.empty_like(z) if need_grad else z.new_empty(1)
-    att = attention.detach().to(z.dtype).contiguous() if attention is not None else z.new_empty(1)
     bm, bn, bk, bd, nw = _blocks(d)
     grid = (triton.cdiv(n, bm), triton.cdiv(d, bd) if need_grad else 1)
     flags = dict(
         HAS_ATT=attention is not None, NEED_GRAD=need_grad, BLOCK_D=max(bk, triton.next_power_of_2(d))
     )
     args = (z, labels.contiguous(), att, prm, rows, gp, gn, n, d)
-    _osm_rows_kernel[grid](*args, **flags, BM=bm, BN=bn, BK=bk, BD=bd, num_warps=nw)
+    if n > 0:
+        _osm_rows_kernel[grid](*args, **flags, BM=bm, BN=bn, BK=bk, BD=bd, num_warps=nw)
     sums = rows.to(torch.float64).sum(0) * 0.5  # ordered pairs: every unordered pair counted twice
-    loss, scale_p, scale_n = _loss_and_set_scales(sums, imbalance)
-    grad = gp.mul_(scale_p.to(z.dtype)).addcmul_(gn, scale_n.to(z.dtype)) if need_grad else z.new_empty(0)
+    loss, scale_p, scale_n = _loss_and_set_scales(sums, imbalance, ok)
+    if not need_grad:
+        return loss.to(z.dtype), z.new_empty(0), sums
+    grad = gp.mul_(scale_p.to(z.dtype)).addcmul_(gn, scale_n.to(z.dtype))
+    if normalize:  # dL/dx from dL/dz (docs/semantics.md §1.4)
+        normalize_rows_backward(grad, z, norms)
     return loss.to(z.dtype), grad, sums

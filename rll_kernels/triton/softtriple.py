@@ -2,8 +2,13 @@
 ``rll_kernels::softtriple_triton_fwd`` and ``softtriple_triton_bwd`` (registered in
 rll_kernels/ops/softtriple.py; the same contract as the C++ ``softtriple_fwd`` / ``softtriple_bwd``).
 
-x (N, D) is normalised; w (D, C*K) is the raw center parameter, normalised per column on the fly
-(r_ck = 1 / max(|w_ck|, 1e-12)). A tile holds BC classes x KP center slots (KP = next power of 2 of
+x (N, D) are the raw embeddings (any strides): with ``normalize`` they are normalised first
+(``_tiles.normalize_rows``: scale-safe norms, docs/semantics.md §1.4) into the z the forward returns,
+and the backward applies the normalisation's Jacobian to dL/dz (``_tiles.normalize_rows_backward``).
+w (D, C*K) is the raw center parameter, normalised per column on the fly (r_ck = 1 / |w_ck|, scale-safe,
+0 for a zero column). No host sync: a non-finite row or column, or a label outside [0, C), gives a
+NaN loss and gradient (``RLL_STRICT_FINITE=1``: a ValueError, at the cost of a sync;
+docs/semantics.md §6). A tile holds BC classes x KP center slots (KP = next power of 2 of
 K, the slots k >= K masked), so the logits tile of a row block is one GEMM (loop over D chunks),
 reshaped to (BM, BC, KP) for the segmented K-softmax.
 
@@ -12,7 +17,7 @@ reshaped to (BM, BC, KP) for the segmented K-softmax.
 - backward, two kernels that recompute the tiles: dX (one program per row block and class split,
   partial sums per split, reduced in PyTorch: deterministic, no atomics) and dW (one program per
   class tile, which owns its columns of dW over all row blocks, then applies F.normalize's
-  projection dW_ck -= r_ck^2 (sum_i G_ick s_ick) w_ck).
+  projection dW_ck -= (r_ck sum_i G_ick s_ick) (r_ck w_ck)).
 
 The ops are registered for CPU and CUDA tensors, so they also run on CPU tensors under
 ``TRITON_INTERPRET=1`` (tests). GEMMs use ``input_precision="ieee"`` (no TF32) so float32 matches
@@ -25,12 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import hyper_params
-from ._tiles import load_tile, online_rescale, store_tile
+from . import hyper_params, raise_if, strict_checks
+from ._tiles import (
+    load_tile,
+    normalize_rows,
+    normalize_rows_backward,
+    online_rescale,
+    safe_row_norms,
+    store_tile,
+)
 
 __all__ = ["softtriple_backward", "softtriple_forward"]
-
-NORM_EPS = 1e-12
 
 
 @triton.jit
@@ -84,8 +94,10 @@ def _grad_tile(
     is_y = (cls[None, :] == y[:, None]).to(S.dtype)
     z = la * S - la_margin * is_y
     p = tl.exp(z - lse[:, None])
-    # rows past N and classes past C get exactly 0 (a select: an overflowed p there cannot leak)
+    # rows past N and classes past C get exactly 0 (a select: an overflowed p there cannot leak);
+    # a row whose label is outside [0, C) gets NaN (docs/semantics.md §6)
     a = tl.where(mask_m[:, None] & (cls[None, :] < C), g_row[:, None] * la * (p - is_y) / den, 0.0)
+    a = tl.where((mask_m & ((y < 0) | (y >= C)))[:, None], float("nan"), a)
     s3 = tl.reshape(s, (BM, BC, KP))
     g3 = a[:, :, None] * e * (1.0 + (s3 - S[:, :, None]) * inv_gamma)
     return tl.reshape(g3, (BM, BC * KP))
@@ -151,7 +163,8 @@ def _st_fwd_kernel(
         l_i = l_i * f + tl.sum(w, axis=1)
     lse = m_i + tl.log(l_i)
     tl.store(lse_ptr + offs_m, lse, mask=mask_m)
-    tl.store(loss_ptr + offs_m, lse - zt, mask=mask_m)
+    # a label outside [0, C) has no target logit: NaN, never a finite wrong loss (docs/semantics.md §6)
+    tl.store(loss_ptr + offs_m, tl.where((y < 0) | (y >= C), float("nan"), lse - zt), mask=mask_m)
 
 
 @triton.jit
@@ -203,7 +216,6 @@ def _st_bwd_dw_kernel(
     y_ptr,
     w_ptr,
     rn_ptr,
-    q_ptr,
     lse_ptr,
     gw_ptr,
     PRM,
@@ -238,13 +250,28 @@ def _st_bwd_dw_kernel(
             xb = load_tile(x_rows, mask_m, offs_d, mask_d)
             gw = tl.dot(tl.trans(xb), g, input_precision="ieee")
             _add_to_tile(gw_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j, gw)
-    # F.normalize's projection on this tile's columns (owned by this program)
-    coef = tl.load(q_ptr + col, mask=valid_j, other=0.0) * cs
+    # the center normalisation's projection on this tile's columns (owned by this program), as two
+    # factors of r (r^2 alone underflows for large columns)
+    coef = rn * cs
     for d0 in range(0, D, BD):
         offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)
         mask_d = offs_d < D
         wb = load_tile(w_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j)
-        _add_to_tile(gw_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j, -coef[None, :] * wb)
+        _add_to_tile(
+            gw_ptr + offs_d[:, None] * stride_wd, mask_d, col, valid_j, -coef[None, :] * (rn[None, :] * wb)
+        )
+
+
+@triton.jit
+def _column_scales_kernel(W, RN, D, CK, stride_wd, BC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """r = 1/|w_col| of BC center columns from the scale-safe norms of ``safe_row_norms`` on the
+    transposed tile: 0 for a zero column, NaN for a non-finite one."""
+    col = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
+    ok = col < CK
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    wt = load_tile(W + col[:, None], ok, offs_d * stride_wd, offs_d < D)  # (BC, BLOCK_D) = w[:, col]^T
+    norm, _, _ = safe_row_norms(wt.to(RN.dtype.element_ty))
+    tl.store(RN + col, tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), norm), mask=ok)
 
 
 # ---------------------------------------------------------------- launch helpers
@@ -256,11 +283,32 @@ def _blocks(n: int, d: int, k: int) -> tuple[int, int, int, int]:
     return bm, bc, kp, bd
 
 
-def _column_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    nrm = torch.linalg.vector_norm(w, dim=0)
-    rn = 1.0 / nrm.clamp_min(NORM_EPS)
-    q = torch.where(nrm > NORM_EPS, rn * rn, torch.zeros_like(rn))
-    return rn.contiguous(), q.contiguous()
+def _column_scales(w: torch.Tensor, strict: bool) -> torch.Tensor:
+    """1/|w_col| per center column (``_column_scales_kernel``); strict: non-finite centers raise."""
+    d, ck = w.shape
+    rn = w.new_empty(ck)
+    bc = 16
+    _column_scales_kernel[(triton.cdiv(ck, bc),)](
+        w, rn, d, ck, w.stride(0), BC=bc, BLOCK_D=max(16, triton.next_power_of_2(d))
+    )
+    if strict:
+        raise_if(~torch.isfinite(rn).all(), "centers contains NaN or Inf")
+    return rn
+
+
+def _rows(x: torch.Tensor, normalize: bool, strict: bool) -> tuple[torch.Tensor, ...]:
+    """(the rows the kernels read, z, norms): z = x/|x| and |x| with ``normalize`` (the rows are z),
+    else the contiguous x and (0,) placeholders; strict: non-finite rows raise."""
+    if not normalize:
+        x = x.detach().contiguous()
+        if strict:
+            raise_if(~torch.isfinite(x).all(), "embeddings contains NaN or Inf")
+        return x, x.new_empty(0), x.new_empty(0)
+    z, norms = torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[0])
+    normalize_rows(x.detach(), z, norms)
+    if strict:
+        raise_if(~torch.isfinite(norms).all(), "embeddings contains NaN or Inf")
+    return z, z, norms
 
 
 def _check(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, k: int) -> None:
@@ -285,23 +333,28 @@ def softtriple_forward(
     la: float,
     gamma: float,
     margin: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row cross-entropy l_i (N,), LSE_i (N,)) of SoftTriple on normalised x and raw centers w."""
+    normalize: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(per-row cross-entropy l_i (N,), LSE_i (N,), z, norms) of SoftTriple on the raw x and centers w."""
     _check(x, labels, w, centers_per_class)
-    x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
+    strict = strict_checks()
+    rows, z, norms = _rows(x, normalize, strict)
+    w, labels = w.detach().contiguous(), labels.contiguous()
     n, d = x.shape
     k = centers_per_class
     c = w.shape[1] // k
+    if strict:
+        raise_if(((labels < 0) | (labels >= c)).any(), f"labels must lie in [0, num_classes={c})")
     loss = torch.empty(n, device=x.device, dtype=x.dtype)
     lse = torch.empty_like(loss)
     if n == 0:
-        return loss, lse
-    rn, _ = _column_scales(w)
+        return loss, lse, z, norms
+    rn = _column_scales(w, strict)
     prm = hyper_params(x, 1.0 / gamma, la, la * margin)
     bm, bc, kp, bd = _blocks(n, d, k)
-    args = (x, labels, w, rn, loss, lse, prm, n, d, c, k, x.stride(0), w.stride(0))
+    args = (rows, labels, w, rn, loss, lse, prm, n, d, c, k, rows.stride(0), w.stride(0))
     _st_fwd_kernel[(triton.cdiv(n, bm),)](*args, BM=bm, BC=bc, KP=kp, BD=bd)
-    return loss, lse
+    return loss, lse, z, norms
 
 
 def softtriple_backward(
@@ -310,16 +363,21 @@ def softtriple_backward(
     labels: torch.Tensor,
     w: torch.Tensor,
     lse: torch.Tensor,
+    z: torch.Tensor,
+    norms: torch.Tensor,
     centers_per_class: int,
     la: float,
     gamma: float,
     margin: float,
+    normalize: bool,
     need_gx: bool,
     need_gw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad x (N, D) or (0,), grad of the raw centers w (D, C*K) or (0,)) from the saved LSE."""
+    """(grad x (N, D) or (0,), grad of the raw centers w (D, C*K) or (0,)) from the saved LSE (and z,
+    norms with ``normalize``)."""
     _check(x, labels, w, centers_per_class)
-    x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
+    rows = z if normalize else x.detach().contiguous()
+    w, labels = w.detach().contiguous(), labels.contiguous()
     g, lse = grad_rows.contiguous().to(x.dtype), lse.contiguous()
     n, d = x.shape
     k = centers_per_class
@@ -327,10 +385,10 @@ def softtriple_backward(
     gx = x.new_zeros(0)
     gw = w.new_zeros(0)
     if n == 0:
-        return (torch.zeros_like(x) if need_gx else gx), (torch.zeros_like(w) if need_gw else gw)
-    rn, q = _column_scales(w)
+        return (x.new_zeros(x.shape) if need_gx else gx), (w.new_zeros(w.shape) if need_gw else gw)
+    rn = _column_scales(w, False)
     bm, bc, kp, bd = _blocks(n, d, k)
-    args = (hyper_params(x, 1.0 / gamma, la, la * margin), n, d, c, k, x.stride(0), w.stride(0))
+    args = (hyper_params(x, 1.0 / gamma, la, la * margin), n, d, c, k, rows.stride(0), w.stride(0))
     if need_gx:
         ntiles = triton.cdiv(c, bc)
         nblk = triton.cdiv(n, bm)
@@ -338,12 +396,14 @@ def softtriple_backward(
         split = 1 if x.device.type == "cpu" else max(1, min(ntiles, 264 // nblk))
         parts = x.new_zeros(split, n, d)
         _st_bwd_dx_kernel[(nblk, split)](
-            g, x, labels, w, rn, lse, parts, *args, split, BM=bm, BC=bc, KP=kp, BD=bd
+            g, rows, labels, w, rn, lse, parts, *args, split, BM=bm, BC=bc, KP=kp, BD=bd
         )
         gx = parts.sum(0) if split > 1 else parts[0]
+        if normalize:  # dL/dx from dL/dz (docs/semantics.md §1.4)
+            normalize_rows_backward(gx, z, norms)
     if need_gw:
         gw = torch.zeros_like(w)
         _st_bwd_dw_kernel[(triton.cdiv(c, bc),)](
-            g, x, labels, w, rn, q, lse, gw, *args, BM=bm, BC=bc, KP=kp, BD=bd
+            g, rows, labels, w, rn, lse, gw, *args, BM=bm, BC=bc, KP=kp, BD=bd
         )
     return gx, gw
