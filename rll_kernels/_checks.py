@@ -60,7 +60,9 @@ def check_positive_int(v, name: str) -> None:
 
 
 # ---------------------------------------------------------------- tensors
-def check_embeddings(x, name: str, *, allow_empty: bool = False) -> None:
+def check_embeddings(x, name: str, *, allow_empty: bool = False, finite: bool = True) -> None:
+    """A 2-D floating (N, D) tensor, N > 0 unless ``allow_empty``, D > 0; every entry finite when
+    ``finite`` (a device sync: the fused RLL ops check their rows themselves, docs/semantics.md §6)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -74,7 +76,8 @@ def check_embeddings(x, name: str, *, allow_empty: bool = False) -> None:
     # a finite sum proves every entry finite without an N x D bool temporary (a sum that overflows
     # falls through to the exact check)
     if (
-        x.device.type != "meta"
+        finite
+        and x.device.type != "meta"
         and not torch.compiler.is_compiling()
         and not bool(torch.isfinite(x.sum()))
         and not bool(torch.isfinite(x).all())
@@ -95,7 +98,9 @@ def check_labels(labels, n: int, name: str, device: torch.device) -> torch.Tenso
     return labels.to(device=device, dtype=torch.int64).contiguous()
 
 
-def check_gallery(embeddings: torch.Tensor, ref_emb, ref_labels) -> Optional[torch.Tensor]:
+def check_gallery(
+    embeddings: torch.Tensor, ref_emb, ref_labels, *, finite: bool = True
+) -> Optional[torch.Tensor]:
     """Check an optional (M, D) gallery against the queries; its labels as int64, or None in-batch."""
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError(
@@ -113,7 +118,7 @@ def check_gallery(embeddings: torch.Tensor, ref_emb, ref_labels) -> Optional[tor
         )
     if ref_emb.dtype != embeddings.dtype:
         raise ValueError(f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}")
-    check_embeddings(ref_emb, "ref_emb")
+    check_embeddings(ref_emb, "ref_emb", finite=finite)
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}")
     return check_labels(ref_labels, ref_emb.shape[0], "ref_labels", embeddings.device)
@@ -130,9 +135,17 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
 
 
 # ---------------------------------------------------------------- Ranked List Loss
+def _finite_number(v) -> bool:
+    """A finite int or float, also as the symbolic numbers of torch.compile (no math.isfinite:
+    ``v - v == 0`` is false exactly for Inf and NaN and traces)."""
+    numbers = (int, float, torch.SymInt, torch.SymFloat)
+    return not isinstance(v, bool) and isinstance(v, numbers) and bool(v - v == 0)
+
+
 def check_rll_params(margin: float, alpha: float, imbalance: float, Tn: float, Tp: float) -> None:
+    """The domain of docs/semantics.md §2.2, in a form torch.compile traces (dynamic=True included)."""
     for nm, v in (("margin", margin), ("alpha", alpha), ("imbalance", imbalance), ("Tn", Tn), ("Tp", Tp)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not _finite_number(v):
             raise ValueError(f"{nm} must be a finite number, got {v!r}")
     if margin <= 0:
         raise ValueError(f"margin must be > 0, got {margin}")

@@ -300,7 +300,9 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path, headers):
         pytest.fail("kernel object or nm unavailable: cannot check the launcher symbols")
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True).stdout.split()
     wanted = {s for s in undefined if "launch_rll" in s}
-    assert len(wanted) == 8, f"the glue should call launch_rll_fwd/bwd for 4 dtypes, found {sorted(wanted)}"
+    assert len(wanted) == 16, (
+        f"the glue should call the 4 launch_rll_* launchers for 4 dtypes, found {sorted(wanted)}"
+    )
     defined = {
         ln.split()[-1]
         for ln in subprocess.run(
