@@ -367,7 +367,7 @@ def test_half_kernels_use_tensor_cores(kernels_build):
         names = dict(zip(counts, _demangle(list(counts))))
         for mangled, n in counts.items():
             short = _short(names[mangled])
-            if "sqnorm" in short:
+            if "sqnorm" in short or "normalize" in short:  # row passes, no tile product
                 continue
             tensor_core = "__half" in short or "__nv_bfloat16" in short
             assert (n > 0) == tensor_core, f"{short} [{arch}]: {n} mma.sync instructions"

@@ -455,13 +455,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t e = lane; e < D; e += 32) m = rll_max(m, S(fabs(to_acc(xr[e * ldc]))));
   m = warp_max(m);
   const S ms = m > S(0) ? m : S(1);
-  S s = S(0);
+  S s = S(0), sq = S(0);
   for (int64_t e = lane; e < D; e += 32) {
-    const S v = to_acc(xr[e * ldc]) / ms;
+    const S x = to_acc(xr[e * ldc]), v = x / ms;
     s += v * v;
+    sq += x * x;
   }
   s = warp_sum(s);  // NaN for a NaN or Inf entry (Inf / Inf)
-  const S norm = m * rll_sqrt(s);
+  sq = warp_sum(sq);
+  // the plain sqrt(sum x^2) where it neither overflows nor underflows (as the CPU op), else m sqrt(s)
+  const bool plain = sq <= std::numeric_limits<S>::max() &&
+                     sq >= std::numeric_limits<S>::min() / std::numeric_limits<S>::epsilon() && s == s;
+  const S norm = plain ? rll_sqrt(sq) : m * rll_sqrt(s);
   // x / |x| (one rounding, as F.normalize); (x / m) / sqrt(s) where |x| is subnormal; 0 for a zero row;
   // NaN for a non-finite row (|x| is NaN: s is)
   const bool tiny = norm < std::numeric_limits<S>::min();
