@@ -79,13 +79,12 @@ def make_providers(q, ql, bank, bl, semantics: str, chunk: int):
         return torch.cat(grads)
 
     def kernel_only():
-        # diagnostic: the fused op alone on a pre-normalised contiguous bank, no input checks (the
-        # difference to "fused" is the functional API's O(M D) finiteness check and normalisation)
+        # diagnostic: the fused op alone on a pre-normalised contiguous bank (normalize=False), no
+        # input checks (the difference to "fused" is the op's O(M D) normalisation of the bank)
         qq = q.detach().requires_grad_()
         z = torch.nn.functional.normalize(qq, dim=1)
-        rows, gq, _ = torch.ops.rll_kernels.rll_fwd(
-            z, ql, None, bank_n, bl, None, alpha, alpha - 0.4, 10.0, 0.0, 0.5, 0.0, False, True
-        )
+        hp = (alpha, alpha - 0.4, 10.0, 0.0, 0.5, 0.0, None, False, False)
+        rows, gq = torch.ops.rll_kernels.rll_fwd(z, ql, None, bank_n, bl, None, *hp, True)[:2]
         z.backward(gq / n)
         return qq.grad
 

@@ -167,26 +167,42 @@ inline PairDistances<S> pair_distances(const S* dot_row, const S* nk, int64_t c,
   return {pair_dist(d2, dup), dup};
 }
 
-// Per-call set-up of a pair problem (queries q against the gallery k): squared norms, labels as S,
-// excluded pairs. When q is k, the norms are computed once.
+// The excluded pairs of a batch ranked against itself without ids: the pair i = i.
+inline Exclusions diagonal_exclusions(int64_t N) {
+  Exclusions ex;
+  ex.offsets.resize(N + 1);
+  ex.cols.resize(N);
+  for (int64_t i = 0; i < N; ++i) {
+    ex.offsets[i] = i;
+    ex.cols[i] = i;
+  }
+  ex.offsets[N] = N;
+  return ex;
+}
+
+// Per-call set-up of a pair problem (queries against the gallery) from the rows' squared norms nq
+// and nk (the same tensor in-batch): labels as S, excluded pairs. In-batch (k_labels null: the
+// gallery is the queries) the pairs with equal q_ids are excluded, or the pair i = i without ids.
 template <class S>
 struct PairProblem {
   at::Tensor nq_t, nk_t, labels_t;
   const S *NQ, *NK, *QL, *KL;
   Exclusions ex;
   int64_t N, M, D;
-  PairProblem(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
-              const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids)
-      : N(q.size(0)), M(k.size(0)), D(q.size(1)) {
-    nq_t = row_sq_norms<S>(q);
-    nk_t = k.is_same(q) ? nq_t : row_sq_norms<S>(k);
-    labels_t = labels_as<S>({q_labels, k_labels});
+  PairProblem(const at::Tensor& nq, const at::Tensor& nk, const at::Tensor& q_labels,
+              const c10::optional<at::Tensor>& q_ids, const at::Tensor* k_labels,
+              const c10::optional<at::Tensor>& k_ids, int64_t D_)
+      : nq_t(nq), nk_t(nk), N(nq.size(0)), M(nk.size(0)), D(D_) {
+    labels_t = k_labels != nullptr ? labels_as<S>({q_labels, *k_labels}) : labels_as<S>({q_labels});
     NQ = nq_t.data_ptr<S>();
     NK = nk_t.data_ptr<S>();
     QL = labels_t.data_ptr<S>();
-    KL = QL + N;
-    ex = build_exclusions(q_ids.has_value() ? q_ids->data_ptr<int64_t>() : nullptr,
-                          k_ids.has_value() ? k_ids->data_ptr<int64_t>() : nullptr, N, M);
+    KL = k_labels != nullptr ? QL + N : QL;
+    const int64_t* qid = q_ids.has_value() ? q_ids->data_ptr<int64_t>() : nullptr;
+    if (k_labels == nullptr)
+      ex = qid != nullptr ? build_exclusions(qid, qid, N, N) : diagonal_exclusions(N);
+    else
+      ex = build_exclusions(qid, k_ids.has_value() ? k_ids->data_ptr<int64_t>() : nullptr, N, M);
   }
 };
 

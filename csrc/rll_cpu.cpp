@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
+#include "row_norms.h"
 
 namespace rll {
 namespace {
@@ -43,6 +44,7 @@ struct Forward {
   S* loss;
   S* stats;  // (N, 4): [logden_P, L_P, logden_N, L_N]
   S* gq;     // (N, D) when paper_grad
+  const S* q_norms;  // |e_i| of the query rows when the op normalises them, else null
 };
 
 // Per-thread buffers of the forward: one query tile I against one gallery tile J.
@@ -252,6 +254,7 @@ void finish_rows(const Forward<S>& fwd, const ForwardTile<S>& tile, int64_t i0, 
     S* g = fwd.gq + i * D;
     const S cq = fp * tile.cp_sum[r] + fn * tile.cn_sum[r];
     for (int64_t e = 0; e < D; ++e) g[e] = cq * qi[e] - fp * ap[e] - fn * an[e];
+    if (fwd.q_norms != nullptr) normalize_backward_row(g, qi, fwd.q_norms[i], D);  // dL/de_i from dL/dz_i
   }
 }
 
@@ -274,10 +277,8 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
 }
 
 template <class S>
-void rll_forward_kernel(const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
-                        const at::Tensor& k, const at::Tensor& k_labels, const c10::optional<at::Tensor>& k_ids,
+void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at::Tensor& k, const S* q_norms,
                         const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
-  const PairProblem<S> pb(q, q_labels, q_ids, k, k_labels, k_ids);
   const Tiling tl = choose_tiling(pb.N, pb.D);
   const Forward<S> fwd{pb,
                        q,
@@ -289,7 +290,8 @@ void rll_forward_kernel(const at::Tensor& q, const at::Tensor& q_labels, const c
                        vec_pad<S>(tl.BK),
                        loss.data_ptr<S>(),
                        stats.data_ptr<S>(),
-                       paper_grad ? gq.data_ptr<S>() : nullptr};
+                       paper_grad ? gq.data_ptr<S>() : nullptr,
+                       q_norms};
   at::parallel_for(0, ceil_div(pb.N, fwd.BQ), 1, [&](int64_t b0, int64_t b1) {
     ForwardTile<S> tile(fwd);
     for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
@@ -405,6 +407,7 @@ struct Backward {
   bool attached, need_gq, need_gk;
   int64_t BQ, BK, BKP;
   at::Tensor& gq;
+  const S* q_norms;                   // |e_i| of the query rows when the op normalises them, else null
   at::Tensor gk_parts, colsum_parts;  // per thread: gallery gradients of different query tiles hit the same rows
 };
 
@@ -465,15 +468,42 @@ void backward_query_tile(Backward<S>& bwd, BackwardTile<S>& tile, int64_t tid, i
     load_tile(bwd.pb.NK, bwd.pb.KL, j0, bk, bwd.BKP, tile.nk.data(), tile.kl.data());
     if (pair_grad_tile(bwd, tile, i0, bq, j0, bk)) add_tile_grads(bwd, tile, tid, qI, kJ, i0, j0);
   }
-  if (bwd.need_gq) bwd.gq.narrow(0, i0, bq).addcmul_(qI, at::from_blob(tile.rowsum.data(), {bq, 1}, qI.options()));
+  if (!bwd.need_gq) return;
+  bwd.gq.narrow(0, i0, bq).addcmul_(qI, at::from_blob(tile.rowsum.data(), {bq, 1}, qI.options()));
+  if (bwd.q_norms != nullptr)  // dL/de_i from dL/dz_i
+    normalize_backward_rows(bwd.gq.template data_ptr<S>() + i0 * bwd.pb.D, qI.template data_ptr<S>(),
+                            bwd.q_norms + i0, bq, bwd.pb.D);
+}
+
+// The per-thread partial gradients summed, in one pass over the rows: out_r = sum_t parts[t]_r +
+// (sum_t rowsums[t]_r) x_r, then through the normalisation when norms is not null (dL/de_r).
+template <class S>
+void combine_thread_parts(const at::Tensor& parts, const at::Tensor& rowsums, const at::Tensor& x, const S* norms,
+                          at::Tensor& out) {
+  const int64_t T = parts.size(0), R = parts.size(1), D = parts.size(2);
+  const S *P = parts.data_ptr<S>(), *RS = rowsums.data_ptr<S>(), *X = x.data_ptr<S>();
+  S* O = out.data_ptr<S>();
+  at::parallel_for(0, R, rows_grain(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      S rs = S(0);
+      for (int64_t t = 0; t < T; ++t) rs += RS[t * R + r];
+      S* o = O + r * D;
+      const S* xr = X + r * D;
+      for (int64_t e = 0; e < D; ++e) o[e] = rs * xr[e];
+      for (int64_t t = 0; t < T; ++t) {
+        const S* p = P + (t * R + r) * D;
+        for (int64_t e = 0; e < D; ++e) o[e] += p[e];
+      }
+      if (norms != nullptr) normalize_backward_row(o, xr, norms[r], D);
+    }
+  });
 }
 
 template <class S>
-void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const at::Tensor& q_labels,
-                         const c10::optional<at::Tensor>& q_ids, const at::Tensor& k, const at::Tensor& k_labels,
-                         const c10::optional<at::Tensor>& k_ids, const at::Tensor& stats, const Params<S> prm,
-                         bool attached, bool need_gq, bool need_gk, at::Tensor& gq, at::Tensor& gk) {
-  const PairProblem<S> pb(q, q_labels, q_ids, k, k_labels, k_ids);
+void rll_backward_kernel(const PairProblem<S>& pb, const at::Tensor& grad_rows, const at::Tensor& q,
+                         const at::Tensor& k, const S* q_norms, const S* k_norms, const at::Tensor& stats,
+                         const Params<S> prm, bool attached, bool need_gq, bool need_gk, at::Tensor& gq,
+                         at::Tensor& gk) {
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
   const Tiling tl = choose_tiling(pb.N, pb.D);
   const auto opts = q.options();
@@ -490,6 +520,7 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
                   tl.BK,
                   vec_pad<S>(tl.BK),
                   gq,
+                  q_norms,
                   need_gk ? zeros_per_thread({pb.M, pb.D}, opts) : at::Tensor(),
                   need_gk ? zeros_per_thread({pb.M}, opts) : at::Tensor()};
   at::parallel_for(0, ceil_div(pb.N, bwd.BQ), 1, [&](int64_t b0, int64_t b1) {
@@ -497,10 +528,7 @@ void rll_backward_kernel(const at::Tensor& grad_rows, const at::Tensor& q, const
     BackwardTile<S> tile(bwd);
     for (int64_t b = b0; b < b1; ++b) backward_query_tile(bwd, tile, tid, b * bwd.BQ);
   });
-  if (need_gk) {
-    gk.copy_(bwd.gk_parts.sum(0));
-    gk.addcmul_(k, bwd.colsum_parts.sum(0).unsqueeze(1));
-  }
+  if (need_gk) combine_thread_parts(bwd.gk_parts, bwd.colsum_parts, k, k_norms, gk);
 }
 
 // ================================================================ in-batch backward
@@ -547,10 +575,9 @@ void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const
 }
 
 template <class S>
-void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
-                            const c10::optional<at::Tensor>& ids, const at::Tensor& stats, const Params<S> prm,
-                            bool attached, at::Tensor& gz) {
-  const PairProblem<S> pb(z, labels, ids, z, labels, ids);
+void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_rows, const at::Tensor& z,
+                            const S* norms, const at::Tensor& stats, const Params<S> prm, bool attached,
+                            at::Tensor& gz) {
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
   const auto pairs = upper_tile_pairs(ceil_div(pb.N, kSymmetricTile));
   at::Tensor gz_parts = zeros_per_thread({pb.N, pb.D}, z.options());
@@ -563,100 +590,193 @@ void rll_backward_symmetric(const at::Tensor& grad_rows, const at::Tensor& z, co
     for (int64_t p = p0; p < p1; ++p)
       symmetric_tile_pair(pb, rows, prm, attached, z, tile, pairs[p].first, pairs[p].second, gz_t, rowsum);
   });
-  gz.copy_(gz_parts.sum(0));
-  gz.addcmul_(z, rowsum_parts.sum(0).unsqueeze(1));
+  combine_thread_parts(gz_parts, rowsum_parts, z, norms, gz);
 }
 
 // ---------------------------------------------------------------- argument checks
-void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid, const at::Tensor& k,
-                  const at::Tensor& kl, const c10::optional<at::Tensor>& kid) {
-  TORCH_CHECK(q.dim() == 2, "rll: q must be 2-D (N, D), got ", q.dim(), "-D");
-  TORCH_CHECK(k.dim() == 2, "rll: k must be 2-D (M, D), got ", k.dim(), "-D");
-  TORCH_CHECK(q.size(1) == k.size(1), "rll: q and k must have the same embedding size, got ", q.size(1), " and ",
-              k.size(1));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rll: q and k must have the same dtype, got ", q.scalar_type(),
-              " and ", k.scalar_type());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "rll (cpu): q must be float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(ql.dim() == 1 && ql.size(0) == q.size(0), "rll: q_labels must have shape (", q.size(0), ",), got ",
-              ql.sizes());
-  TORCH_CHECK(kl.dim() == 1 && kl.size(0) == k.size(0), "rll: k_labels must have shape (", k.size(0), ",), got ",
-              kl.sizes());
-  TORCH_CHECK(ql.scalar_type() == at::kLong && kl.scalar_type() == at::kLong, "rll: labels must be int64, got ",
-              ql.scalar_type(), " and ", kl.scalar_type());
-  TORCH_CHECK(qid.has_value() == kid.has_value(), "rll: q_ids and k_ids must be given together");
-  if (qid.has_value()) {
-    TORCH_CHECK(qid->dim() == 1 && qid->size(0) == q.size(0) && qid->scalar_type() == at::kLong,
-                "rll: q_ids must be int64 of shape (", q.size(0), ",), got ", qid->sizes(), " ", qid->scalar_type());
-    TORCH_CHECK(kid->dim() == 1 && kid->size(0) == k.size(0) && kid->scalar_type() == at::kLong,
-                "rll: k_ids must be int64 of shape (", k.size(0), ",), got ", kid->sizes(), " ", kid->scalar_type());
-  }
-  for (const at::Tensor* t : {&q, &ql, &k, &kl}) {
-    TORCH_CHECK(t->device().is_cpu(), "rll (cpu): all tensors must be on the CPU, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "rll: inputs must be contiguous");
-  }
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, "rll: ", name, " must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "rll (cpu): ", name,
+              " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "rll (cpu): ", name, " must be on the CPU, got ", x.device());
 }
 
+void check_index(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kLong, "rll: ", name,
+              " must be int64 of shape (", n, ",), got ", t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "rll (cpu): ", name, " must be a contiguous CPU tensor");
+}
+
+// In-batch (k absent): no gallery labels or ids either; else k with the queries' D and dtype.
+void check_inputs(const at::Tensor& q, const at::Tensor& ql, const c10::optional<at::Tensor>& qid,
+                  const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& kl,
+                  const c10::optional<at::Tensor>& kid) {
+  check_rows(q, "q");
+  check_index(ql, "q_labels", q.size(0));
+  check_index(qid, "q_ids", q.size(0));
+  if (!k.has_value()) {
+    TORCH_CHECK(!kl.has_value() && !kid.has_value(), "rll: k_labels and k_ids need k (in-batch: all three absent)");
+    return;
+  }
+  check_rows(*k, "k");
+  TORCH_CHECK(q.size(1) == k->size(1), "rll: q and k must have the same embedding size, got ", q.size(1), " and ",
+              k->size(1));
+  TORCH_CHECK(q.scalar_type() == k->scalar_type(), "rll: q and k must have the same dtype, got ", q.scalar_type(),
+              " and ", k->scalar_type());
+  TORCH_CHECK(kl.has_value(), "rll: k_labels must be given with k");
+  check_index(kl, "k_labels", k->size(0));
+  TORCH_CHECK(qid.has_value() == kid.has_value(), "rll: q_ids and k_ids must be given together");
+  check_index(kid, "k_ids", k->size(0));
+}
+
+// den_bias = bias_per_row x (den_rows, or the gallery's rows): PML's M * 1e-5 (docs/semantics.md §2.8).
 template <class S>
-Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double den_bias) {
+Params<S> make_params(double alpha, double beta, double Tn, double Tp, double lam, double bias_per_row,
+                      c10::optional<int64_t> den_rows, int64_t M) {
+  const double den_bias = bias_per_row * static_cast<double>(den_rows.value_or(M));
   const std::string err = params_error(alpha, beta, Tn, Tp, lam, den_bias);
   TORCH_CHECK(err.empty(), err);
   return params_in<S>(alpha, beta, Tn, Tp, lam, den_bias);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rll_fwd_cpu(const at::Tensor& q, const at::Tensor& q_labels,
-                                                           const c10::optional<at::Tensor>& q_ids, const at::Tensor& k,
-                                                           const at::Tensor& k_labels,
-                                                           const c10::optional<at::Tensor>& k_ids, double alpha,
-                                                           double beta, double Tn, double Tp, double imbalance,
-                                                           double den_bias, bool attached, bool need_grad) {
+// ---------------------------------------------------------------- operands
+// The rows as the kernels read them (docs/semantics.md §1.4). normalize: z = e/|e| of the queries
+// and then (unless in-batch) the gallery in one contiguous tensor, |e| in norms, |z|^2 as the
+// squared norms; else the raw rows, contiguous, and their squared norms. k is q in-batch.
+template <class S>
+struct Operands {
+  at::Tensor q, k, nq, nk;
+  const S* q_norms = nullptr;  // |e| of the query rows (normalize), else null
+  const S* k_norms = nullptr;
+};
+
+template <class S>
+void view_normalized(Operands<S>& op, const at::Tensor& z, const at::Tensor& norms, const at::Tensor& sq, int64_t N,
+                     bool in_batch) {
+  const int64_t M = z.size(0) - (in_batch ? 0 : N);
+  op.q = z.narrow(0, 0, N);
+  op.k = in_batch ? op.q : z.narrow(0, N, M);
+  op.nq = sq.narrow(0, 0, N);
+  op.nk = in_batch ? op.nq : sq.narrow(0, N, M);
+  op.q_norms = norms.data_ptr<S>();
+  op.k_norms = op.q_norms + (in_batch ? 0 : N);
+}
+
+// Squared norms of raw rows; a non-finite row raises, naming the tensor.
+template <class S>
+at::Tensor checked_sq_norms(const at::Tensor& x, const char* name) {
+  at::Tensor sq = at::empty({x.size(0)}, x.options());
+  check_finite_rows(sq_norms_checked<S>(x, sq.data_ptr<S>()), name);
+  return sq;
+}
+
+// Forward: normalises (writing z and norms) or takes the raw rows, checking every row is finite.
+template <class S>
+Operands<S> forward_operands(const at::Tensor& q, const c10::optional<at::Tensor>& k, bool normalize, at::Tensor& z,
+                             at::Tensor& norms) {
+  const int64_t N = q.size(0), D = q.size(1);
+  const bool in_batch = !k.has_value();
+  Operands<S> op;
+  if (normalize) {
+    const int64_t R = N + (in_batch ? 0 : k->size(0));
+    z = at::empty({R, D}, q.options());
+    norms = at::empty({R}, q.options());
+    at::Tensor sq = at::empty({R}, q.options());
+    S *Z = z.data_ptr<S>(), *NR = norms.data_ptr<S>(), *SQ = sq.data_ptr<S>();
+    check_finite_rows(normalize_rows<S>(q.detach(), Z, NR, SQ), "embeddings");
+    if (!in_batch) check_finite_rows(normalize_rows<S>(k->detach(), Z + N * D, NR + N, SQ + N), "ref_emb");
+    view_normalized(op, z, norms, sq, N, in_batch);
+    return op;
+  }
+  z = at::empty({0}, q.options());
+  norms = at::empty({0}, q.options());
+  op.q = q.detach().contiguous();
+  op.nq = checked_sq_norms<S>(op.q, "embeddings");
+  op.k = in_batch ? op.q : k->detach().contiguous();
+  op.nk = in_batch ? op.nq : checked_sq_norms<S>(op.k, "ref_emb");
+  return op;
+}
+
+// Backward: the forward's z and norms, or the raw rows.
+template <class S>
+Operands<S> backward_operands(const at::Tensor& q, const c10::optional<at::Tensor>& k, bool normalize,
+                              const at::Tensor& z, const at::Tensor& norms) {
+  const int64_t N = q.size(0);
+  const bool in_batch = !k.has_value();
+  Operands<S> op;
+  if (normalize) {
+    const int64_t R = N + (in_batch ? 0 : k->size(0));
+    TORCH_CHECK(z.dim() == 2 && z.size(0) == R && z.size(1) == q.size(1) && z.scalar_type() == q.scalar_type() &&
+                    z.is_contiguous(),
+                "rll_bwd: z must be the forward's contiguous (", R, ", ", q.size(1), ") rows, got ", z.sizes());
+    TORCH_CHECK(norms.dim() == 1 && norms.size(0) == R && norms.scalar_type() == q.scalar_type(),
+                "rll_bwd: norms must be the forward's (", R, ",) norms, got ", norms.sizes());
+    const at::Tensor zd = z.detach();
+    view_normalized(op, zd, norms.detach().contiguous(), row_sq_norms<S>(zd), N, in_batch);
+    return op;
+  }
+  op.q = q.detach().contiguous();
+  op.nq = row_sq_norms<S>(op.q);
+  op.k = in_batch ? op.q : k->detach().contiguous();
+  op.nk = in_batch ? op.nq : row_sq_norms<S>(op.k);
+  return op;
+}
+
+// ---------------------------------------------------------------- ops
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rll_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
+    const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& k_labels,
+    const c10::optional<at::Tensor>& k_ids, double alpha, double beta, double Tn, double Tp, double imbalance,
+    double bias_per_row, c10::optional<int64_t> den_rows, bool normalize, bool attached, bool need_grad) {
   const bool paper_grad = need_grad && !attached;
   check_inputs(q, q_labels, q_ids, k, k_labels, k_ids);
-  const int64_t N = q.size(0), D = q.size(1);
+  const int64_t N = q.size(0), D = q.size(1), M = k.has_value() ? k->size(0) : N;
   at::Tensor loss = at::empty({N}, q.options());
   at::Tensor stats = at::empty({N, 4}, q.options());
   at::Tensor gq = paper_grad ? at::empty({N, D}, q.options()) : at::empty({0}, q.options());
-  if (N == 0) return {loss, gq, stats};
-  // the kernel's inner GEMMs must not see autograd (this op's autograd is registered in Python)
-  const at::Tensor qd = q.detach(), kd = k.detach();
+  at::Tensor z, norms;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rll_fwd_cpu", [&] {
-    const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, den_bias);
-    rll_forward_kernel<scalar_t>(qd, q_labels, q_ids, kd, k_labels, k_ids, prm, paper_grad, loss, gq, stats);
+    const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, bias_per_row, den_rows, M);
+    const Operands<scalar_t> op = forward_operands<scalar_t>(q, k, normalize, z, norms);
+    if (N == 0) return;
+    const PairProblem<scalar_t> pb(op.nq, op.nk, q_labels, q_ids, k.has_value() ? &*k_labels : nullptr, k_ids, D);
+    rll_forward_kernel<scalar_t>(pb, op.q, op.k, op.q_norms, prm, paper_grad, loss, gq, stats);
   });
-  return {loss, gq, stats};
+  return {loss, gq, stats, z, norms};
 }
 
-std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& q,
-                                               const at::Tensor& q_labels, const c10::optional<at::Tensor>& q_ids,
-                                               const at::Tensor& k, const at::Tensor& k_labels,
-                                               const c10::optional<at::Tensor>& k_ids, const at::Tensor& stats,
-                                               double alpha, double beta, double Tn, double Tp, double imbalance,
-                                               double den_bias, bool attached, bool need_gq, bool need_gk) {
+std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& q, const at::Tensor& q_labels,
+    const c10::optional<at::Tensor>& q_ids, const c10::optional<at::Tensor>& k,
+    const c10::optional<at::Tensor>& k_labels, const c10::optional<at::Tensor>& k_ids, const at::Tensor& stats,
+    const at::Tensor& z, const at::Tensor& norms, double alpha, double beta, double Tn, double Tp, double imbalance,
+    double bias_per_row, c10::optional<int64_t> den_rows, bool normalize, bool attached, bool need_gq, bool need_gk) {
   check_inputs(q, q_labels, q_ids, k, k_labels, k_ids);
-  const int64_t N = q.size(0);
+  const bool in_batch = !k.has_value();
+  const int64_t N = q.size(0), M = in_batch ? N : k->size(0);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == N && grad_rows.scalar_type() == q.scalar_type(),
               "rll_bwd: grad_rows must be (", N, ",) of dtype ", q.scalar_type(), ", got ", grad_rows.sizes(), " ",
               grad_rows.scalar_type());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 4 && stats.scalar_type() == q.scalar_type(),
               "rll_bwd: stats must be (", N, ", 4), got ", stats.sizes());
-  const at::Tensor g = grad_rows.contiguous();
-  const at::Tensor st = stats.contiguous();
-  at::Tensor gq = need_gq ? at::zeros_like(q) : at::empty({0}, q.options());
-  at::Tensor gk = need_gk ? at::zeros_like(k) : at::empty({0}, k.options());
+  need_gk = need_gk && !in_batch;  // in-batch, the whole gradient is grad q
+  at::Tensor gq = need_gq ? at::zeros_like(q, at::MemoryFormat::Contiguous) : at::empty({0}, q.options());
+  at::Tensor gk = need_gk ? at::zeros({M, q.size(1)}, q.options()) : at::empty({0}, q.options());
   if (N == 0 || (!need_gq && !need_gk)) return {gq, gk};
-  // in-batch (the same tensor as queries and gallery, same ids): symmetric kernel; the whole gradient
-  // is returned as grad q (grad k is zero), and autograd sums the two for the shared input
-  const bool same_ids = q_ids.has_value() ? (k_ids.has_value() && q_ids->is_same(*k_ids)) : !k_ids.has_value();
-  const bool symmetric = need_gq && need_gk && q.is_same(k) && q_labels.is_same(k_labels) && same_ids;
-  const at::Tensor qd = q.detach(), kd = k.detach(), gd = g.detach(), sd = st.detach();
+  const at::Tensor g = grad_rows.detach().contiguous(), st = stats.detach().contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rll_bwd_cpu", [&] {
-    const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, den_bias);
-    if (symmetric) {
-      rll_backward_symmetric<scalar_t>(gd, qd, q_labels, q_ids, sd, prm, attached, gq);
+    const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, bias_per_row, den_rows, M);
+    const Operands<scalar_t> op = backward_operands<scalar_t>(q, k, normalize, z, norms);
+    const PairProblem<scalar_t> pb(op.nq, op.nk, q_labels, q_ids, in_batch ? nullptr : &*k_labels, k_ids,
+                                   q.size(1));
+    // in-batch "pml": both ends of every pair, each unordered tile pair once
+    if (in_batch && attached) {
+      rll_backward_symmetric<scalar_t>(pb, g, op.q, op.q_norms, st, prm, attached, gq);
       return;
     }
-    rll_backward_kernel<scalar_t>(gd, qd, q_labels, q_ids, kd, k_labels, k_ids, sd, prm, attached, need_gq, need_gk, gq,
-                                  gk);
+    rll_backward_kernel<scalar_t>(pb, g, op.q, op.k, op.q_norms, op.k_norms, st, prm, attached, need_gq, need_gk,
+                                  gq, gk);
   });
   return {gq, gk};
 }

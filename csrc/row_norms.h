@@ -71,32 +71,43 @@ inline RowNorm<S> normalize_row(const S* x, S* z, int64_t D, S& z_sq) {
   return rn;
 }
 
+// Rows per parallel chunk: about 16K values, so small batches still use every thread.
+inline int64_t rows_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
+
+// row(r, scratch) for the R rows in parallel (scratch: a per-thread buffer of scratch_size values),
+// row returning whether row r is finite; returns the first non-finite row, or -1.
+template <class S, class F>
+inline int64_t first_nonfinite_row(int64_t R, int64_t D, int64_t scratch_size, F&& row) {
+  std::atomic<int64_t> first_bad{R};
+  at::parallel_for(0, R, rows_grain(D), [&](int64_t r0, int64_t r1) {
+    std::vector<S> scratch(scratch_size);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (row(r, scratch.data())) continue;
+      int64_t cur = first_bad.load();
+      while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  return bad < R ? bad : -1;
+}
+
 // The rows of x (R x D, any strides) normalised into z (R x D, contiguous) in one parallel pass:
 // norms[r] = |x_r|, z_sq[r] = |z_r|^2. Returns the first non-finite row, or -1.
 template <class S>
 inline int64_t normalize_rows(const at::Tensor& x, S* z, S* norms, S* z_sq) {
   const int64_t R = x.size(0), D = x.size(1), ld = x.stride(0), step = x.stride(1);
   const S* X = x.const_data_ptr<S>();
-  std::atomic<int64_t> first_bad{R};
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<S> row(step == 1 ? 0 : D);  // a strided row is gathered first
-    for (int64_t r = r0; r < r1; ++r) {
-      const S* xr = X + r * ld;
-      if (step != 1) {
-        for (int64_t e = 0; e < D; ++e) row[e] = xr[e * step];
-        xr = row.data();
-      }
-      const RowNorm<S> rn = normalize_row(xr, z + r * D, D, z_sq[r]);
-      norms[r] = rn.norm;
-      if (!rn.finite) {
-        int64_t cur = first_bad.load();
-        while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
-        }
-      }
+  return first_nonfinite_row<S>(R, D, step == 1 ? 0 : D, [&](int64_t r, S* row) {
+    const S* xr = X + r * ld;
+    if (step != 1) {  // a strided row is gathered first
+      for (int64_t e = 0; e < D; ++e) row[e] = xr[e * step];
+      xr = row;
     }
+    const RowNorm<S> rn = normalize_row(xr, z + r * D, D, z_sq[r]);
+    norms[r] = rn.norm;
+    return rn.finite;
   });
-  const int64_t bad = first_bad.load();
-  return bad < R ? bad : -1;
 }
 
 // Squared norms of the rows of a contiguous x (R x D) for raw (not normalised) rows, with the same
@@ -105,20 +116,11 @@ template <class S>
 inline int64_t sq_norms_checked(const at::Tensor& x, S* sq) {
   const int64_t R = x.size(0), D = x.size(1);
   const S* X = x.const_data_ptr<S>();
-  std::atomic<int64_t> first_bad{R};
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const RowNorm<S> rn = row_norm(X + r * D, D);
-      sq[r] = rn.sq;
-      if (!rn.finite) {
-        int64_t cur = first_bad.load();
-        while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
-        }
-      }
-    }
+  return first_nonfinite_row<S>(R, D, 0, [&](int64_t r, S*) {
+    const RowNorm<S> rn = row_norm(X + r * D, D);
+    sq[r] = rn.sq;
+    return rn.finite;
   });
-  const int64_t bad = first_bad.load();
-  return bad < R ? bad : -1;
 }
 
 // The error of a non-finite row (docs/semantics.md §6): a ValueError that names the tensor.
@@ -143,7 +145,7 @@ inline void normalize_backward_row(S* g, const S* z, S norm, int64_t D) {
 // The same for every row of a contiguous (R x D) gradient, in parallel.
 template <class S>
 inline void normalize_backward_rows(S* g, const S* z, const S* norms, int64_t R, int64_t D) {
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, rows_grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) normalize_backward_row(g + r * D, z + r * D, norms[r], D);
   });
 }

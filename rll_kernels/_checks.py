@@ -7,8 +7,6 @@ of every loss and backend: compute in float32, or float64 when an operand is flo
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
@@ -101,7 +99,9 @@ def check_labels(labels, n: int, name: str, device: torch.device) -> torch.Tenso
     return labels.to(device=device, dtype=torch.int64).contiguous()
 
 
-def check_gallery(embeddings: torch.Tensor, ref_emb, ref_labels) -> Optional[torch.Tensor]:
+def check_gallery(
+    embeddings: torch.Tensor, ref_emb, ref_labels, *, finite: bool = True
+) -> Optional[torch.Tensor]:
     """Check an optional (M, D) gallery against the queries; its labels as int64, or None in-batch."""
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError(
@@ -119,7 +119,7 @@ def check_gallery(embeddings: torch.Tensor, ref_emb, ref_labels) -> Optional[tor
         )
     if ref_emb.dtype != embeddings.dtype:
         raise ValueError(f"ref_emb must have the embeddings' dtype {embeddings.dtype}, got {ref_emb.dtype}")
-    check_embeddings(ref_emb, "ref_emb")
+    check_embeddings(ref_emb, "ref_emb", finite=finite)
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must have embedding size {embeddings.shape[1]}, got {ref_emb.shape[1]}")
     return check_labels(ref_labels, ref_emb.shape[0], "ref_labels", embeddings.device)
@@ -144,13 +144,13 @@ def _finite_number(v) -> bool:
 
 
 def check_rll_params(margin: float, alpha: float, imbalance: float, Tn: float, Tp: float) -> None:
-    """PML 2.9.0's domain (docs/semantics.md §2.2): any finite real number, ``imbalance`` in [0, 1].
+    """PML 2.9.0's domain (docs/semantics.md §2.2), in a form torch.compile traces (dynamic=True too).
 
-    ``margin`` may be 0 or negative and ``alpha`` anything, so the positive boundary
-    ``alpha - margin`` may be 0, negative or above ``alpha``; the labels keep the two sets apart.
+    Any finite real number, ``imbalance`` in [0, 1]: ``margin`` may be 0 or negative and ``alpha``
+    anything, so the positive boundary ``alpha - margin`` may be 0, negative or above ``alpha``.
     """
     for nm, v in (("margin", margin), ("alpha", alpha), ("imbalance", imbalance), ("Tn", Tn), ("Tp", Tp)):
-        if not isinstance(v, numbers.Real) or not math.isfinite(v):
+        if not _finite_number(v):
             raise ValueError(f"{nm} must be a finite number, got {v!r}")
     if not 0.0 <= imbalance <= 1.0:
         raise ValueError(f"imbalance must lie in [0, 1], got {imbalance}")

@@ -84,7 +84,7 @@ class DistributedLossWrapper(nn.Module):
                 f"DistributedLossWrapper: loss.reduction must be 'mean', got {self.loss.reduction!r}"
             )
         world_and_rank(self.group, "DistributedLossWrapper")
-        check_embeddings(embeddings, "embeddings", allow_empty=True)
+        check_embeddings(embeddings, "embeddings", allow_empty=True, finite=False)  # the op checks rows
         labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
         kwargs = rll_kwargs(self.loss, "DistributedLossWrapper")
         batch = gather_batch(

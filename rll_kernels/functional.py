@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import ops as _ops  # noqa: F401  (registers the ops' fake kernels and autograd)
 from . import reference
@@ -32,7 +31,13 @@ from ._checks import (
 )
 from .ops.softtriple import sparse_centers_raw
 
-__all__ = ["class_aware_attention", "ranked_list_loss", "soft_triple_loss", "weighted_contrastive_loss"]
+__all__ = [
+    "class_aware_attention",
+    "ranked_list_loss",
+    "rll_checked",
+    "soft_triple_loss",
+    "weighted_contrastive_loss",
+]
 
 
 def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -44,29 +49,30 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- Ranked List Loss
-def _rll_operand(x: torch.Tensor, normalize: bool, backend: str) -> torch.Tensor:
-    """An embedding tensor as the op reads it: in the compute dtype, L2-normalised if asked.
-
-    The Triton kernels read fp16/bf16 directly (fp32 accumulation): normalised in fp32, handed over
-    in the input dtype; the C++ CPU kernel computes half inputs in fp32.
-    """
-    z = x.to(compute_dtype(x.dtype))
-    z = F.normalize(z, dim=1) if normalize else z
-    if backend == "triton" and x.dtype in (torch.float16, torch.bfloat16):
-        z = z.to(x.dtype)
-    return z
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _rll_ids(query_ids, ref_ids, n: int, m: int, in_batch: bool, device: torch.device):
-    """The (query, gallery) ids of the op: the pair i = i excluded in-batch unless ids are given."""
+def _rll_operand(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """An embedding tensor as the op reads it: the raw rows, whatever their strides (the op normalises
+    them itself, docs/semantics.md §1.4). The C++ kernels compute fp16/bf16 inputs in fp32; the Triton
+    kernels read them directly (fp32 accumulation)."""
+    if x.dtype in _HALF and backend != "triton":
+        return x.to(torch.float32)
+    return x
+
+
+def _rll_gallery(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, backend: str):
+    """(q_ids, k, k_labels, k_ids) of the op: in-batch (no ``ref_emb``) k is absent unless different
+    ids are given for the two sides; the op then excludes equal ids, or the pair i = i."""
     if (query_ids is None) != (ref_ids is None):
         raise ValueError("query_ids and ref_ids must be given together")
-    if query_ids is None:
-        if not in_batch:
-            return None, None
-        ids = torch.arange(n, device=device)
-        return ids, ids
-    return check_labels(query_ids, n, "query_ids", device), check_labels(ref_ids, m, "ref_ids", device)
+    n = embeddings.shape[0]
+    q_ids = None if query_ids is None else check_labels(query_ids, n, "query_ids", embeddings.device)
+    if ref_emb is None and ref_ids is query_ids:
+        return q_ids, None, None, None
+    k, k_labels = (embeddings, labels) if ref_emb is None else (_rll_operand(ref_emb, backend), ref_labels)
+    k_ids = None if ref_ids is None else check_labels(ref_ids, k.shape[0], "ref_ids", embeddings.device)
+    return q_ids, k, k_labels, k_ids
 
 
 def ranked_list_loss(
@@ -108,32 +114,67 @@ def ranked_list_loss(
         semantics: ``"paper"`` (weights constant, gradient to the query only, as the official code)
             or ``"pml"`` (everything differentiated, ``M * 1e-5`` in the denominators: PML 2.9.0).
         reduction: ``"mean"`` over all N queries, ``"sum"`` or ``"none"`` (per-query losses).
-        normalize: L2-normalise embeddings (and ``ref_emb``) first, as PML's ``LpDistance``.
+        normalize: L2-normalise embeddings (and ``ref_emb``) first, as PML's ``LpDistance``; done
+            inside the fused op with scale-safe norms (docs/semantics.md §1.4).
         ref_emb, ref_labels: optional (M, D) gallery; without them the batch is ranked against itself
             (the pair i = i excluded).
         backend: ``"auto"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
         query_ids, ref_ids: optional int64 ids; a pair with equal ids is excluded (the same sample in
             the batch and in a memory bank, or the global self-pair across ranks).
         den_rows: gallery size M used in the PML ``M * 1e-5`` bias (default: the gallery's rows).
+
+    A NaN or Inf in the embeddings raises a ``ValueError`` on the CPU and gives a NaN loss on a GPU
+    (``RLL_STRICT_FINITE=1`` raises there too, at the cost of a device sync; docs/semantics.md §6).
     """
     check_choice(semantics, "semantics", ("paper", "pml"))
     check_choice(reduction, "reduction", ("mean", "sum", "none"))
     alpha = 1.0 + margin / 2.0 if alpha is None else alpha
     check_rll_params(margin, alpha, imbalance, Tn, Tp)
-    check_embeddings(embeddings, "embeddings")
-    labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
-    in_batch = ref_emb is None
-    ref_labels = check_gallery(embeddings, ref_emb, ref_labels)
+    return rll_checked(
+        embeddings,
+        labels,
+        (margin, Tn, imbalance, alpha, Tp),
+        semantics,
+        reduction,
+        normalize,
+        backend,
+        ref_emb=ref_emb,
+        ref_labels=ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        den_rows=den_rows,
+    )
+
+
+def rll_checked(
+    embeddings,
+    labels,
+    hp: tuple,
+    semantics: str,
+    reduction: str,
+    normalize: bool,
+    backend: str,
+    *,
+    ref_emb=None,
+    ref_labels=None,
+    query_ids=None,
+    ref_ids=None,
+    den_rows=None,
+) -> torch.Tensor:
+    """:func:`ranked_list_loss` with its hyper-parameters ``hp = (margin, Tn, imbalance, alpha, Tp)``
+    and choices already checked (``RLLFused`` checks them once, when it is built): the tensor checks,
+    the backend and one op call."""
+    margin, Tn, imbalance, alpha, Tp = hp
     name = resolve("rll", backend, embeddings.device)
+    finite = name == "reference"  # the fused ops detect non-finite rows themselves
+    check_embeddings(embeddings, "embeddings", finite=finite)
+    labels = check_labels(labels, embeddings.shape[0], "labels", embeddings.device)
+    ref_labels = check_gallery(embeddings, ref_emb, ref_labels, finite=finite)
     if name == "reference":
         return reference.ranked_list_loss(
             embeddings,
             labels,
-            margin,
-            Tn,
-            imbalance,
-            alpha,
-            Tp,
+            *hp,
             semantics=semantics,
             reduction=reduction,
             normalize=normalize,
@@ -143,31 +184,30 @@ def ranked_list_loss(
             ref_ids=ref_ids,
             den_rows=den_rows,
         )
-    q = _rll_operand(embeddings, normalize, name)
-    k, k_labels = (q, labels) if in_batch else (_rll_operand(ref_emb, normalize, name), ref_labels)
-    q_ids, k_ids = _rll_ids(query_ids, ref_ids, q.shape[0], k.shape[0], in_batch, q.device)
+    q = _rll_operand(embeddings, name)
+    q_ids, k, k_labels, k_ids = _rll_gallery(q, labels, ref_emb, ref_labels, query_ids, ref_ids, name)
     attached = semantics == "pml"
-    if not attached:
+    if k is not None and not attached:
         k = k.detach()  # the gallery is fixed ("paper")
-    m_rows = k.shape[0] if den_rows is None else int(den_rows)
-    bias = m_rows * 1e-5 if attached else 0.0
-    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    rows, _, _ = fused_op("rll", name)(
-        q.contiguous(),
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
+    rows = fused_op("rll", name)(
+        q,
         labels,
         q_ids,
-        k.contiguous(),
+        k,
         k_labels,
         k_ids,
-        float(alpha),
-        float(alpha - margin),
-        float(Tn),
-        float(Tp),
-        float(imbalance),
-        float(bias),
+        alpha,
+        alpha - margin,
+        Tn,
+        Tp,
+        imbalance,
+        1e-5 if attached else 0.0,
+        den_rows,
+        normalize,
         attached,
         need_grad,
-    )
+    )[0]
     return _reduce(rows, reduction)
 
 

@@ -19,7 +19,7 @@ from ._checks import (
     check_rll_params,
     check_softtriple_params,
 )
-from .functional import ranked_list_loss, soft_triple_checked, weighted_contrastive_checked
+from .functional import rll_checked, soft_triple_checked, weighted_contrastive_checked
 
 __all__ = ["RLLFused", "SoftTripleFused", "WeightedContrastiveFused", "rll_kwargs"]
 
@@ -115,20 +115,16 @@ class RLLFused(nn.Module):
             raise ValueError("labels are required for this loss function")
         if indices_tuple is not None:
             raise ValueError("indices_tuple is not supported for this loss function (RLL mines its own sets)")
-        return ranked_list_loss(
+        return rll_checked(
             embeddings,
             labels,
-            self.margin,
-            self.Tn,
-            self.imbalance,
-            self.alpha,
-            self.Tp,
-            semantics=self.semantics,
-            reduction=self.reduction,
-            normalize=self.normalize,
+            (self.margin, self.Tn, self.imbalance, self.alpha, self.Tp),  # checked in __init__
+            self.semantics,
+            self.reduction,
+            self.normalize,
+            self.backend,
             ref_emb=ref_emb,
             ref_labels=ref_labels,
-            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -126,6 +126,7 @@ class CrossBatchMemory(nn.Module):
             )
 
     def _check(self, embeddings: torch.Tensor) -> None:
+        # finite checked here too (a sync): a NaN row enqueued would poison every later loss
         check_embeddings(embeddings, "embeddings", allow_empty=self.distributed)
         mem = self.embedding_memory
         if embeddings.shape[1] != self.embedding_size:

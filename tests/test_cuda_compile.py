@@ -300,7 +300,9 @@ def test_glue_compiles_against_torch_headers(kernels_build, tmp_path, headers):
         pytest.fail("kernel object or nm unavailable: cannot check the launcher symbols")
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True).stdout.split()
     wanted = {s for s in undefined if "launch_rll" in s}
-    assert len(wanted) == 8, f"the glue should call launch_rll_fwd/bwd for 4 dtypes, found {sorted(wanted)}"
+    assert len(wanted) == 16, (
+        f"the glue should call the 4 launch_rll_* launchers for 4 dtypes, found {sorted(wanted)}"
+    )
     defined = {
         ln.split()[-1]
         for ln in subprocess.run(
@@ -365,7 +367,7 @@ def test_half_kernels_use_tensor_cores(kernels_build):
         names = dict(zip(counts, _demangle(list(counts))))
         for mangled, n in counts.items():
             short = _short(names[mangled])
-            if "sqnorm" in short:
+            if "sqnorm" in short or "normalize" in short:  # row passes, no tile product
                 continue
             tensor_core = "__half" in short or "__nv_bfloat16" in short
             assert (n > 0) == tensor_core, f"{short} [{arch}]: {n} mma.sync instructions"

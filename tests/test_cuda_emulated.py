@@ -30,8 +30,8 @@ CXX = shutil.which("g++") or shutil.which("c++")
 FWD = torch.ops.rll_kernels.rll_fwd
 BWD = torch.ops.rll_kernels.rll_bwd
 
-# alpha, beta, Tn, Tp, lambda, den_bias, attached
-SEMANTICS = {"paper": (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False), "pml": (1.2, 0.8, 10.0, -2.0, 0.4, 1e-3, True)}
+# alpha, beta, Tn, Tp, lambda, bias per gallery row, attached
+SEMANTICS = {"paper": (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False), "pml": (1.2, 0.8, 10.0, -2.0, 0.4, 2e-5, True)}
 # (N, M, D, in_batch): edge tiles in every direction (tiles are 64 x 64 or 32 x 32, D staged by 16/32)
 SHAPES = [(70, 70, 40, True), (37, 90, 20, False)]
 
@@ -74,31 +74,38 @@ def harness_wmma(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("emu_wmma"), ["-DRLL_EMULATE_WMMA"])
 
 
-def _problem(n, m, d, in_batch, classes=4):
+def _problem(n, m, d, in_batch, classes=4, raw=False, ids=True):
+    """(q, q_labels, q_ids, k, k_labels, k_ids): unit rows, or ``raw`` rows of norms from 1e-3 to 1e3
+    for the op to normalise; in-batch k is None (with ids arange(n) unless not ``ids``)."""
     q = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
     ql = torch.randint(0, classes, (n,))
+    if raw:
+        q = q * torch.logspace(-3, 3, n, dtype=torch.float64).unsqueeze(1)
     if in_batch:
-        return q, ql, torch.arange(n), q, ql, torch.arange(n)
+        return q, ql, torch.arange(n) if ids else None, None, None, None
     k = F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1)
     r = min(3, n, m)
     k[:r] = q[:r]  # exact duplicates across the two sides (d = 0 negatives / positives)
     return q, ql, None, k, torch.randint(0, classes, (m,)), None
 
 
-def _cpu(prob, params, g, dtype):
+def _cpu(prob, params, g, dtype, normalize=False):
     q, ql, qid, k, kl, kid = prob
     a, b, tn, tp, lam, bias, att = params
-    q, k = q.to(dtype), k.to(dtype)
-    loss, gq_fwd, stats = FWD(q, ql, qid, k, kl, kid, a, b, tn, tp, lam, bias, att, True)
-    gq, gk = BWD(g.to(dtype), q, ql, qid, k, kl, kid, stats, a, b, tn, tp, lam, bias, att, True, att)
+    q, k = q.to(dtype), (None if k is None else k.to(dtype))
+    hp = (a, b, tn, tp, lam, bias, None, normalize, att)
+    loss, gq_fwd, stats, z, norms = FWD(q, ql, qid, k, kl, kid, *hp, True)
+    gq, gk = BWD(g.to(dtype), q, ql, qid, k, kl, kid, stats, z, norms, *hp, True, att)
     return {"loss": loss, "stats": stats, "gq_fwd": gq_fwd, "gq": gq, "gk": gk}
 
 
-def _emu(exe, tmp, prob, params, g, dtype: str):
+def _emu(exe, tmp, prob, params, g, dtype: str, normalize=False):
     q, ql, qid, k, kl, kid = prob
-    (n, d), m = q.shape, k.shape[0]
+    in_batch = k is None
+    (n, d), m = q.shape, (q.shape[0] if in_batch else k.shape[0])
     for name, t in (("q", q), ("k", k), ("g", g)):
-        t.double().numpy().tofile(tmp / f"{name}.bin")
+        if t is not None:
+            t.double().numpy().tofile(tmp / f"{name}.bin")
     for name, t in (("ql", ql), ("kl", kl), ("qid", qid), ("kid", kid)):
         if t is not None:
             t.numpy().astype(np.int64).tofile(tmp / f"{name}.bin")
@@ -113,7 +120,9 @@ def _emu(exe, tmp, prob, params, g, dtype: str):
         str(int(qid is not None)),
         str(int(att)),
         "1",
-        *(repr(float(v)) for v in (a, b, tn, tp, lam, bias)),
+        str(int(normalize)),
+        str(int(in_batch)),
+        *(repr(float(v)) for v in (a, b, tn, tp, lam, bias * m)),
     ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -126,7 +135,7 @@ def _emu(exe, tmp, prob, params, g, dtype: str):
         "stats": rd("stats", n, 4),
         "gq_fwd": rd("gq_fwd", 0) if att else rd("gq_fwd", n, d),  # the CPU op returns (0,) for "pml"
         "gq": rd("gq", n, d),
-        "gk": rd("gk", m, d) if att else rd("gk", 0),
+        "gk": rd("gk", m, d) if (att and not in_batch) else rd("gk", 0),
     }
 
 
@@ -180,7 +189,7 @@ def test_emulated_half_inputs_tensor_core_branch(harness_wmma, tmp_path, dtype):
     shape = (70, 70, 40, True)  # two D-chunks of 32 (one partial), an edge tile in N and M
     q, ql, qid, k, kl, kid = _problem(*shape)
     qh = q.to(dtype).double()
-    prob = (qh, ql, qid, qh, kl, kid)
+    prob = (qh, ql, qid, None, None, None)
     g = torch.rand(shape[0], dtype=torch.float64) + 0.5
     for sem in ("paper", "pml"):
         ref64 = _cpu(prob, SEMANTICS[sem], g, torch.float64)
@@ -202,14 +211,14 @@ def test_emulated_catches_a_wrong_answer(harness, tmp_path):
 
 
 # ------------------------------------------------------------------ PML's parameter domain
-# (alpha, beta, Tn, Tp, lambda, den_bias, attached): the corners of docs/semantics.md §2.2 at the op level
+# (alpha, beta, Tn, Tp, lambda, bias per gallery row, attached): the corners of docs/semantics.md §2.2 at the op level
 EMU_CORNERS = [
-    (0.4, -0.8, 10.0, -3.0, 0.5, 2.4e-4, True),  # beta < 0
-    (0.9, 1.3, 3.0, 2.0, 0.3, 2.4e-4, True),  # beta > alpha
+    (0.4, -0.8, 10.0, -3.0, 0.5, 2e-5, True),  # beta < 0
+    (0.9, 1.3, 3.0, 2.0, 0.3, 2e-5, True),  # beta > alpha
     (1.0, 1.0, 10.0, 0.0, 0.5, 0.0, False),  # margin 0
-    (-0.2, -0.6, 10.0, 1.0, 0.5, 2.4e-4, True),  # alpha < 0
+    (-0.2, -0.6, 10.0, 1.0, 0.5, 2e-5, True),  # alpha < 0
     (1.2, 0.8, -8.0, -3.0, 0.0, 0.0, False),  # negative temperatures, imbalance 0
-    (1.2, 0.8, 10.0, 2.0, 1.0, 2.4e-4, True),  # imbalance 1
+    (1.2, 0.8, 10.0, 2.0, 1.0, 2e-5, True),  # imbalance 1
     (0.4, -0.8, 10.0, -1000.0, 0.5, 0.0, True),  # the excluded diagonal's logit above log den
 ]
 
@@ -229,3 +238,28 @@ def test_emulated_cuda_domain_matches_cpu_kernel(harness, tmp_path, params):
     for key in ("loss", "gq_fwd", "gq", "gk"):
         assert torch.isfinite(got[key]).all(), key
         assert_close_fp64(got[key], want[key], f"{params}: {key}")
+
+
+@pytest.mark.parametrize("sem", sorted(SEMANTICS))
+@pytest.mark.parametrize("in_batch", [True, False], ids=["in_batch", "gallery"])
+def test_emulated_normalization_in_the_op(harness, tmp_path, sem, in_batch):
+    # raw rows of norms 1e-3 .. 1e3 normalised by the kernels, the gradients through (I - z z^T)/|e|;
+    # in-batch without ids the pair i = i is excluded by its row index (docs/semantics.md §1.4, §1.5)
+    prob = _problem(70 if in_batch else 37, 90, 40, in_batch, raw=True, ids=False)
+    g = torch.rand(prob[0].shape[0], dtype=torch.float64) + 0.5
+    want = _cpu(prob, SEMANTICS[sem], g, torch.float64, normalize=True)
+    got = _emu(harness, tmp_path, prob, SEMANTICS[sem], g, "float64", normalize=True)
+    for key in ("loss", "gq_fwd", "gq", "gk"):
+        assert got[key].shape == want[key].shape, key
+        assert_close_fp64(got[key], want[key], key)
+    assert want["gq"].abs().max() > 0
+
+
+def test_emulated_nonfinite_row_gives_nan_loss(harness, tmp_path):
+    # no device sync on a GPU: a non-finite row makes every loss NaN, never a finite wrong one
+    q, ql, qid, k, kl, kid = _problem(37, 90, 20, False, ids=False)
+    k = k.clone()
+    k[5, 3] = float("inf")
+    g = torch.ones(37, dtype=torch.float64)
+    got = _emu(harness, tmp_path, (q, ql, qid, k, kl, kid), SEMANTICS["paper"], g, "float64", normalize=True)
+    assert torch.isnan(got["loss"]).all()

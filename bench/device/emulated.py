@@ -2,8 +2,9 @@
 
 The kernels are compiled by the host C++ compiler against the emulation headers of tests/cuda_emu/
 (the harness that tests/test_cuda_emulated.py drives) and called the way the CUDA glue calls them,
-in-batch: q = k = the normalised embeddings, ids = arange(N) so the pair i = i is excluded. The
-hyper-parameters are mapped as in rll_kernels.ranked_list_loss (docs/semantics.md §2.6).
+in-batch: one tensor of raw rows, normalised by the kernels when ``normalize`` (docs/semantics.md
+§1.4), the pair i = i excluded by its row index (§1.5). The hyper-parameters are mapped as in
+rll_kernels.ranked_list_loss (docs/semantics.md §2.6).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.device.context import ROOT
 
@@ -58,18 +58,15 @@ def harness() -> Path:
 
 def _run(z: torch.Tensor, y: torch.Tensor, params: tuple, g: torch.Tensor):
     """(loss rows, dL/dz) of the emulated kernels for upstream row gradients ``g``."""
-    alpha, beta, tn, tp, lam, bias, attached = params
+    alpha, beta, tn, tp, lam, bias, attached, normalize = params
     n, d = z.shape
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        for name, v in (("q", z), ("k", z), ("g", g)):
+        for name, v in (("q", z), ("g", g)):
             v.detach().double().cpu().numpy().tofile(t / f"{name}.bin")
-        ids = np.arange(n, dtype=np.int64)
-        for name, v in (("ql", y.cpu().numpy().astype(np.int64)), ("kl", y.cpu().numpy().astype(np.int64))):
-            v.tofile(t / f"{name}.bin")
-        ids.tofile(t / "qid.bin")
-        ids.tofile(t / "kid.bin")
-        args = [str(harness()), tmp, _DTYPE[z.dtype], str(n), str(n), str(d), "1", str(int(attached)), "1"]
+        y.cpu().numpy().astype(np.int64).tofile(t / "ql.bin")
+        flags = ["0", str(int(attached)), "1", str(int(normalize)), "1"]  # no ids, in-batch
+        args = [str(harness()), tmp, _DTYPE[z.dtype], str(n), str(n), str(d), *flags]
         args += [repr(float(v)) for v in (alpha, beta, tn, tp, lam, bias)]
         r = subprocess.run(args, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -78,8 +75,7 @@ def _run(z: torch.Tensor, y: torch.Tensor, params: tuple, g: torch.Tensor):
         def rd(name, *shape):
             return torch.from_numpy(np.fromfile(t / f"{name}.bin", dtype=np.float64)).reshape(*shape)
 
-        grad = rd("gq", n, d) + (rd("gk", n, d) if attached else 0.0)  # q = k = z in-batch
-        return rd("loss", n), grad
+        return rd("loss", n), rd("gq", n, d)  # in-batch: both ends of every pair in gq
 
 
 class _HarnessRLL(torch.autograd.Function):
@@ -101,10 +97,8 @@ class _HarnessRLL(torch.autograd.Function):
 def ranked_list_loss(x, y, semantics, margin, Tn, imbalance=0.5, Tp=0.0, normalize=True, reduction="mean"):
     """In-batch Ranked List Loss through the emulated CUDA kernels (``alpha = 1 + margin / 2``)."""
     alpha = 1.0 + margin / 2.0
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = F.normalize(x.to(acc), dim=1) if normalize else x.to(acc)
-    z = z.to(x.dtype)  # half inputs are read as they are (fp32 accumulation), as on the GPU
     attached = semantics == "pml"
-    bias = x.shape[0] * 1e-5 if attached else 0.0
-    rows = _HarnessRLL.apply(z, y, (alpha, alpha - margin, Tn, Tp, imbalance, bias, attached))
+    bias = x.shape[0] * 1e-5 if attached else 0.0  # the glue's bias_per_row x M
+    # half inputs are read as they are (normalised in fp32, z in the half type), as on the GPU
+    rows = _HarnessRLL.apply(x, y, (alpha, alpha - margin, Tn, Tp, imbalance, bias, attached, normalize))
     return {"mean": rows.mean, "sum": rows.sum, "none": lambda: rows}[reduction]()

@@ -14,6 +14,7 @@
 
 #include <mma.h>
 
+#include <limits>
 #include <type_traits>
 
 // Kernel launch; tests/cuda_emu/ runs the same kernels on the CPU (one host thread per CUDA
@@ -71,6 +72,19 @@ __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
   return __float2bfloat16(0.f);
 }
 
+template <class T>
+__device__ __forceinline__ T from_acc(acc_t<T> x) {
+  return static_cast<T>(x);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
 template <class S>
 __device__ __forceinline__ S warp_sum(S v) {
 #pragma unroll
@@ -105,7 +119,14 @@ struct Smem {
   S row_state[C::BQ][6];  // per row: online states (m, l, a) of both sets, or (logden_P, L_P, logden_N, L_N, g)
   S rowsum[C::BQ];        // row sums of G
   S colsum[C::BK];        // column sums of G
+  int nonfinite;          // a row of this block's tiles has an Inf or NaN squared norm
 };
+
+// 1 when a squared norm is Inf or NaN (x - x is 0 exactly for finite x).
+template <class S>
+__device__ __forceinline__ bool nonfinite_norm(S n) {
+  return !(n - n == S(0));
+}
 
 // Stage rows [r0, r0 + R) x columns [d0, d0 + BD) of X in shared memory, zero-padded.
 template <class T, int R, int BD, int LDT>
@@ -217,7 +238,8 @@ __device__ __forceinline__ void load_query_rows(Smem<T>& sm, const Problem<T>& p
     const bool ok = i < pb.N;
     sm.nq[r] = ok ? norms[i] : acc_t<T>(0);
     sm.ql[r] = ok ? pb.q_labels[i] : 0;
-    sm.qid[r] = (ok && pb.q_ids) ? pb.q_ids[i] : 0;
+    sm.qid[r] = (ok && pb.q_ids) ? pb.q_ids[i] : i;  // self_pairs: the row index
+    if (nonfinite_norm(sm.nq[r])) sm.nonfinite = 1;
   }
 }
 template <class T>
@@ -227,7 +249,8 @@ __device__ __forceinline__ void load_gallery_rows(Smem<T>& sm, const Problem<T>&
     const bool ok = j < pb.M;
     sm.nk[c] = ok ? norms[pb.N + j] : acc_t<T>(0);
     sm.kl[c] = ok ? pb.k_labels[j] : 0;
-    sm.kid[c] = (ok && pb.k_ids) ? pb.k_ids[j] : 0;
+    sm.kid[c] = (ok && pb.k_ids) ? pb.k_ids[j] : j;  // self_pairs: the row index
+    if (nonfinite_norm(sm.nk[c])) sm.nonfinite = 1;
   }
 }
 // Row stats for the gradient kernels: row_state[r] = (logden_P, L_P, logden_N, L_N, upstream grad).
@@ -260,7 +283,7 @@ __device__ __forceinline__ PairVals<acc_t<T>> pair_at(const Smem<T>& sm, const P
   PairVals<S> pv;
   pv.d = pair_dist(d2, dup);
   pv.inv = pair_inv_dist(pv.d, dup);
-  const bool valid = j < pb.M && (pb.q_ids == nullptr || sm.kid[c] != sm.qid[r]);
+  const bool valid = j < pb.M && ((pb.q_ids == nullptr && !pb.self_pairs) || sm.kid[c] != sm.qid[r]);
   const bool lab = sm.kl[c] == sm.ql[r];
   pv.same = valid && lab;
   pv.diff = valid && !lab;
@@ -417,6 +440,64 @@ __global__ void __launch_bounds__(kThreads, 2) rll_sqnorm_kernel(const T* __rest
   if ((threadIdx.x & 31) == 0) out[r] = s;
 }
 
+// z = x/|x| per row, one warp per row, scale-safe (docs/semantics.md §1.4): max |x| first, then
+// sum (x/m)^2 in [1, D], so no finite row overflows or underflows. NaN: the sum is NaN; Inf: x/m is.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2)
+    rll_normalize_kernel(const T* __restrict__ x, int64_t rows, int64_t D, int64_t ldr, int64_t ldc,
+                         T* __restrict__ z, acc_t<T>* __restrict__ norms) {
+  using S = acc_t<T>;
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const T* xr = x + r * ldr;
+  S m = S(0);
+  for (int64_t e = lane; e < D; e += 32) m = rll_max(m, S(fabs(to_acc(xr[e * ldc]))));
+  m = warp_max(m);
+  const S ms = m > S(0) ? m : S(1);
+  S s = S(0), sq = S(0);
+  for (int64_t e = lane; e < D; e += 32) {
+    const S x = to_acc(xr[e * ldc]), v = x / ms;
+    s += v * v;
+    sq += x * x;
+  }
+  s = warp_sum(s);  // NaN for a NaN or Inf entry (Inf / Inf)
+  sq = warp_sum(sq);
+  // the plain sqrt(sum x^2) where it neither overflows nor underflows (as the CPU op), else m sqrt(s)
+  const bool plain = sq <= std::numeric_limits<S>::max() &&
+                     sq >= std::numeric_limits<S>::min() / std::numeric_limits<S>::epsilon() && s == s;
+  const S norm = plain ? rll_sqrt(sq) : m * rll_sqrt(s);
+  // x / |x| (one rounding, as F.normalize); (x / m) / sqrt(s) where |x| is subnormal; 0 for a zero row;
+  // NaN for a non-finite row (|x| is NaN: s is)
+  const bool tiny = norm < std::numeric_limits<S>::min();
+  const S inv_s = m > S(0) ? S(1) / rll_sqrt(s) : S(0);
+  const S n_div = (tiny || !(m > S(0))) ? S(1) : norm;
+  for (int64_t e = lane; e < D; e += 32) {
+    const S v = to_acc(xr[e * ldc]);
+    const S zv = m > S(0) ? (tiny ? v / ms * inv_s : v / n_div) : S(0);
+    z[r * D + e] = from_acc<T>(norm == norm ? zv : norm);  // a non-finite row: NaN z, so NaN losses
+  }
+  if (lane == 0) norms[r] = norm;
+}
+
+// g <- (g - z (z . g)) / |x| per row (one warp per row); a zero row gets 0.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2)
+    rll_normalize_backward_kernel(acc_t<T>* __restrict__ g, const T* __restrict__ z,
+                                  const acc_t<T>* __restrict__ norms, int64_t rows, int64_t D) {
+  using S = acc_t<T>;
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  S* gr = g + r * D;
+  const T* zr = z + r * D;
+  S zg = S(0);
+  for (int64_t e = lane; e < D; e += 32) zg += to_acc(zr[e]) * gr[e];
+  zg = warp_sum(zg);
+  const S n = norms[r];
+  for (int64_t e = lane; e < D; e += 32) gr[e] = n == S(0) ? S(0) : (gr[e] - to_acc(zr[e]) * zg) / n;
+}
+
 // Empty online states of both sets: row_state[r] = (m_P, l_P, a_P, m_N, l_N, a_N).
 template <class T>
 __device__ __forceinline__ void start_online_rows(Smem<T>& sm) {
@@ -478,7 +559,7 @@ __device__ __forceinline__ void finish_rows(const Smem<T>& sm, const Problem<T>&
     on_neg.l = st[4];
     on_neg.a = st[5];
     const SetStats<S> pos = online_finish(on_pos, prm.den_bias), neg = online_finish(on_neg, prm.den_bias);
-    loss[i] = row_loss(pos.L, neg.L, prm);
+    loss[i] = sm.nonfinite ? std::numeric_limits<S>::quiet_NaN() : row_loss(pos.L, neg.L, prm);
     stats[i * 4 + 0] = pos.logden;
     stats[i * 4 + 1] = pos.L;
     stats[i * 4 + 2] = neg.logden;
@@ -498,6 +579,8 @@ __global__ void __launch_bounds__(kThreads, 2) rll_stats_kernel(const Problem<T>
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int64_t i0 = int64_t(blockIdx.x) * C::BQ;
   const S rel = dup_rel<S>();
+  if (threadIdx.x == 0) sm.nonfinite = 0;
+  __syncthreads();
   load_query_rows(sm, pb, norms, i0);
   start_online_rows(sm);
   for (int64_t j0 = 0; j0 < pb.M; j0 += C::BK) {
@@ -616,11 +699,31 @@ cudaError_t launch_rll_bwd(const Problem<T>& pb, const Params<acc_t<T>>& prm, co
   return cudaGetLastError();
 }
 
+template <class T>
+cudaError_t launch_rll_normalize(const T* x, int64_t rows, int64_t D, int64_t ldr, int64_t ldc, T* z,
+                                 acc_t<T>* norms, cudaStream_t stream) {
+  if (rows > 0) RLL_LAUNCH(rll_normalize_kernel<T>, unsigned((rows + kWarps - 1) / kWarps), stream, x, rows, D, ldr,
+                           ldc, z, norms);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_rll_normalize_backward(acc_t<T>* g, const T* z, const acc_t<T>* norms, int64_t rows, int64_t D,
+                                          cudaStream_t stream) {
+  if (rows > 0)
+    RLL_LAUNCH(rll_normalize_backward_kernel<T>, unsigned((rows + kWarps - 1) / kWarps), stream, g, z, norms, rows, D);
+  return cudaGetLastError();
+}
+
 #define RLL_INSTANTIATE(T)                                                                                    \
   template cudaError_t launch_rll_fwd<T>(const Problem<T>&, const Params<acc_t<T>>&, acc_t<T>*, acc_t<T>*,    \
                                          acc_t<T>*, acc_t<T>*, cudaStream_t);                                 \
   template cudaError_t launch_rll_bwd<T>(const Problem<T>&, const Params<acc_t<T>>&, const acc_t<T>*,         \
-                                         const acc_t<T>*, bool, acc_t<T>*, acc_t<T>*, acc_t<T>*, cudaStream_t);
+                                         const acc_t<T>*, bool, acc_t<T>*, acc_t<T>*, acc_t<T>*, cudaStream_t); \
+  template cudaError_t launch_rll_normalize<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, acc_t<T>*,    \
+                                               cudaStream_t);                                                 \
+  template cudaError_t launch_rll_normalize_backward<T>(acc_t<T>*, const T*, const acc_t<T>*, int64_t, int64_t, \
+                                                        cudaStream_t);
 RLL_INSTANTIATE(float)
 RLL_INSTANTIATE(double)
 RLL_INSTANTIATE(__half)

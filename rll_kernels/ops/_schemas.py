@@ -18,14 +18,16 @@ import torch
 __all__ = ["OPS"]
 
 _RLL_FWD = (
-    "(Tensor q, Tensor q_labels, Tensor? q_ids, Tensor k, Tensor k_labels, Tensor? k_ids, float alpha, "
-    "float beta, float Tn, float Tp, float imbalance, float den_bias, bool attached, bool need_grad) "
-    "-> (Tensor, Tensor, Tensor)"
+    "(Tensor q, Tensor q_labels, Tensor? q_ids, Tensor? k, Tensor? k_labels, Tensor? k_ids, float alpha, "
+    "float beta, float Tn, float Tp, float imbalance, float bias_per_row, SymInt? den_rows, bool normalize, "
+    "bool attached, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _RLL_BWD = (
-    "(Tensor grad_rows, Tensor q, Tensor q_labels, Tensor? q_ids, Tensor k, Tensor k_labels, Tensor? k_ids, "
-    "Tensor stats, float alpha, float beta, float Tn, float Tp, float imbalance, float den_bias, "
-    "bool attached, bool need_gq, bool need_gk) -> (Tensor, Tensor)"
+    "(Tensor grad_rows, Tensor q, Tensor q_labels, Tensor? q_ids, Tensor? k, Tensor? k_labels, "
+    "Tensor? k_ids, Tensor stats, Tensor z, Tensor norms, float alpha, float beta, float Tn, float Tp, "
+    "float imbalance, "
+    "float bias_per_row, SymInt? den_rows, bool normalize, bool attached, bool need_gq, bool need_gk) "
+    "-> (Tensor, Tensor)"
 )
 # SoftTriple and OSM take the raw embeddings and normalise them inside the op when `normalize`
 # (docs/semantics.md §1.4); the SoftTriple forward returns z = x/|x| and |x| for its backward.

@@ -1,12 +1,26 @@
 """Ranked List Loss op contract: fake kernels and autograd, shared by the C++ op and its Triton twin.
 
-Forward ``(q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias, attached,
-need_grad) -> (rows (N,), gradq, stats (N, 4))``: per-row losses, the query gradient of each row's
-loss (N, D) when ``need_grad and not attached`` ("paper": computed in the forward pass) else an empty
-tensor, and the row statistics [log den_P, L_P, log den_N, L_N] that the backward op
-(``attached``: "pml") recomputes the tiles from. Pairs with ``q_ids[i] == k_ids[j]`` are excluded.
-Rows, statistics and the forward's query gradient are in the accumulation dtype (fp32, fp64 for fp64
-inputs); gradients are returned in the input dtype. See docs/semantics.md §2.3 and §2.6.
+Forward ``(q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, bias_per_row,
+den_rows, normalize, attached, need_grad) -> (rows (N,), gradq, stats (N, 4), z, norms)``.
+
+* ``k`` absent (with ``k_labels`` and ``k_ids``): in-batch, the queries are the gallery, one tensor
+  whatever its strides; the pairs with equal ``q_ids`` are excluded, or the pair i = i without ids.
+  Else the pairs with ``q_ids[i] == k_ids[j]`` are excluded (docs/semantics.md §1.5).
+* ``normalize``: the op takes the raw rows e and works on z = e/|e| (scale-safe norms, zero rows stay
+  0); its gradients are w.r.t. e, through (I - z z^T)/|e| (docs/semantics.md §1.4). A non-finite row
+  raises a ValueError naming ``embeddings`` or ``ref_emb`` on the CPU, and gives a NaN loss on a GPU
+  (docs/semantics.md §6).
+* The denominators' bias is ``bias_per_row`` x (``den_rows``, default the gallery's rows): PML's
+  M * 1e-5 with ``bias_per_row = 1e-5`` (docs/semantics.md §2.8), so nothing per call depends on M.
+
+Outputs: per-row losses; the query gradient of each row's loss (N, D) when ``need_grad and not
+attached`` ("paper": computed in the forward pass) else an empty tensor; the row statistics
+[log den_P, L_P, log den_N, L_N] that the backward op (``attached``: "pml") recomputes the tiles from;
+with ``normalize`` the rows z (queries, then the gallery unless in-batch; input dtype) and their norms
+|e| (accumulation dtype) that the backward reads, else empty tensors. Rows, statistics and the
+forward's query gradient are in the accumulation dtype (fp32, fp64 for fp64 inputs); gradients are
+returned in the input dtype; in-batch the backward returns the whole gradient as grad q.
+See docs/semantics.md §2.3 and §2.6.
 """
 
 from __future__ import annotations
@@ -20,64 +34,71 @@ __all__ = ["rll_backward_fake", "rll_forward_fake"]
 
 
 def rll_forward_fake(
-    q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, den_bias, attached, need_grad
-):
-    torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rll_fwd: q and k must be 2-D")
-    torch._check(q.shape[1] == k.shape[1], lambda: "rll_fwd: q and k embedding sizes differ")
-    n, d = q.shape
-    acc = compute_dtype(q.dtype)
-    grad = q.new_empty(n, d, dtype=acc) if (need_grad and not attached) else q.new_empty(0, dtype=acc)
-    return q.new_empty(n, dtype=acc), grad, q.new_empty(n, 4, dtype=acc)
-
-
-def rll_backward_fake(
-    grad_rows,
     q,
     q_labels,
     q_ids,
     k,
     k_labels,
     k_ids,
-    stats,
     alpha,
     beta,
     Tn,
     Tp,
     imbalance,
-    den_bias,
+    bias_per_row,
+    den_rows,
+    normalize,
     attached,
-    need_gq,
-    need_gk,
+    need_grad,
 ):
-    gq = torch.empty_like(q) if need_gq else q.new_empty(0)
-    gk = torch.empty_like(k) if need_gk else k.new_empty(0)
+    torch._check(q.dim() == 2, lambda: "rll_fwd: q must be 2-D")
+    torch._check(
+        k is None or (k.dim() == 2 and k.shape[1] == q.shape[1]), lambda: "rll_fwd: k must be (M, D)"
+    )
+    n, d = q.shape
+    acc = compute_dtype(q.dtype)
+    grad = q.new_empty(n, d, dtype=acc) if (need_grad and not attached) else q.new_empty(0, dtype=acc)
+    rows = n if k is None else n + k.shape[0]
+    z = q.new_empty(rows, d) if normalize else q.new_empty(0)
+    norms = q.new_empty(rows if normalize else 0, dtype=acc)
+    return q.new_empty(n, dtype=acc), grad, q.new_empty(n, 4, dtype=acc), z, norms
+
+
+def rll_backward_fake(grad_rows, q, q_labels, q_ids, k, k_labels, k_ids, stats, z, norms, *rest):
+    need_gq, need_gk = rest[-2], rest[-1]
+    gq = q.new_empty(q.shape) if need_gq else q.new_empty(0)
+    gk = k.new_empty(k.shape) if (need_gk and k is not None) else q.new_empty(0)
     return gq, gk
 
 
 def _setup_context(ctx, inputs, output):
-    q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, lam, bias, attached, need_grad = inputs
-    _, gradq, stats = output
-    ctx.params = (alpha, beta, Tn, Tp, lam, bias)
-    ctx.attached = attached
+    q, q_labels, q_ids, k, k_labels, k_ids = inputs[:6]
+    *params, normalize, attached, need_grad = inputs[6:]
+    _, gradq, stats, z, norms = output
+    ctx.params = tuple(params)  # alpha, beta, Tn, Tp, imbalance, bias_per_row, den_rows
+    ctx.normalize, ctx.attached = normalize, attached
     ctx.q_dtype = q.dtype
     ctx.grad_in_forward = need_grad and not attached
     if ctx.grad_in_forward:
         ctx.save_for_backward(gradq)  # "paper": every row's query gradient is already there
     else:
-        ctx.save_for_backward(q, q_labels, q_ids, k, k_labels, k_ids, stats)
+        ctx.save_for_backward(q, q_labels, q_ids, k, k_labels, k_ids, stats, z, norms)
+
+
+_NO_GRADS = (None,) * 12  # labels, ids and every non-tensor argument after k
 
 
 def _make_backward(backend: str):
     """Autograd of the forward op of ``backend``: scales the forward's gradient, or calls its backward op."""
     backward_op = getattr(torch.ops.rll_kernels, OPS["rll"][backend][1])
 
-    def backward(ctx, g_rows, _g_grad, _g_stats):
+    def backward(ctx, g_rows, _g_grad, _g_stats, _g_z, _g_norms):
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         if ctx.grad_in_forward:
             (gradq,) = ctx.saved_tensors
             gq = (gradq * g_rows.unsqueeze(1)).to(ctx.q_dtype) if need_q else None
-            return (gq,) + (None,) * 13
-        q, q_labels, q_ids, k, k_labels, k_ids, stats = ctx.saved_tensors
+            return (gq, None, None, None) + _NO_GRADS
+        q, q_labels, q_ids, k, k_labels, k_ids, stats, z, norms = ctx.saved_tensors
         need_k = need_k and ctx.attached  # "paper": the gallery is a constant
         gq, gk = backward_op(
             g_rows.contiguous(),
@@ -88,12 +109,15 @@ def _make_backward(backend: str):
             k_labels,
             k_ids,
             stats,
+            z,
+            norms,
             *ctx.params,
+            ctx.normalize,
             ctx.attached,
             need_q,
             need_k,
         )
-        return (gq if need_q else None, None, None, gk if need_k else None) + (None,) * 10
+        return (gq if need_q else None, None, None, gk if need_k else None) + _NO_GRADS
 
     return backward
 

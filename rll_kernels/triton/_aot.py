@@ -55,7 +55,8 @@ def compile_kernel(
     }[kind]
     gram, gz = ("tf32x3", "tf32") if fp32_precision == "mixed" else (fp32_precision, fp32_precision)
     consts = dict(
-        HAS_IDS=True,
+        HAS_IDS=1,
+        NORMALIZE=True,
         UPCAST_QK=False,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
@@ -76,6 +77,7 @@ def compile_kernel(
         "QID": "i64",
         "KID": "i64",
         "PRM": acc,
+        "NORMS": acc,
         "LOSS": acc,
         "STATS": acc,
         "GR": acc,

@@ -181,13 +181,18 @@ def online_finish(m, l, a, bias, HAS_BIAS: tl.constexpr):
 def safe_row_norms(x):
     """Scale-safe norms of the rows of a tile ``x`` (accumulation dtype, masked entries 0) and the
     rows scaled by their largest |x| (every entry in [-1, 1]): no overflow or underflow for any
-    finite row. A row with an Inf or NaN entry gets a NaN norm; a zero row norm 0."""
+    finite row. The plain sqrt(sum x^2) where that sum neither overflows nor underflows (as the C++
+    ops and F.normalize: the same z to the ulp), else m sqrt(sum (x/m)^2). A row with an Inf or NaN
+    entry gets a NaN norm; a zero row norm 0."""
     m = tl.max(tl.abs(x), 1)
     m_safe = tl.where(m > 0.0, m, 1.0)
     xs = x / m_safe[:, None]
     s = tl.sum(xs * xs, 1)
-    norm = tl.where(m > 0.0, m * tl.sqrt(s), tl.where(m == 0.0, 0.0, m + s))  # NaN m: NaN
-    norm = tl.where(m == float("inf"), float("nan"), norm)
+    sq = tl.sum(x * x, 1)
+    plain = (sq < float("inf")) & (sq >= 1e-31)  # float32: smallest normal / eps
+    scaled = tl.where(m > 0.0, m * tl.sqrt(s), tl.where(m == 0.0, 0.0, m + s))  # NaN m: NaN
+    norm = tl.where(plain, tl.sqrt(tl.where(plain, sq, 1.0)), scaled)
+    norm = tl.where((m == float("inf")) | (s != s), float("nan"), norm)
     return norm, xs, s
 
 
@@ -196,6 +201,17 @@ def normalize_backward(g, z, norm):
     """The gradient through z = x/|x| of a block of rows: (g - z (z . g)) / |x|; 0 for a zero row."""
     zg = tl.sum(z * g, 1)
     return tl.where((norm == 0.0)[:, None], 0.0, (g - z * zg[:, None]) / norm[:, None])
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """x (float32) in ``dtype``, rounded to nearest even: for bfloat16 by its bits, as a GPU's cvt.rn
+    does (the interpreter's cast truncates, which moves z by an ulp: the loss of bf16 rows by 1e-3)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -222,7 +238,9 @@ def normalize_rows_kernel(
     z = tl.where((norm == 0.0)[:, None], 0.0, z)
     z = tl.where((norm == norm)[:, None], z, float("nan"))
     tl.store(
-        Z + offs_r[:, None] * D + offs_d[None, :], z.to(Z.dtype.element_ty), mask=ok[:, None] & d_ok[None, :]
+        Z + offs_r[:, None] * D + offs_d[None, :],
+        _round_to(z, Z.dtype.element_ty),
+        mask=ok[:, None] & d_ok[None, :],
     )
     tl.store(NORMS + offs_r, norm, mask=ok)
 

@@ -46,19 +46,20 @@ import triton
 import triton.language as tl
 
 from .._checks import compute_dtype, dup_rel_tol
-from . import hyper_params, interpret_mode
+from . import hyper_params, interpret_mode, raise_if, strict_checks
 from ._tiles import (
     NEG_INF,
     gram_chunked,
     load_row4,
     load_rows,
     load_tile,
+    normalize_backward,
+    normalize_rows,
     online_finish,
     online_update,
     pair_distance,
     pair_sets,
     row_norms,
-    store_gram_grad,
     store_row4,
     store_tile,
 )
@@ -76,12 +77,31 @@ def _rll_params(PRM):
 
 @triton.jit
 def _labels_ids(L, ID, offs, ok, HAS_IDS: tl.constexpr):
-    """Labels and ids of a block of rows (the labels stand in for the ids when there are none)."""
+    """Labels and ids of a block of rows. HAS_IDS: 0 no excluded pairs (the labels stand in for the
+    ids), 1 ids from ID, 2 the row index (in-batch without ids: the pair i = i is excluded)."""
     lab = tl.load(L + offs, mask=ok, other=0)
     ids = lab
-    if HAS_IDS:
+    if HAS_IDS == 1:
         ids = tl.load(ID + offs, mask=ok, other=0)
+    if HAS_IDS == 2:
+        ids = offs
     return lab, ids
+
+
+@triton.jit
+def _store_grad(rows, ok, offs_d, d_ok, row_sum, x, acc, NORMS, offs, NORMALIZE: tl.constexpr):
+    """Store sum_j G_ij (x_i - y_j) = (G 1)_i x_i - (G Y)_i, w.r.t. the raw rows e_i when the rows x
+    are z = e/|e| (NORMALIZE: through the normalisation's Jacobian, docs/semantics.md §1.4)."""
+    g = row_sum[:, None] * x - acc
+    if NORMALIZE:
+        g = normalize_backward(g, x, tl.load(NORMS + offs, mask=ok, other=1.0).to(x.dtype))
+    store_tile(rows, ok, offs_d, d_ok, g)
+
+
+@triton.jit
+def _nonfinite(n):
+    """1 if a squared norm of ``n`` is Inf or NaN (masked rows hold 0), else 0."""
+    return tl.max(((n - n) != 0.0).to(tl.int32), 0)
 
 
 @triton.jit
@@ -196,18 +216,21 @@ def rll_fwd_kernel(
     QID,
     KID,
     PRM,
+    NORMS,
     LOSS,
     STATS,
     GQ,
     N,
     M,
     D,
+    DEN_ROWS,
     stride_q,
     stride_k,
     stride_g,
     HAS_IDS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PAPER_GRAD: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     UPCAST_QK: tl.constexpr,
     PREC_QK: tl.constexpr,
     PREC_GZ: tl.constexpr,
@@ -217,11 +240,13 @@ def rll_fwd_kernel(
     K_CHUNK: tl.constexpr = 0,
 ):
     acc_t = PRM.dtype.element_ty
-    hp, lam, bias = _rll_params(PRM)
+    hp, lam, bias_per_row = _rll_params(PRM)
+    bias = bias_per_row * DEN_ROWS  # PML's M * 1e-5 (docs/semantics.md §2.8)
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     q_rows, q, qa, nq = _own_rows(Q, offs_m, row_ok, stride_q, D, PRM, UPCAST_QK, BLOCK_D, K_CHUNK)
     ql, qid = _labels_ids(QL, QID, offs_m, row_ok, HAS_IDS)
+    bad = _nonfinite(nq)  # a non-finite row anywhere makes every loss NaN (docs/semantics.md §6)
     m_p = tl.full([BLOCK_M], NEG_INF, acc_t)
     l_p = tl.zeros([BLOCK_M], acc_t)
     a_p = tl.zeros([BLOCK_M], acc_t)
@@ -241,6 +266,7 @@ def rll_fwd_kernel(
         )
         kl, kid = _labels_ids(KL, KID, offs_n, col_ok, HAS_IDS)
         same, diff = pair_sets(ql, kl, qid, kid, row_ok, col_ok, HAS_IDS)
+        bad = tl.maximum(bad, _nonfinite(nk))
         sp, vp, sn, vn, inv = _hinge_logits(dot, nq[:, None], nk[None, :], same, diff, hp)
         m_p, l_p, a_p, f_p, w_p = online_update(m_p, l_p, a_p, sp, vp)
         m_n, l_n, a_n, f_n, w_n = online_update(m_n, l_n, a_n, sn, vn)
@@ -249,16 +275,20 @@ def rll_fwd_kernel(
             cs_n, acc_n = _rescaled_gram_grad(cs_n, acc_n, f_n, w_n * inv, ka, PREC_GZ)
     L_p, lg_p = online_finish(m_p, l_p, a_p, bias, HAS_BIAS)
     L_n, lg_n = online_finish(m_n, l_n, a_n, bias, HAS_BIAS)
-    tl.store(LOSS + offs_m, (1.0 - lam) * L_p + lam * L_n, mask=row_ok)
+    loss = (1.0 - lam) * L_p + lam * L_n
+    tl.store(LOSS + offs_m, tl.where(bad > 0, float("nan"), loss), mask=row_ok)
     store_row4(STATS, offs_m, row_ok, lg_p, L_p, lg_n, L_n)
     if PAPER_GRAD:
         # dL/dz_i = sum_set +-lambda_set e^{m - logden} (csum z_i - acc_i)
         fp = _set_scale(m_p, lg_p, 1.0 - lam)
         fn = _set_scale(m_n, lg_n, -lam)
         qa = _acc_rows(qa, q_rows, row_ok, D, PRM, BLOCK_D, K_CHUNK)
-        g = (fp * cs_p + fn * cs_n)[:, None] * qa - fp[:, None] * acc_p - fn[:, None] * acc_n
+        acc = fp[:, None] * acc_p + fn[:, None] * acc_n
         offs_d = tl.arange(0, BLOCK_D)
-        store_tile(GQ + offs_m[:, None] * stride_g, row_ok, offs_d, offs_d < D, g)
+        g_rows = GQ + offs_m[:, None] * stride_g
+        _store_grad(
+            g_rows, row_ok, offs_d, offs_d < D, fp * cs_p + fn * cs_n, qa, acc, NORMS, offs_m, NORMALIZE
+        )
 
 
 @triton.jit
@@ -272,6 +302,7 @@ def rll_bwd_q_kernel(
     KID,
     STATS,
     PRM,
+    NORMS,
     GQ,
     N,
     M,
@@ -281,6 +312,7 @@ def rll_bwd_q_kernel(
     stride_g,
     HAS_IDS: tl.constexpr,
     ATTACHED: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     UPCAST_QK: tl.constexpr,
     PREC_QK: tl.constexpr,
     PREC_GZ: tl.constexpr,
@@ -316,7 +348,9 @@ def rll_bwd_q_kernel(
         acc += tl.dot(G, ka, input_precision=PREC_GZ, out_dtype=acc_t)
     qa = _acc_rows(qa, q_rows, row_ok, D, PRM, BLOCK_D, K_CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    store_gram_grad(GQ + offs_m[:, None] * stride_g, row_ok, offs_d, offs_d < D, rs, qa, acc)
+    _store_grad(
+        GQ + offs_m[:, None] * stride_g, row_ok, offs_d, offs_d < D, rs, qa, acc, NORMS, offs_m, NORMALIZE
+    )
 
 
 @triton.jit
@@ -330,6 +364,7 @@ def rll_bwd_k_kernel(
     KID,
     STATS,
     PRM,
+    NORMS,
     GK,
     N,
     M,
@@ -339,6 +374,7 @@ def rll_bwd_k_kernel(
     stride_g,
     HAS_IDS: tl.constexpr,
     ATTACHED: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     UPCAST_QK: tl.constexpr,
     PREC_QK: tl.constexpr,
     PREC_GZ: tl.constexpr,
@@ -376,7 +412,9 @@ def rll_bwd_k_kernel(
     # dL/dk_j = sum_i G_ij (k_j - q_i)
     ka = _acc_rows(ka, k_rows, col_ok, D, PRM, BLOCK_D, K_CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    store_gram_grad(GK + offs_n[:, None] * stride_g, col_ok, offs_d, offs_d < D, cs, ka, acc)
+    _store_grad(
+        GK + offs_n[:, None] * stride_g, col_ok, offs_d, offs_d < D, cs, ka, acc, NORMS, offs_n, NORMALIZE
+    )
 
 
 # ------------------------------------------------------------------ launch settings
@@ -517,7 +555,9 @@ def _prune(kind: str, cap: int) -> Callable[..., list]:
 @functools.cache
 def _tuned(kind: str, cap: int) -> triton.runtime.Autotuner:
     # BLOCK_D (D rounded up to a power of 2) rather than D: one tuning per size class, not per D
-    key = ["BLOCK_D", "HAS_IDS"] + (["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"])
+    key = ["BLOCK_D", "HAS_IDS", "NORMALIZE"] + (
+        ["PAPER_GRAD", "HAS_BIAS"] if kind == "fwd" else ["ATTACHED"]
+    )
     return triton.autotune(
         configs=_configs(cap),
         key=key,
@@ -570,28 +610,41 @@ def _check_index(name: str, t: torch.Tensor, n: int) -> None:
         raise ValueError(f"rll_triton: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
 
 
+def _check_rows(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"rll_triton: {name} must be 2-D, got {x.dim()}-D")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"rll_triton: {name} must be one of {_DTYPES}, got {x.dtype}")
+
+
 def _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> None:
-    if q.dim() != 2:
-        raise ValueError(f"rll_triton: q must be 2-D (N, D), got {q.dim()}-D")
-    if k.dim() != 2:
-        raise ValueError(f"rll_triton: k must be 2-D (M, D), got {k.dim()}-D")
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"rll_triton: q and k must have the same embedding size, got {q.shape[1]} and {k.shape[1]}"
-        )
-    if q.dtype != k.dtype:
-        raise ValueError(f"rll_triton: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"rll_triton: q must be one of {_DTYPES}, got {q.dtype}")
+    """In-batch (``k`` None): no gallery labels or ids; else k with the queries' D and dtype."""
+    _check_rows("q", q)
     _check_index("q_labels", q_labels, q.shape[0])
-    _check_index("k_labels", k_labels, k.shape[0])
-    if (q_ids is None) != (k_ids is None):
-        raise ValueError("rll_triton: q_ids and k_ids must be given together")
     if q_ids is not None:
         _check_index("q_ids", q_ids, q.shape[0])
-        _check_index("k_ids", k_ids, k.shape[0])
-    for t in (q, q_labels, k, k_labels) + ((q_ids, k_ids) if q_ids is not None else ()):
-        if t.device != q.device:
+    tensors = [q, q_labels, q_ids]
+    if k is None:
+        if k_labels is not None or k_ids is not None:
+            raise ValueError("rll_triton: k_labels and k_ids need k (in-batch: all three absent)")
+    else:
+        _check_rows("k", k)
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"rll_triton: q and k must have the same embedding size, got {q.shape[1]} and {k.shape[1]}"
+            )
+        if q.dtype != k.dtype:
+            raise ValueError(f"rll_triton: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+        if k_labels is None:
+            raise ValueError("rll_triton: k_labels must be given with k")
+        _check_index("k_labels", k_labels, k.shape[0])
+        if (q_ids is None) != (k_ids is None):
+            raise ValueError("rll_triton: q_ids and k_ids must be given together")
+        if k_ids is not None:
+            _check_index("k_ids", k_ids, k.shape[0])
+        tensors += [k, k_labels, k_ids]
+    for t in tensors:
+        if t is not None and t.device != q.device:
             raise ValueError(f"rll_triton: all tensors must be on {q.device}, got {t.device}")
     if q.device.type == "cpu" and not INTERPRET:
         raise RuntimeError(
@@ -610,64 +663,145 @@ def _check_params(alpha: float, beta: float, imbalance: float, den_bias: float) 
         raise ValueError(f"rll_triton: den_bias must be >= 0, got {den_bias}")
 
 
+def _raise_nonfinite(x: torch.Tensor, norms: Optional[torch.Tensor], name: str) -> None:
+    """The strict check on the rows (or their norms): a ValueError naming the tensor (a device sync)."""
+    raise_if(~torch.isfinite(norms if norms is not None else x).all(), f"{name} contains NaN or Inf")
+
+
 # ------------------------------------------------------------------ launchers
-def _tile_inputs(q, q_labels, q_ids, k, k_labels, k_ids) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """(q, k, q_labels, k_labels, q_ids, k_ids) as the kernels read them, and whether there are ids
-    (without ids the kernels never read QID/KID: the labels stand in as typed placeholders)."""
-    q, k = q.detach().contiguous(), k.detach().contiguous()
-    ql, kl = q_labels.contiguous(), k_labels.contiguous()
+class _Operands:
+    """The rows as the kernels read them (docs/semantics.md §1.4): with ``normalize`` z = e/|e| of the
+    queries and (unless in-batch) the gallery in one contiguous tensor and their norms |e|; else the
+    raw rows with unit column stride. In-batch, k is q."""
+
+    def __init__(self, q, k, z, norms, normalize: bool):
+        n = q.shape[0]
+        self.normalize = normalize
+        if normalize:
+            self.q, self.k = z[:n], (z[:n] if k is None else z[n:])
+            self.q_norms, self.k_norms = norms[:n], (norms[:n] if k is None else norms[n:])
+            return
+        self.q = _unit_column_stride(q.detach())
+        self.k = self.q if k is None else _unit_column_stride(k.detach())
+        self.q_norms = self.k_norms = self.q  # placeholder pointers, never read
+
+
+def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _normalized(q, k, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, norms) of the queries and, unless in-batch, the gallery: one pass over each input."""
+    n, d = q.shape
+    rows = n if k is None else n + k.shape[0]
+    z = q.new_empty(rows, d)
+    norms = q.new_empty(rows, dtype=compute_dtype(q.dtype))
+    normalize_rows(q.detach(), z[:n], norms[:n])
+    if k is not None:
+        normalize_rows(k.detach(), z[n:], norms[n:])
+    if strict:
+        _raise_nonfinite(q, norms[:n], "embeddings")
+        if k is not None:
+            _raise_nonfinite(k, norms[n:], "ref_emb")
+    return z, norms
+
+
+def _ids(q_labels, q_ids, k_labels, k_ids, in_batch: bool) -> tuple[tuple[torch.Tensor, ...], int]:
+    """(q_labels, k_labels, q_ids, k_ids) as the kernels read them and their HAS_IDS (0: no excluded
+    pairs, 1: ids, 2: the row index in-batch); missing ids are typed placeholders, never read."""
+    ql = q_labels.contiguous()
+    kl = ql if in_batch else k_labels.contiguous()
     if q_ids is None:
-        return (q, k, ql, kl, ql, kl), False
-    return (q, k, ql, kl, q_ids.contiguous(), k_ids.contiguous()), True
+        return (ql, kl, ql, kl), 2 if in_batch else 0
+    qi = q_ids.contiguous()
+    return (ql, kl, qi, qi if in_batch else k_ids.contiguous()), 1
 
 
-def _bwd_args(g: torch.Tensor, t: tuple, stats: torch.Tensor, prm: torch.Tensor, out: torch.Tensor) -> tuple:
+def _bwd_args(g, op: _Operands, ids, stats, prm, norms, out) -> tuple:
     """The argument list of rll_bwd_q_kernel / rll_bwd_k_kernel."""
-    q, k, ql, kl, qid, kid = t
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
-    return (g, q, k, ql, kl, qid, kid, stats, prm, out, n, m, d, q.stride(0), k.stride(0), out.stride(0))
+    n, m, d = op.q.shape[0], op.k.shape[0], op.q.shape[1]
+    ql, kl, qid, kid = ids
+    q, k = op.q, op.k
+    return (
+        g,
+        q,
+        k,
+        ql,
+        kl,
+        qid,
+        kid,
+        stats,
+        prm,
+        norms,
+        out,
+        n,
+        m,
+        d,
+        q.stride(0),
+        k.stride(0),
+        out.stride(0),
+    )
 
 
 def rll_forward(
     q: torch.Tensor,
     q_labels: torch.Tensor,
     q_ids: Optional[torch.Tensor],
-    k: torch.Tensor,
-    k_labels: torch.Tensor,
+    k: Optional[torch.Tensor],
+    k_labels: Optional[torch.Tensor],
     k_ids: Optional[torch.Tensor],
     alpha: float,
     beta: float,
     Tn: float,
     Tp: float,
     imbalance: float,
-    den_bias: float,
+    bias_per_row: float,
+    den_rows: Optional[int],
+    normalize: bool,
     attached: bool,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Fused RLL forward on a Triton kernel (same arguments and outputs as ``rll_kernels::rll_fwd``)."""
     _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
-    _check_params(alpha, beta, imbalance, den_bias)
-    paper_grad = need_grad and not attached
     n, d = q.shape
+    m = n if k is None else k.shape[0]
+    den = m if den_rows is None else den_rows
+    _check_params(alpha, beta, imbalance, bias_per_row * den)
+    paper_grad = need_grad and not attached
     acc = compute_dtype(q.dtype)
     loss = q.new_empty(n, dtype=acc)
     stats = q.new_empty(n, 4, dtype=acc)
     gradq = q.new_empty((n, d) if paper_grad else (0,), dtype=acc)
+    strict = strict_checks()
+    z, norms = _normalized(q, k, strict) if normalize else (q.new_empty(0), q.new_empty(0, dtype=acc))
+    if strict and not normalize:
+        _raise_nonfinite(q, None, "embeddings")
+        if k is not None:
+            _raise_nonfinite(k, None, "ref_emb")
     if n == 0:
-        return loss, gradq, stats
-    t, has_ids = _tile_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
-    prm = hyper_params(q, alpha, beta, Tn, Tp, imbalance, den_bias, dup_rel_tol(acc))
+        return loss, gradq, stats, z, norms
+    op = _Operands(q, k, z, norms, normalize)
+    ids, has_ids = _ids(q_labels, q_ids, k_labels, k_ids, k is None)
+    prm = hyper_params(q, alpha, beta, Tn, Tp, imbalance, bias_per_row, dup_rel_tol(acc))
     one_pass = paper_grad and d <= _one_pass_max_d()
     g_arg = gradq if one_pass else loss  # placeholder pointer when no gradient is written
-    dims = (n, k.shape[0], d, t[0].stride(0), t[1].stride(0), g_arg.stride(0) if one_pass else d)
-    flags = dict(HAS_IDS=has_ids, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
-    args = (t[0], t[1], t[2], t[3], t[4], t[5], prm, loss, stats, g_arg) + dims
-    _launch("fwd", n, args, q.device, HAS_BIAS=den_bias > 0.0, PAPER_GRAD=one_pass, **flags)
+    ql, kl, qid, kid = ids
+    dims = (n, m, d, den, op.q.stride(0), op.k.stride(0), g_arg.stride(0) if one_pass else d)
+    flags = dict(HAS_IDS=has_ids, BLOCK_D=_block_d(d), NORMALIZE=normalize, **_dot_flags(q.dtype))
+    args = (op.q, op.k, ql, kl, qid, kid, prm, op.q_norms, loss, stats, g_arg) + dims
+    _launch("fwd", n, args, q.device, HAS_BIAS=bias_per_row > 0.0, PAPER_GRAD=one_pass, **flags)
     if paper_grad and not one_pass:
         # large D: the query gradient of every row (grad_rows = 1) from the saved statistics
         ones = q.new_ones(n, dtype=acc)
-        _launch("bwd_q", n, _bwd_args(ones, t, stats, prm, gradq), q.device, ATTACHED=False, **flags)
-    return loss, gradq, stats
+        _launch(
+            "bwd_q",
+            n,
+            _bwd_args(ones, op, ids, stats, prm, op.q_norms, gradq),
+            q.device,
+            ATTACHED=False,
+            **flags,
+        )
+    return loss, gradq, stats, z, norms
 
 
 def rll_backward(
@@ -675,40 +809,55 @@ def rll_backward(
     q: torch.Tensor,
     q_labels: torch.Tensor,
     q_ids: Optional[torch.Tensor],
-    k: torch.Tensor,
-    k_labels: torch.Tensor,
+    k: Optional[torch.Tensor],
+    k_labels: Optional[torch.Tensor],
     k_ids: Optional[torch.Tensor],
     stats: torch.Tensor,
+    z: torch.Tensor,
+    norms: torch.Tensor,
     alpha: float,
     beta: float,
     Tn: float,
     Tp: float,
     imbalance: float,
-    den_bias: float,
+    bias_per_row: float,
+    den_rows: Optional[int],
+    normalize: bool,
     attached: bool,
     need_gq: bool,
     need_gk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused RLL backward from the saved row statistics (same contract as ``rll_kernels::rll_bwd``)."""
+    """Fused RLL backward from the saved row statistics (same contract as ``rll_kernels::rll_bwd``);
+    in-batch the whole gradient (both ends of every pair for "pml") is grad q."""
     _check_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
-    _check_params(alpha, beta, imbalance, den_bias)
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    n, d = q.shape
+    in_batch = k is None
+    m = n if in_batch else k.shape[0]
+    _check_params(alpha, beta, imbalance, bias_per_row * (m if den_rows is None else den_rows))
     if grad_rows.dim() != 1 or grad_rows.shape[0] != n:
         raise ValueError(f"rll_triton_bwd: grad_rows must have shape ({n},), got {tuple(grad_rows.shape)}")
     if stats.dim() != 2 or stats.shape[0] != n or stats.shape[1] != 4:
         raise ValueError(f"rll_triton_bwd: stats must have shape ({n}, 4), got {tuple(stats.shape)}")
-    gq = torch.zeros_like(q) if need_gq else q.new_empty(0)
-    gk = torch.zeros_like(k) if need_gk else k.new_empty(0)
+    need_gk = need_gk and not in_batch
+    gq = q.new_zeros(n, d) if need_gq else q.new_empty(0)
+    gk = q.new_zeros(m, d) if need_gk else q.new_empty(0)
     if n == 0 or m == 0 or (not need_gq and not need_gk):
         return gq, gk
     acc = compute_dtype(q.dtype)
     g = grad_rows.detach().to(acc).contiguous()
     st = stats.detach().to(acc).contiguous()
-    t, has_ids = _tile_inputs(q, q_labels, q_ids, k, k_labels, k_ids)
-    prm = hyper_params(q, alpha, beta, Tn, Tp, imbalance, den_bias, dup_rel_tol(acc))
-    flags = dict(HAS_IDS=has_ids, ATTACHED=attached, BLOCK_D=_block_d(d), **_dot_flags(q.dtype))
+    op = _Operands(q, k, z.detach(), norms.detach(), normalize)
+    ids, has_ids = _ids(q_labels, q_ids, k_labels, k_ids, in_batch)
+    prm = hyper_params(q, alpha, beta, Tn, Tp, imbalance, bias_per_row, dup_rel_tol(acc))
+    flags = dict(
+        HAS_IDS=has_ids, ATTACHED=attached, BLOCK_D=_block_d(d), NORMALIZE=normalize, **_dot_flags(q.dtype)
+    )
     if need_gq:
-        _launch("bwd_q", n, _bwd_args(g, t, st, prm, gq), q.device, **flags)
-    if need_gk:
-        _launch("bwd_k", m, _bwd_args(g, t, st, prm, gk), q.device, **flags)
+        _launch("bwd_q", n, _bwd_args(g, op, ids, st, prm, op.q_norms, gq), q.device, **flags)
+    if need_gk or (in_batch and attached and need_gq):
+        # in-batch "pml": the gallery ends of the pairs go to the same rows
+        out = gk if need_gk else torch.zeros_like(gq)
+        _launch("bwd_k", m, _bwd_args(g, op, ids, st, prm, op.k_norms, out), q.device, **flags)
+        if not need_gk:
+            gq += out
     return gq, gk

@@ -30,21 +30,23 @@ FWD = torch.ops.rll_kernels.rll_fwd
 BWD = torch.ops.rll_kernels.rll_bwd
 # (N, M, D, in_batch): sizes off the tile multiples (64, 32, 16) on purpose
 SHAPES = [(100, 100, 72, True), (130, 70, 40, False), (7, 300, 129, False)]
-# alpha, beta, Tn, Tp, lambda, den_bias, attached
-SEMANTICS = {"paper": (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False), "pml": (1.2, 0.8, 10.0, 2.0, 0.4, 1e-3, True)}
+# alpha, beta, Tn, Tp, lambda, bias per gallery row, attached
+SEMANTICS = {"paper": (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False), "pml": (1.2, 0.8, 10.0, 2.0, 0.4, 1e-5, True)}
 
 
-def _problem(n, m, d, in_batch, dtype, device="cpu", classes=5):
+def _problem(n, m, d, in_batch, dtype, device="cpu", classes=5, raw=True):
+    """Unit rows, scaled to norms 1e-2 .. 1e2 when ``raw`` (the ops normalise them); in-batch k is absent."""
     q = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    if raw:
+        q = q * torch.logspace(-2, 2, n, dtype=torch.float64)[:, None]
     ql = torch.randint(0, classes, (n,))
     if in_batch:
-        k, kl, qid = q, ql, torch.arange(n)
-        kid = qid
+        k, kl, qid, kid = None, None, None, None
     else:
         k = F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1)
         k[:3] = q[:3]  # exact duplicates across the two sides
         kl, qid, kid = torch.randint(0, classes, (m,)), None, None
-    q, k = q.to(dtype), k.to(dtype)
+    q, k = q.to(dtype), (None if k is None else k.to(dtype))
 
     def mv(t):
         return None if t is None else t.to(device)
@@ -52,10 +54,11 @@ def _problem(n, m, d, in_batch, dtype, device="cpu", classes=5):
     return mv(q), mv(ql), mv(qid), mv(k), mv(kl), mv(kid)
 
 
-def _run(prob, params, need_grad, grad_rows=None):
+def _run(prob, params, need_grad, grad_rows=None, normalize=True):
     q, ql, qid, k, kl, kid = prob
     a, b, tn, tp, lam, bias, attached = params
-    loss, gq_fwd, stats = FWD(q, ql, qid, k, kl, kid, a, b, tn, tp, lam, bias, attached, need_grad)
+    hp = (a, b, tn, tp, lam, bias, None, normalize, attached)
+    loss, gq_fwd, stats, z, norms = FWD(q, ql, qid, k, kl, kid, *hp, need_grad)
     g = grad_rows if grad_rows is not None else torch.ones_like(loss)
     gq, gk = BWD(
         g.to(loss.device, loss.dtype),
@@ -66,13 +69,9 @@ def _run(prob, params, need_grad, grad_rows=None):
         kl,
         kid,
         stats,
-        a,
-        b,
-        tn,
-        tp,
-        lam,
-        bias,
-        attached,
+        z,
+        norms,
+        *hp,
         True,
         attached,
     )
@@ -120,12 +119,13 @@ def test_half_inputs_tensor_cores(dtype, sem):
         pytest.skip("bf16 tensor cores need sm_80+")
     params = SEMANTICS[sem]
     shape = (130, 70, 40, False)
-    ph = _problem(*shape, dtype)  # inputs rounded to the half type once; the oracle sees the same values
+    # unit rows rounded to the half type once, not normalised again: the oracle sees the same values
+    ph = _problem(*shape, dtype, raw=False)
     p64 = tuple(t if t is None or not t.is_floating_point() else t.double() for t in ph)
     p32 = tuple(t if t is None or not t.is_floating_point() else t.float() for t in ph)
     g = torch.rand(shape[0], dtype=torch.float64)
-    ref64, ref32 = _run(p64, params, True, g), _run(p32, params, True, g)
-    got = _run(tuple(None if t is None else t.cuda() for t in ph), params, True, g)
+    ref64, ref32 = _run(p64, params, True, g, normalize=False), _run(p32, params, True, g, normalize=False)
+    got = _run(tuple(None if t is None else t.cuda() for t in ph), params, True, g, normalize=False)
     assert got["loss"].dtype == torch.float32 and got["stats"].dtype == torch.float32
     # loss/stats are fp32 accumulations of exact products: fp32-reference rounding applies
     assert_close_derived(got["loss"].cpu(), ref32["loss"], ref64["loss"], "loss", factor=8.0)
@@ -157,7 +157,7 @@ def test_functional_backend_cuda_matches_reference(sem):
 def test_opcheck_cuda():
     q, ql, qid, k, kl, kid = _problem(40, 40, 24, True, torch.float32, device="cuda")
     q.requires_grad_(True)
-    args = (q, ql, qid, k, kl, kid, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
+    args = (q, ql, qid, k, kl, kid, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, None, True, False, True)
     torch.library.opcheck(FWD, args)
 
 

@@ -68,7 +68,7 @@ def _cpp_fwd(**change):
         beta=0.8,
     )
     args.update(change)
-    tail = (10.0, 0.0, 0.5, 0.0, False, False)
+    tail = (10.0, 0.0, 0.5, 0.0, None, False, False, False)
     return torch.ops.rll_kernels.rll_fwd(*args.values(), *tail)
 
 
@@ -77,14 +77,15 @@ def _cpp_fwd(**change):
     "change, match",
     [
         (dict(k=torch.randn(5, 2)), "same embedding size"),
-        (dict(q_labels=torch.arange(3)), "q_labels must have shape"),
+        (dict(q_labels=torch.arange(3)), "q_labels must be int64 of shape"),
         (dict(q_labels=torch.arange(4).int()), "int64"),
         (dict(q=torch.randn(4, 3).half(), k=torch.randn(5, 3).half()), "float32 or float64"),
         (dict(beta=float("nan")), "must be finite"),
         (dict(q_ids=torch.arange(4)), "given together"),
-        (dict(q=torch.randn(4, 6)[:, ::2]), "contiguous"),
+        (dict(k_labels=None), "k_labels must be given with k"),
+        (dict(k=None, k_labels=None, k_ids=torch.arange(5)), "need k"),
     ],
-    ids=["d", "labels-shape", "labels-dtype", "half", "beta-nan", "ids", "contiguous"],
+    ids=["d", "labels-shape", "labels-dtype", "half", "beta-nan", "ids", "k-labels", "in-batch-k-ids"],
 )
 def test_op_level_checks_runtime_error(backend, change, match):
     with pytest.raises(RuntimeError, match=match):
@@ -95,7 +96,7 @@ def test_op_level_checks_runtime_error(backend, change, match):
 def test_triton_op_checks_value_error(backend, device):
     q = torch.randn(5, 8, device=device)
     lab = torch.zeros(5, dtype=torch.int64, device=device)
-    args = (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True)
+    args = (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, None, False, False, True)
     op = torch.ops.rll_kernels.rll_triton_fwd
     with pytest.raises(ValueError, match="k must be 2-D"):
         op(q, lab, None, q[None], lab, None, *args)
@@ -104,6 +105,6 @@ def test_triton_op_checks_value_error(backend, device):
     with pytest.raises(ValueError, match="q_labels must be int64"):
         op(q, lab.int(), None, q, lab, None, *args)
     with pytest.raises(ValueError, match="alpha and beta must be finite"):
-        op(q, lab, None, q, lab, None, 0.5, float("inf"), 10.0, 0.0, 0.5, 0.0, False, True)
+        op(q, lab, None, q, lab, None, 0.5, float("inf"), 10.0, 0.0, 0.5, 0.0, None, False, False, True)
     with pytest.raises(ValueError, match="must be one of"):
         op(q.to(torch.int32), lab, None, q.to(torch.int32), lab, None, *args)

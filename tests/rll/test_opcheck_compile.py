@@ -3,59 +3,80 @@ torch.compile(fullgraph=True) through the custom ops."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rll_kernels
 from rll_kernels import reference
 from rll_kernels._backends import fused_op
 
 
-def _fwd_args(device, attached, need_grad, ids, m=None, requires_grad=False):
+def _fwd_args(device, attached, need_grad, ids, m=None, requires_grad=False, normalize=True):
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(device).requires_grad_(requires_grad)
 
     q = leaf(13, 6)
     ql = torch.randint(0, 4, (13,)).to(device)
-    k = leaf(m, 6) if m else q
-    kl = torch.randint(0, 4, (m,)).to(device) if m else ql
+    k = leaf(m, 6) if m else None  # in-batch: no k
+    kl = torch.randint(0, 4, (m,)).to(device) if m else None
     qi = torch.arange(13, device=device) if ids else None
-    ki = (torch.arange(m, device=device) if m else qi) if ids else None
-    bias = (m or 13) * 1e-5 if attached else 0.0
-    return (q, ql, qi, k, kl, ki, 1.2, 0.8, 10.0, 2.0, 0.5, bias, attached, need_grad)
+    ki = torch.arange(m, device=device) if (ids and m) else None
+    bias = 1e-5 if attached else 0.0
+    return (q, ql, qi, k, kl, ki, 1.2, 0.8, 10.0, 2.0, 0.5, bias, None, normalize, attached, need_grad)
 
 
 @pytest.mark.parametrize("attached", [False, True])
 @pytest.mark.parametrize("need_grad", [False, True])
-@pytest.mark.parametrize("case", ["in_batch", "ref"])
+@pytest.mark.parametrize("case", ["in_batch", "in_batch_ids", "ref", "ref_ids_raw"])
 def test_opcheck_fwd(backend, device, attached, need_grad, case):
-    m = None if case == "in_batch" else 17
-    args = _fwd_args(device, attached, need_grad, ids=(case == "in_batch"), m=m, requires_grad=need_grad)
+    m = None if case.startswith("in_batch") else 17
+    args = _fwd_args(
+        device,
+        attached,
+        need_grad,
+        ids=case.endswith("ids") or case == "ref_ids_raw",
+        m=m,
+        requires_grad=need_grad,
+        normalize=not case.endswith("raw"),
+    )
     torch.library.opcheck(fused_op("rll", backend).default, args)
 
 
-def test_opcheck_bwd(backend, device):
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_opcheck_bwd(backend, device, in_batch):
     q = torch.randn(13, 6, dtype=torch.float64).to(device)
     ql = torch.randint(0, 4, (13,)).to(device)
-    k = torch.randn(17, 6, dtype=torch.float64).to(device)
-    kl = torch.randint(0, 4, (17,)).to(device)
-    hp = (1.2, 0.8, 10.0, 0.0, 0.5, 0.0)
-    _, _, stats = fused_op("rll", backend)(q, ql, None, k, kl, None, *hp, True, False)
+    k = None if in_batch else torch.randn(17, 6, dtype=torch.float64).to(device)
+    kl = None if in_batch else torch.randint(0, 4, (17,)).to(device)
+    hp = (1.2, 0.8, 10.0, 0.0, 0.5, 1e-5, None, True, True)
+    _, _, stats, z, norms = fused_op("rll", backend)(q, ql, None, k, kl, None, *hp, False)
     grad_rows = torch.rand(13, dtype=torch.float64).to(device)
-    args = (grad_rows, q, ql, None, k, kl, None, stats, *hp, True, True, True)
+    args = (grad_rows, q, ql, None, k, kl, None, stats, z, norms, *hp, True, True)
     torch.library.opcheck(fused_op("rll", backend, "bwd").default, args)
 
 
 def _op_samples(device):
     """float32 samples with ids, a gallery and both semantics (the ops' other argument paths)."""
     n, m, d = 19, 23, 12
-    q = F.normalize(torch.randn(n, d), dim=1).to(device)
-    k = F.normalize(torch.randn(m, d), dim=1).to(device)
+    q = torch.randn(n, d).to(device)
+    k = torch.randn(m, d).to(device)
     ql, kl = torch.randint(0, 3, (n,)).to(device), torch.randint(0, 3, (m,)).to(device)
     qid, kid = torch.arange(n, device=device), torch.arange(5, 5 + m, device=device)
     p = (1.2, 0.8, 10.0, 1.0, 0.5)
-    paper = (q.clone().requires_grad_(), ql, None, k, kl, None, *p, 0.0, False, True)
-    pml = (q.clone().requires_grad_(), ql, qid, k.clone().requires_grad_(), kl, kid, *p, m * 1e-5, True, True)
-    nograd = (q, ql, qid, k, kl, kid, *p, 0.0, False, False)
+    paper = (q.clone().requires_grad_(), ql, None, k, kl, None, *p, 0.0, None, True, False, True)
+    pml = (
+        q.clone().requires_grad_(),
+        ql,
+        qid,
+        k.clone().requires_grad_(),
+        kl,
+        kid,
+        *p,
+        1e-5,
+        30,
+        True,
+        True,
+        True,
+    )
+    nograd = (q, ql, qid, k, kl, kid, *p, 0.0, None, False, False, False)
     return paper, pml, nograd
 
 
@@ -67,7 +88,7 @@ def test_opcheck_fwd_fp32_ids(backend, device, which):
 def test_opcheck_bwd_fp32_ids(backend, device):
     _, pml, _ = _op_samples(device)
     q, ql, qid, k, kl, kid = (t.detach() if isinstance(t, torch.Tensor) else t for t in pml[:6])
-    stats = fused_op("rll", backend)(q, ql, qid, k, kl, kid, *pml[6:])[2]
+    _, _, stats, z, norms = fused_op("rll", backend)(q, ql, qid, k, kl, kid, *pml[6:])
     args = (
         torch.randn(q.shape[0], device=device),
         q,
@@ -77,8 +98,9 @@ def test_opcheck_bwd_fp32_ids(backend, device):
         kl,
         kid,
         stats,
-        *pml[6:12],
-        True,
+        z,
+        norms,
+        *pml[6:15],
         True,
         True,
     )
@@ -90,7 +112,7 @@ def test_torch_compile_fullgraph_op(backend, device):
     op = fused_op("rll", backend)
 
     def f(q, ql, qid, k, kl, kid):
-        rows, _, _ = op(q, ql, qid, k, kl, kid, 1.2, 0.8, 10.0, 1.0, 0.5, k.shape[0] * 1e-5, True, True)
+        rows = op(q, ql, qid, k, kl, kid, 1.2, 0.8, 10.0, 1.0, 0.5, 1e-5, None, True, True, True)[0]
         return rows.sum()
 
     q, ql, qid, k, kl, kid = pml[:6]

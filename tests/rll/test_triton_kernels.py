@@ -97,14 +97,13 @@ def test_half_inputs(dtype, semantics, Tn):
     n, d = 45, 32
     z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64, device=DEV), dim=1).to(dtype)
     y = _labels(n, 5)
-    ids = torch.arange(n, device=DEV)
     attached = semantics == "pml"
-    bias = n * 1e-5 if attached else 0.0
     alpha, margin, lam = 1.2, 0.4, 0.5
-    args = (alpha, alpha - margin, Tn, 0.0, lam, bias, attached)
+    args = (alpha, alpha - margin, Tn, 0.0, lam, 1e-5 if attached else 0.0, None, False, attached)
     zq = z.clone().requires_grad_()
-    rows, gradq, stats = torch.ops.rll_kernels.rll_triton_fwd(
-        zq, y, ids, zq if attached else z, y, ids, *args, True
+    # in-batch (no k): the pair i = i excluded by its row index, one tensor for both sides
+    rows, gradq, stats, _, _ = torch.ops.rll_kernels.rll_triton_fwd(
+        zq, y, None, None, None, None, *args, True
     )
     assert rows.dtype == torch.float32 and stats.dtype == torch.float32
     assert torch.isfinite(rows).all() and torch.isfinite(stats[:, [1, 3]]).all()
@@ -138,14 +137,14 @@ def test_detached_backward_pass_equals_forward_gradient():
     k = torch.nn.functional.normalize(torch.randn(m, d, dtype=torch.float64, device=DEV), dim=1)
     ql, kl = _labels(n, 4), _labels(m, 4)
     g = torch.randn(n, dtype=torch.float64, device=DEV)
-    p = (1.2, 0.8, 20.0, 0.0, 0.3, 0.0)
+    p = (1.2, 0.8, 20.0, 0.0, 0.3, 0.0, None, True)  # ... bias_per_row, den_rows, normalize
     out = {}
     for dt in (torch.float64, torch.float32):
-        _, gradq, stats = torch.ops.rll_kernels.rll_triton_fwd(
+        _, gradq, stats, z, norms = torch.ops.rll_kernels.rll_triton_fwd(
             q.to(dt), ql, None, k.to(dt), kl, None, *p, False, True
         )
         gq, gk = torch.ops.rll_kernels.rll_triton_bwd(
-            g.to(dt), q.to(dt), ql, None, k.to(dt), kl, None, stats, *p, False, True, False
+            g.to(dt), q.to(dt), ql, None, k.to(dt), kl, None, stats, z, norms, *p, False, True, False
         )
         assert gk.numel() == 0
         out[dt] = (gradq * g.to(dt)[:, None], gq)
@@ -160,13 +159,11 @@ def test_empty_gallery_and_queries():
     lab = torch.zeros(5, dtype=torch.int64, device=DEV)
     k0 = torch.empty(0, 8, device=DEV)
     l0 = torch.empty(0, dtype=torch.int64, device=DEV)
-    rows, g, st = torch.ops.rll_kernels.rll_triton_fwd(
-        q, lab, None, k0, l0, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True
-    )
+    hp = (1.2, 0.8, 10.0, 0.0, 0.5, 0.0, None, True, False)
+    rows, g, st, z, norms = torch.ops.rll_kernels.rll_triton_fwd(q, lab, None, k0, l0, None, *hp, True)
     assert (rows == 0).all() and (g == 0).all() and torch.isneginf(st[:, [0, 2]]).all()
-    rows, g, st = torch.ops.rll_kernels.rll_triton_fwd(
-        k0, l0, None, q, lab, None, 1.2, 0.8, 10.0, 0.0, 0.5, 0.0, False, True
-    )
+    assert z.shape == (5, 8) and norms.shape == (5,)
+    rows, g, st, _, _ = torch.ops.rll_kernels.rll_triton_fwd(k0, l0, None, q, lab, None, *hp, True)
     assert rows.shape == (0,) and g.shape == (0, 8) and st.shape == (0, 4)
     gq, gk = torch.ops.rll_kernels.rll_triton_bwd(
         torch.ones(5, device=DEV),
@@ -177,12 +174,10 @@ def test_empty_gallery_and_queries():
         l0,
         None,
         st.new_zeros(5, 4),
-        1.2,
-        0.8,
-        10.0,
-        0.0,
-        0.5,
-        0.0,
+        q.new_empty(0),
+        q.new_empty(0),
+        *hp[:7],
+        False,
         True,
         True,
         True,
@@ -216,11 +211,11 @@ def test_pick_config_without_timing():
     # RLL_TRITON_AUTOTUNE=0 (the GPU test run): the first config that fits, from the real argument list
     q = torch.empty(10, 512)
     prm = torch.empty(7)
-    args = (q, q, None, None, None, None, prm, None, None, None, 10, 10, 512, 512, 512, 512)
-    c = trl.pick_config("fwd", 90, args, dict(BLOCK_D=512, PAPER_GRAD=False, HAS_IDS=False))
+    args = (q, q, None, None, None, None, prm, None, None, None, None, 10, 10, 512, 10, 512, 512, 512)
+    c = trl.pick_config("fwd", 90, args, dict(BLOCK_D=512, PAPER_GRAD=False, HAS_IDS=0, NORMALIZE=True))
     assert c.kwargs["K_CHUNK"] > 0 or c.kwargs["BLOCK_M"] <= 32
-    args_bwd = (None, q, q, None, None, None, None, None, prm, None, 10, 10, 64, 64, 64, 64)  # GR first
-    c = trl.pick_config("bwd_q", 80, args_bwd, dict(BLOCK_D=64, HAS_IDS=False, ATTACHED=True))
+    args_bwd = (None, q, q, None, None, None, None, None, prm, None, None, 10, 10, 64, 64, 64, 64)  # GR first
+    c = trl.pick_config("bwd_q", 80, args_bwd, dict(BLOCK_D=64, HAS_IDS=0, ATTACHED=True, NORMALIZE=True))
     assert c.kwargs["K_CHUNK"] == 0 and c.kwargs["BLOCK_M"] >= 64
 
 
