@@ -211,7 +211,7 @@ def test_emulated_catches_a_wrong_answer(harness, tmp_path):
 
 
 # ------------------------------------------------------------------ PML's parameter domain
-# (alpha, beta, Tn, Tp, lambda, bias per gallery row, attached): the corners of docs/semantics.md §2.2 at the op level
+# (alpha, beta, Tn, Tp, lambda, bias per gallery row, attached): the corners of docs/semantics.md §2.2
 EMU_CORNERS = [
     (0.4, -0.8, 10.0, -3.0, 0.5, 2e-5, True),  # beta < 0
     (0.9, 1.3, 3.0, 2.0, 0.3, 2e-5, True),  # beta > alpha
