@@ -2,11 +2,12 @@
 
     python bench/profile_train_sizes.py [--shapes 256x512,64x512] [--iters 200] [--semantics paper,pml]
 
-fp32, forward + backward of ``RLLFused`` (2 threads, K = 4, clustered data of bench_train_sizes),
-``--iters`` calls after a warm-up. Each op's self CPU time (the thread that calls it; the kernels'
-parallel regions are inside their ops) is put in one component:
+fp32, forward + backward of ``RLLFused`` (2 threads unless ``--threads``, K = 4, clustered data of
+bench_train_sizes), ``--iters`` calls after a warm-up. Each op's self CPU time (the thread that
+calls it; the kernels' parallel regions are inside their ops) is put in one component:
 - GEMM: aten::mm / addmm / addmm_ / bmm (the tile GEMMs the C++ kernels call, and any other);
-- kernel: the self time of the rll_kernels ops (masks, exp, online softmax, reductions, set-up);
+- kernel: the self time of the rll_kernels ops and of their autograd-key range, which holds the C++
+  kernel's own work (masks, exp, online softmax, reductions, set-up; its GEMMs are GEMM);
 - normalisation: F.normalize forward and its autograd backward (norm, clamp, div, mul, ...);
 - other ATen: everything else that is an ATen op (copies, casts, fills, sums);
 - Python + autograd: the wall time per call minus the ops' self times (the Python wrapper, the
@@ -32,6 +33,10 @@ NORMALISATION = ("norm", "clamp", "div", "expand", "Norm", "Div", "Clamp", "Expa
 
 
 def component(name: str) -> str:
+    if name.startswith("GeneratedBackwardFor_rll_kernels"):
+        # the op's autograd-key range: it holds the C++ kernel's own time (the dispatcher records one
+        # range per op call), its backward node the Python backward of ops/rll.py
+        return "Python + autograd" if name.endswith("Backward") else "kernel"
     if name.startswith("autograd::"):
         return "Python + autograd"  # the engine's own time around each backward node
     if name in GEMM:
@@ -81,9 +86,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="256x512,64x512")
     ap.add_argument("--semantics", default="paper,pml")
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=0, help="also print the profiler's top ops")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     names = ["GEMM", "kernel", "normalisation", "other ATen", "Python + autograd"]
     print("| N | D | semantics | wall ms/call | " + " | ".join(names) + " | floor ms |")
     print("|---:|---:|---|---:|" + "---:|" * len(names) + "---:|")
