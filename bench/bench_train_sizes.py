@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from bench_rll_targets import interleaved  # medians of round-robin rounds after two warm-ups
 
 import rll_kernels
 from rll_kernels import reference
@@ -76,20 +75,6 @@ def fwd_bwd(loss, emb: torch.Tensor, labels: torch.Tensor):
     return run
 
 
-def interleaved_medians(fns: dict, reps: int) -> dict:
-    """Median seconds of each callable over ``reps`` round-robin rounds, after two warm-up calls each."""
-    for f in fns.values():
-        f()
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def providers(semantics: str, pml_loss) -> dict:
     """name -> loss(emb, labels): the fused module, torch.compile of the reference (fresh), PML."""
     fused = rll_kernels.RLLFused(margin=MARGIN, Tn=TN, semantics=semantics)
@@ -108,7 +93,7 @@ def time_shape(n: int, d: int, semantics: str, datasets: list[str], reps: int, p
     for name, loss in providers(semantics, pml_loss).items():
         for data, (emb, labels) in batches.items():
             fns[(name, data)] = fwd_bwd(loss, emb, labels)
-    t = interleaved_medians(fns, reps)
+    t = interleaved(fns, reps)
     rows = []
     for data, (emb, labels) in batches.items():
         neg, pos = nontrivial_shares(emb, labels)
@@ -151,7 +136,7 @@ def floor_rows(reps: int, n: int = 4096, d: int = 512) -> list[str]:
         "mm": lambda: torch.mm(a, b.t(), out=out),
         "linear": lambda: F.linear(a, b),
     }
-    t = interleaved_medians(fns, reps)
+    t = interleaved(fns, reps)
     gemm = min(t["mm"], t["linear"])  # one N x D x N GEMM = 2 N^2 D FLOPs
     best = "torch.mm" if t["mm"] <= t["linear"] else "F.linear"
     floor = 2 * gemm
