@@ -18,6 +18,9 @@ torch it compiles against:
 Objects are compiled in build/torch-<torch version>-<python tag>/ (one per torch), so ninja reuses
 them between the editable build, the wheel and later rebuilds against the same torch.
 
+The CPU kernels are compiled once per SIMD capability (AVX2 and AVX-512 on x86-64, see _cpu_builds);
+the extension picks one when it loads (csrc/cpu_dispatch.cpp; RLL_KERNELS_CPU_CAPABILITY=avx2 forces AVX2).
+
 Env: RLL_SKIP_EXT=1 (pure-Python install: reference + Triton), DEBUG=1 (-O0 -g),
 MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads per job, default 2).
 """
@@ -145,15 +148,58 @@ def _find_cuda_home() -> None:
                 break
 
 
+def _cpu_builds() -> dict:
+    """{name: cxx flags} of the builds of the CPU kernel sources (csrc/*_cpu.cpp), each compiled with
+    CPU_CAPABILITY naming it, which puts its code in its own namespace (csrc/cpu_capability.h);
+    csrc/cpu_dispatch.cpp picks one when the extension loads. The first build's flags also compile
+    the other C++ sources. On x86-64: AVX2 + FMA (any x86-64-v3 CPU) and AVX-512 F/BW/VL/DQ, the flags
+    ATen compiles its own kernels of each capability with; ATen's Vectorized takes its width from
+    CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 (Sleef exp). Elsewhere one portable build."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return {"default": ["-DCPU_CAPABILITY=DEFAULT"]}
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    return {
+        "avx2": avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+        "avx512": avx512 + ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    }
+
+
+def _compile_per_cpu_build(compile_sources, builds: dict):
+    """A compiler.compile that compiles the CPU kernel sources (csrc/*_cpu.cpp) once per build of
+    ``builds``, each into its own folder of the build directory, and the other sources once with the
+    first build's flags. The first build's objects come first in the link: where two builds emit the
+    same inline function of torch's or the standard library's headers, the linker keeps the first
+    copy, which every CPU that runs the extension can run."""
+    first = next(iter(builds.values()))
+
+    def with_flags(postargs: dict, flags: list) -> dict:
+        return {**postargs, "cxx": list(postargs["cxx"]) + flags}
+
+    def compile_per_build(sources, output_dir=None, extra_postargs=None, **kwargs):
+        kernels = [src for src in sources if src.endswith("_cpu.cpp")]
+        shared = [src for src in sources if src not in kernels]
+        objects = compile_sources(
+            shared, output_dir=output_dir, extra_postargs=with_flags(extra_postargs, first), **kwargs
+        )
+        for name, flags in builds.items():
+            objects += compile_sources(
+                kernels,
+                output_dir=os.path.join(output_dir, name),
+                extra_postargs=with_flags(extra_postargs, flags),
+                **kwargs,
+            )
+        return objects
+
+    return compile_per_build
+
+
 def _extension(torch, use_cuda: bool):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fopenmp", "-DRLL_WITH_OPENMP", "-Wall", "-Wno-unused-function"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        # AVX2+FMA vectors through ATen's Vectorized (Sleef exp); any x86-64-v3 CPU runs it.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not use_cuda:
@@ -200,12 +246,21 @@ def _build_ext_class(torch, build_base: str, use_cuda: bool):
             super().finalize_options()
             self.build_temp = os.path.join(build_base, "temp")
 
+        def build_extension(self, ext):
+            compile_sources = self.compiler.compile  # torch's ninja compile, set by build_extensions
+            self.compiler.compile = _compile_per_cpu_build(compile_sources, _cpu_builds())
+            try:
+                return super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_sources
+
         def run(self):
             super().run()
             info = {
                 "torch": torch.__version__,
                 "torch_cuda": torch.version.cuda,
                 "cuda_kernels": use_cuda,
+                "cpu_builds": list(_cpu_builds()),
                 "python": platform.python_version(),
                 "source_dir": ROOT,
             }

@@ -56,17 +56,17 @@ class Case:
 
 
 def full_grid() -> list[Case]:
-    """The benchmark grid: in-batch N x D and a 256-query bank sweep, both semantics."""
-    cases = [
-        Case(N=n, D=d, semantics=s) for s in SEMANTICS for d in (128, 512) for n in (256, 1024, 4096, 16384)
-    ]
+    """The benchmark grid: in-batch N x D (the training batch sizes 64-512, then 4096 and 16384) and a
+    256-query bank sweep, both semantics."""
+    sizes = (64, 128, 256, 512, 4096, 16384)
+    cases = [Case(N=n, D=d, semantics=s) for s in SEMANTICS for d in (128, 512) for n in sizes]
     cases += [Case(N=256, M=m, D=512, semantics=s) for s in SEMANTICS for m in (8192, 32768, 131072)]
     return cases
 
 
 def quick_grid() -> list[Case]:
     """A two-minute subset: small in-batch sizes and one bank case, both semantics."""
-    cases = [Case(N=n, D=128, semantics=s) for s in SEMANTICS for n in (256, 1024)]
+    cases = [Case(N=n, D=128, semantics=s) for s in SEMANTICS for n in (64, 256, 1024)]
     cases += [Case(N=256, M=8192, D=128, semantics=s) for s in SEMANTICS]
     return cases
 

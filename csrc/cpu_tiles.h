@@ -24,6 +24,7 @@
 #include "rll_cpu_vec.h"
 
 namespace rll {
+RLL_CPU_CAPABILITY_BEGIN
 
 inline int64_t ceil_div(int64_t n, int64_t b) { return (n + b - 1) / b; }
 
@@ -206,4 +207,5 @@ struct PairProblem {
   }
 };
 
+RLL_CPU_CAPABILITY_END
 }  // namespace rll

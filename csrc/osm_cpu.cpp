@@ -34,6 +34,7 @@
 #include "row_norms.h"
 
 namespace rll {
+RLL_CPU_CAPABILITY_BEGIN
 namespace osm {
 namespace {
 
@@ -381,6 +382,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> osm_fwd_cpu(const at::Tensor& x, 
 
 }  // namespace
 }  // namespace osm
-}  // namespace rll
 
-TORCH_LIBRARY_IMPL(rll_kernels, CPU, m) { m.impl("osm_fwd", &rll::osm::osm_fwd_cpu); }
+// This build's OSM kernel (csrc/cpu_capability.h); cpu_dispatch.cpp registers those of the build it picks.
+void register_osm_cpu_kernels(torch::Library& m) { m.impl("osm_fwd", &osm::osm_fwd_cpu); }
+
+RLL_CPU_CAPABILITY_END
+}  // namespace rll

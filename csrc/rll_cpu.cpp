@@ -20,6 +20,7 @@
 #include "row_norms.h"
 
 namespace rll {
+RLL_CPU_CAPABILITY_BEGIN
 namespace {
 
 // Tile sizes: a gallery tile of BK x D stays in L2 (2 MiB here); BQ x BK tiles stay in L1/L2.
@@ -783,9 +784,11 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rll_kernels, CPU, m) {
+// This build's RLL kernels (csrc/cpu_capability.h); cpu_dispatch.cpp registers those of the build it picks.
+void register_rll_cpu_kernels(torch::Library& m) {
   m.impl("rll_fwd", &rll_fwd_cpu);
   m.impl("rll_bwd", &rll_bwd_cpu);
 }
 
+RLL_CPU_CAPABILITY_END
 }  // namespace rll

@@ -13,6 +13,8 @@
 #include <sstream>
 #include <string>
 
+#include "cpu_capability.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RLL_HD __host__ __device__ __forceinline__
 #else
@@ -20,6 +22,7 @@
 #endif
 
 namespace rll {
+RLL_CPU_CAPABILITY_BEGIN
 
 // ---------------------------------------------------------------- scalar primitives
 RLL_HD float rll_select(bool m, float a, float b) { return m ? a : b; }
@@ -203,4 +206,5 @@ RLL_HD T neg_pair_grad(T w, T s, T v, S logden, S L, S Tn, bool attached) {
 template <class S>
 RLL_HD S row_loss(S Lp, S Ln, const Params<S>& p) { return (S(1) - p.lam) * Lp + p.lam * Ln; }
 
+RLL_CPU_CAPABILITY_END
 }  // namespace rll

@@ -34,6 +34,7 @@
 #include "row_norms.h"
 
 namespace rll {
+RLL_CPU_CAPABILITY_BEGIN
 namespace softtriple {
 namespace {
 
@@ -452,11 +453,13 @@ std::tuple<at::Tensor, at::Tensor> softtriple_bwd_cpu(const at::Tensor& grad_row
 }
 
 }  // namespace
+}  // namespace softtriple
 
-TORCH_LIBRARY_IMPL(rll_kernels, CPU, m) {
-  m.impl("softtriple_fwd", &softtriple_fwd_cpu);
-  m.impl("softtriple_bwd", &softtriple_bwd_cpu);
+// This build's SoftTriple kernels (csrc/cpu_capability.h); cpu_dispatch.cpp registers those of the build it picks.
+void register_softtriple_cpu_kernels(torch::Library& m) {
+  m.impl("softtriple_fwd", &softtriple::softtriple_fwd_cpu);
+  m.impl("softtriple_bwd", &softtriple::softtriple_bwd_cpu);
 }
 
-}  // namespace softtriple
+RLL_CPU_CAPABILITY_END
 }  // namespace rll

@@ -9,6 +9,12 @@ extension was built, ``import rll_kernels`` still works without it (reference an
 usable) and :func:`cpp_unavailable_reason` names the torch it was built with, the torch loaded, and
 the command that rebuilds it against the latter.
 
+The CPU kernels are compiled once per SIMD capability (AVX2 and AVX-512 on x86-64); the extension
+picks one build when it loads, from the CPU, or the one ``RLL_KERNELS_CPU_CAPABILITY`` (``avx2``,
+``avx512``) names: :func:`cpu_capability` says which. A value of that variable naming no build, or
+``avx512`` on a CPU without AVX-512, is an error: importing the extension (and so ``rll_kernels``)
+raises a ``ValueError`` that names the variable.
+
 Importing ``_C`` runs its ``TORCH_LIBRARY_IMPL`` registrations (CPU kernels, and CUDA kernels when
 built with them) on the schemas of ``rll_kernels.ops._schemas``, which must be defined first: the
 package imports ``rll_kernels.ops`` (which imports this module after its schemas) before anything else.
@@ -30,6 +36,7 @@ __all__ = [
     "C_IMPORT_ERROR",
     "HAS_C",
     "cpp_unavailable_reason",
+    "cpu_capability",
     "extension_status",
     "has_kernel",
     "rebuild_command",
@@ -77,7 +84,8 @@ def _load() -> tuple[bool, str | None]:
     if why is not None:
         return False, f"{why}; not loaded: torch does not keep its C++ ABI between releases"
     try:
-        from . import _C  # noqa: F401  (runs the TORCH_LIBRARY_IMPL registrations)
+        # runs the TORCH_LIBRARY_IMPL registrations; a bad RLL_KERNELS_CPU_CAPABILITY raises ValueError
+        from . import _C  # noqa: F401
     except ImportError as e:
         built = f"torch {BUILD_INFO['torch']}" if BUILD_INFO else "an unknown torch (no build record)"
         return (
@@ -97,6 +105,17 @@ def has_kernel(op: str, device: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rll_kernels::{op}", key)
+
+
+def cpu_capability() -> tuple[str, str] | None:
+    """(build, why) of the CPU kernels this process runs, e.g. ``("avx512", "chosen from the CPU
+    (ATen's CPU capability: avx512)")``; None without the extension."""
+    if not HAS_C:
+        return None
+    from . import _C
+
+    name, why = _C.cpu_capability()
+    return name, why
 
 
 def _source_dir() -> str | None:

@@ -33,6 +33,9 @@ def report() -> str:
     else:
         lines.append("nvcc: not found")
     lines.append(f"C++ extension: {_extension.extension_status()}")
+    cap = _extension.cpu_capability()
+    if cap is not None:
+        lines.append(f"CPU kernels: {cap[0]} build, {cap[1]} (RLL_KERNELS_CPU_CAPABILITY=avx2 forces AVX2)")
     cuda_in = _extension.has_kernel("rll_fwd", "cuda")
     lines.append(f"CUDA kernels compiled in: {'yes (experimental)' if cuda_in else 'no'}")
     lines.append("backends (device, loss, backend):")

@@ -1,0 +1,186 @@
+"""The fused RLL at the batch sizes people train with, against torch.compile of the reference and PML.
+
+    python bench/bench_train_sizes.py [--reps 15] [--data clustered,iid] [--sizes 64,128,256,512]
+
+fp32, forward + backward, 2 threads, P x K batches with K = 4 per class, at every N in
+{64, 128, 256, 512} x D in {128, 512} x semantics in {paper, pml}: ``RLLFused`` (the fused path a
+user calls: checks, normalisation, op, autograd) vs ``torch.compile`` of ``rll_kernels.reference``
+(compiled once per shape, ``dynamic=False``, warmed up) vs PML 2.9.0 ``RankedListLoss``. For each
+shape the three providers on both data sets run round-robin in one process (``--reps`` rounds after
+two warm-up calls each) and the medians are compared. Data: "clustered" (class means sharing one
+direction plus noise, so a realistic share of the negatives lies inside the margin, printed per
+row) and "iid" (Gaussian noise: almost every negative is trivial). Targets: compile / fused >= 1.5
+and PML / fused >= 4.
+
+Then N = 4096, D = 512, paper: fused vs the floor 4 N^2 D FLOPs at the best fp32 GEMM rate of the
+run (the faster of ``torch.mm`` with a preallocated output and ``F.linear`` on the whole N x D x N
+shape, interleaved with the fused runs). Target: fused / floor <= 1.25.
+
+Prints a markdown table with ratios and PASS/FAIL and writes it to bench/results/train_sizes_latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from bench_rll_targets import interleaved  # medians of round-robin rounds after two warm-ups
+
+import rll_kernels
+from rll_kernels import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K_PER_CLASS = 4
+MARGIN, TN = 0.4, 10.0
+ALPHA, BETA = 1.0 + MARGIN / 2.0, 1.0 - MARGIN / 2.0  # the defaults of PML and rll_kernels
+SHARED, NOISE = 0.65, 0.8  # clustered data: weight of the shared direction, noise scale
+TARGET_COMPILE, TARGET_PML, TARGET_FLOOR = 1.5, 4.0, 1.25
+
+
+def make_batch(n: int, d: int, data: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings (n, d), labels) of n // 4 classes of 4. "clustered": class means
+    SHARED u + sqrt(1 - SHARED^2) r_c around one shared unit direction u, plus noise NOISE / sqrt(d)
+    per coordinate; "iid": standard Gaussian embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) // K_PER_CLASS
+    if data == "iid":
+        return torch.randn(n, d, generator=g), labels
+    u = F.normalize(torch.randn(d, generator=g), dim=0)
+    r = F.normalize(torch.randn(n // K_PER_CLASS + 1, d, generator=g), dim=1)
+    means = SHARED * u + (1.0 - SHARED**2) ** 0.5 * r
+    return means[labels] + NOISE * torch.randn(n, d, generator=g) / d**0.5, labels
+
+
+def nontrivial_shares(emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Shares of the negatives with d < alpha and of the positives with d > beta."""
+    z = F.normalize(emb.double(), dim=1)
+    dist = torch.cdist(z, z)
+    same = labels[:, None] == labels[None, :]
+    other = same & ~torch.eye(len(labels), dtype=torch.bool)
+    neg = (~same & (dist < ALPHA)).sum() / (~same).sum()
+    pos = (other & (dist > BETA)).sum() / other.sum()
+    return float(neg), float(pos)
+
+
+def fwd_bwd(loss, emb: torch.Tensor, labels: torch.Tensor):
+    """One forward + backward of ``loss`` on a fresh leaf copy of ``emb``."""
+
+    def run():
+        e = emb.detach().requires_grad_()
+        loss(e, labels).backward()
+
+    return run
+
+
+def providers(semantics: str, pml_loss) -> dict:
+    """name -> loss(emb, labels): the fused module, torch.compile of the reference (fresh), PML."""
+    fused = rll_kernels.RLLFused(margin=MARGIN, Tn=TN, semantics=semantics)
+
+    def dense(e, lab):
+        return reference.ranked_list_loss(e, lab, margin=MARGIN, Tn=TN, semantics=semantics)
+
+    torch._dynamo.reset()  # one compiled graph per shape, no recompile limit across shapes
+    return {"fused": fused, "compile": torch.compile(dense, dynamic=False), "pml": pml_loss}
+
+
+def time_shape(n: int, d: int, semantics: str, datasets: list[str], reps: int, pml_loss) -> list[dict]:
+    """One row per data set: the providers' medians and the share of non-trivial pairs."""
+    batches = {data: make_batch(n, d, data) for data in datasets}
+    fns = {}
+    for name, loss in providers(semantics, pml_loss).items():
+        for data, (emb, labels) in batches.items():
+            fns[(name, data)] = fwd_bwd(loss, emb, labels)
+    t = interleaved(fns, reps)
+    rows = []
+    for data, (emb, labels) in batches.items():
+        neg, pos = nontrivial_shares(emb, labels)
+        rows.append(
+            dict(
+                N=n,
+                D=d,
+                semantics=semantics,
+                data=data,
+                neg=neg,
+                pos=pos,
+                **{p: t[(p, data)] for p in ("fused", "compile", "pml")},
+            )
+        )
+    return rows
+
+
+def train_size_table(rows: list[dict]) -> list[str]:
+    head = ["N", "D", "semantics", "data (non-trivial neg / pos)", "fused ms", "compile ms", "PML ms"]
+    head += ["compile / fused", "PML / fused", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        c, p = r["compile"] / r["fused"], r["pml"] / r["fused"]
+        ok = "PASS" if c >= TARGET_COMPILE and p >= TARGET_PML else "FAIL"
+        lines.append(
+            f"| {r['N']} | {r['D']} | {r['semantics']} | {r['data']} ({r['neg']:.0%} / {r['pos']:.0%}) | "
+            f"{r['fused'] * 1e3:.2f} | {r['compile'] * 1e3:.2f} | {r['pml'] * 1e3:.2f} | "
+            f"{c:.2f}x | {p:.2f}x | {ok} |"
+        )
+    return lines
+
+
+def floor_rows(reps: int, n: int = 4096, d: int = 512) -> list[str]:
+    """N = 4096, D = 512, paper: fused vs 4 N^2 D at the best GEMM rate of torch.mm and F.linear."""
+    emb, labels = make_batch(n, d, "clustered")
+    a, b, out = torch.randn(n, d), torch.randn(n, d), torch.empty(n, n)
+    fused = rll_kernels.RLLFused(margin=MARGIN, Tn=TN, semantics="paper")
+    fns = {
+        "fused": fwd_bwd(fused, emb, labels),
+        "mm": lambda: torch.mm(a, b.t(), out=out),
+        "linear": lambda: F.linear(a, b),
+    }
+    t = interleaved(fns, reps)
+    gemm = min(t["mm"], t["linear"])  # one N x D x N GEMM = 2 N^2 D FLOPs
+    best = "torch.mm" if t["mm"] <= t["linear"] else "F.linear"
+    floor = 2 * gemm
+    ratio = t["fused"] / floor
+    verdict = "PASS" if ratio <= TARGET_FLOOR else "FAIL"
+    rate = f"{2 * n * n * d / gemm / 1e9:.0f} GFLOP/s ({best}; per GEMM torch.mm {t['mm'] * 1e3:.1f} ms"
+    return [
+        "",
+        "| N | D | semantics | fused ms | floor ms (4 N^2 D) | best GEMM rate | fused / floor | target |",
+        "|---:|---:|---|---:|---:|---|---:|---|",
+        f"| {n} | {d} | paper | {t['fused'] * 1e3:.1f} | {floor * 1e3:.1f} | {rate}, "
+        f"F.linear {t['linear'] * 1e3:.1f} ms) | {ratio:.2f} | {verdict} |",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=15, help="interleaved rounds per shape")
+    ap.add_argument("--data", default="clustered,iid")
+    ap.add_argument("--sizes", default="64,128,256,512")
+    ap.add_argument("--dims", default="128,512")
+    ap.add_argument("--floor-reps", type=int, default=7)
+    ap.add_argument("--skip-floor", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from pytorch_metric_learning.losses import RankedListLoss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pml_loss = RankedListLoss(margin=MARGIN, Tn=TN)
+    datasets = args.data.split(",")
+    rows = []
+    for semantics in ("paper", "pml"):
+        for d in map(int, args.dims.split(",")):
+            for n in map(int, args.sizes.split(",")):
+                rows += time_shape(n, d, semantics, datasets, args.reps, pml_loss)
+                print(train_size_table(rows[-len(datasets) :])[-1], flush=True)
+    lines = train_size_table(rows) + ([] if args.skip_floor else floor_rows(args.floor_reps))
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "train_sizes_latest.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
