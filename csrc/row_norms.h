@@ -17,9 +17,11 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_capability.h"
 #include "rll_cpu_vec.h"
 
 namespace rll {
+RLL_CPU_CAPABILITY_BEGIN
 
 // Norm of one row: |x| and |x|^2 as summed directly (may be Inf or 0 for extreme rows), and
 // whether every entry is finite.
@@ -150,4 +152,5 @@ inline void normalize_backward_rows(S* g, const S* z, const S* norms, int64_t R,
   });
 }
 
+RLL_CPU_CAPABILITY_END
 }  // namespace rll

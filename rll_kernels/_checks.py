@@ -7,6 +7,7 @@ of every loss and backend: compute in float32, or float64 when an operand is flo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -50,18 +51,18 @@ def _check_finite_number(v, name: str) -> None:
         raise ValueError(f"{name} must be a finite number, got {v!r}")
 
 
-def check_choice(value, name: str, choices) -> None:
+def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_positive_int(v, name: str) -> None:
+def check_positive_int(v: object, name: str) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 # ---------------------------------------------------------------- tensors
-def check_embeddings(x, name: str, *, allow_empty: bool = False, finite: bool = True) -> None:
+def check_embeddings(x: object, name: str, *, allow_empty: bool = False, finite: bool = True) -> None:
     """A 2-D floating (N, D) tensor, N > 0 unless ``allow_empty``, D > 0; every entry finite when
     ``finite`` (a device sync: the fused RLL ops check their rows themselves, docs/semantics.md §6)."""
     if not isinstance(x, torch.Tensor):
@@ -86,7 +87,7 @@ def check_embeddings(x, name: str, *, allow_empty: bool = False, finite: bool = 
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_labels(labels, n: int, name: str, device: torch.device) -> torch.Tensor:
+def check_labels(labels: object, n: int, name: str, device: torch.device) -> torch.Tensor:
     """Labels as a contiguous int64 vector on ``device``."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -100,7 +101,11 @@ def check_labels(labels, n: int, name: str, device: torch.device) -> torch.Tenso
 
 
 def check_gallery(
-    embeddings: torch.Tensor, ref_emb, ref_labels, *, finite: bool = True
+    embeddings: torch.Tensor,
+    ref_emb: Optional[torch.Tensor],
+    ref_labels: Optional[torch.Tensor],
+    *,
+    finite: bool = True,
 ) -> Optional[torch.Tensor]:
     """Check an optional (M, D) gallery against the queries; its labels as int64, or None in-batch."""
     if (ref_emb is None) != (ref_labels is None):
@@ -157,7 +162,9 @@ def check_rll_params(margin: float, alpha: float, imbalance: float, Tn: float, T
 
 
 # ---------------------------------------------------------------- SoftTriple
-def check_softtriple_params(centers_per_class, la, gamma, margin, tau) -> None:
+def check_softtriple_params(
+    centers_per_class: int, la: float, gamma: float, margin: float, tau: float
+) -> None:
     if isinstance(centers_per_class, bool) or not isinstance(centers_per_class, int) or centers_per_class < 1:
         raise ValueError(f"centers_per_class must be a positive int, got {centers_per_class!r}")
     for nm, v in (("la", la), ("gamma", gamma), ("margin", margin), ("tau", tau)):
@@ -168,7 +175,7 @@ def check_softtriple_params(centers_per_class, la, gamma, margin, tau) -> None:
         raise ValueError(f"tau must be >= 0, got {tau}")
 
 
-def check_centers(centers, d: int, k: int, device: torch.device) -> int:
+def check_centers(centers: object, d: int, k: int, device: torch.device) -> int:
     """Check the (D, C*K) centers; returns the number of classes C."""
     if not isinstance(centers, torch.Tensor):
         raise ValueError(f"centers must be a torch.Tensor, got {type(centers).__name__}")
@@ -236,7 +243,7 @@ def check_attention(
     return a.to(dtype).contiguous()
 
 
-def check_logits(logits, labels, gaussian_sigma) -> torch.Tensor:
+def check_logits(logits: object, labels: object, gaussian_sigma: Optional[float]) -> torch.Tensor:
     """Checks of class_aware_attention: (N, C) floating logits, labels in [0, C), sigma > 0 or None."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

@@ -147,19 +147,19 @@ def ranked_list_loss(
 
 
 def rll_checked(
-    embeddings,
-    labels,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
     hp: tuple,
     semantics: str,
     reduction: str,
     normalize: bool,
     backend: str,
     *,
-    ref_emb=None,
-    ref_labels=None,
-    query_ids=None,
-    ref_ids=None,
-    den_rows=None,
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    query_ids: Optional[torch.Tensor] = None,
+    ref_ids: Optional[torch.Tensor] = None,
+    den_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """:func:`ranked_list_loss` with its hyper-parameters ``hp = (margin, Tn, imbalance, alpha, Tp)``
     and choices already checked (``RLLFused`` checks them once, when it is built): the tensor checks,
@@ -258,7 +258,18 @@ def soft_triple_loss(
     )
 
 
-def soft_triple_checked(embeddings, labels, centers, k, la, gamma, margin, tau, reduction, backend):
+def soft_triple_checked(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    k: int,
+    la: float,
+    gamma: float,
+    margin: float,
+    tau: float,
+    reduction: str,
+    backend: str,
+) -> torch.Tensor:
     """:func:`soft_triple_loss` after its hyper-parameter checks (a module checks them when built).
 
     No host sync on the fused path: the label range and finite values are checked by the op (the
@@ -351,7 +362,16 @@ def weighted_contrastive_loss(
     )
 
 
-def weighted_contrastive_checked(embeddings, labels, attention, alpha, sigma, imbalance, normalize, backend):
+def weighted_contrastive_checked(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    attention: Optional[torch.Tensor],
+    alpha: float,
+    sigma: float,
+    imbalance: float,
+    normalize: bool,
+    backend: str,
+) -> torch.Tensor:
     """:func:`weighted_contrastive_loss` after its hyper-parameter checks (a module checks them when
     built). No host sync on the fused path: finite values and the attention range are checked by
     the op (the C++ op raises, the Triton one gives NaN, docs/semantics.md §6); the dense reference

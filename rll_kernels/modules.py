@@ -107,7 +107,7 @@ class RLLFused(nn.Module):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple=None,
+        indices_tuple: Optional[tuple] = None,
         ref_emb: Optional[torch.Tensor] = None,
         ref_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
@@ -181,9 +181,9 @@ class SoftTripleFused(torch.nn.Module):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
+        indices_tuple: Optional[tuple] = None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if labels is None:
             raise ValueError("labels are required for this loss function")

@@ -184,7 +184,14 @@ class RankedListLoss(_pml_losses.RankedListLoss):
             list_of_names=["imbalance", "alpha", "margin", "Tp", "Tn"], is_stat=False
         )
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[tuple],
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict[str, Any]:
         c_f.labels_required(labels)
         c_f.indices_tuple_not_supported(indices_tuple)
         normalize = _rll_normalize(self.distance)
@@ -243,7 +250,14 @@ class SoftTripleLoss(_pml_losses.SoftTripleLoss):
         self.backend = backend
         self._checked_mask, self._mask_fits = None, False
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[tuple],
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict[str, Any]:
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         _check_softtriple_distance(self.distance)
