@@ -170,7 +170,7 @@ def test_op_accepts_any_finite_boundaries(backend, device):
     y, ids = torch.arange(8, device=device) % 3, torch.arange(8, device=device)
     op = {"cpp": "rll_fwd", "cuda": "rll_fwd", "triton": "rll_triton_fwd"}[backend]
     for alpha, beta in ((0.5, 0.5), (0.4, -0.8), (0.9, 1.3), (-0.2, -0.6)):
-        rows, _, _ = getattr(torch.ops.rll_kernels, op)(
-            q, y, ids, q, y, ids, alpha, beta, 3.0, -2.0, 0.5, 8e-5, True, False
+        rows, *_ = getattr(torch.ops.rll_kernels, op)(
+            q, y, ids, q, y, ids, alpha, beta, 3.0, -2.0, 0.5, 1e-5, None, False, True, False
         )
         assert torch.isfinite(rows).all()
