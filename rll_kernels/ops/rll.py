@@ -1,4 +1,5 @@
-"""Ranked List Loss op contract: fake kernels and autograd, shared by the C++ op and its Triton twin.
+"""Ranked List Loss op contract: fake kernels (both ops) and the Triton op's autograd (the C++ op's,
+the same formula, is csrc/rll_autograd.cpp).
 
 Forward ``(q, q_labels, q_ids, k, k_labels, k_ids, alpha, beta, Tn, Tp, imbalance, bias_per_row,
 den_rows, normalize, attached, need_grad) -> (rows (N,), gradq, stats (N, 4), z, norms)``.
@@ -137,8 +138,10 @@ def _triton_backward(*args):
 for _backend, (_fwd, _bwd) in OPS["rll"].items():
     torch.library.register_fake(f"rll_kernels::{_fwd}", rll_forward_fake)
     torch.library.register_fake(f"rll_kernels::{_bwd}", rll_backward_fake)
-    torch.library.register_autograd(
-        f"rll_kernels::{_fwd}", _make_backward(_backend), setup_context=_setup_context
-    )
+# The C++ op's autograd is registered by the extension itself (csrc/rll_autograd.cpp: the same
+# formula in C++, so that an eager step runs no Python around the kernels); the Triton op's is here.
+torch.library.register_autograd(
+    f"rll_kernels::{OPS['rll']['triton'][0]}", _make_backward("triton"), setup_context=_setup_context
+)
 torch.library.register_kernel("rll_kernels::rll_triton_fwd", ("cpu", "cuda"), _triton_forward)
 torch.library.register_kernel("rll_kernels::rll_triton_bwd", ("cpu", "cuda"), _triton_backward)
