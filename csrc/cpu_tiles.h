@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -70,16 +71,31 @@ inline std::vector<std::pair<int64_t, int64_t>> upper_tile_pairs(int64_t nb) {
 
 // ---------------------------------------------------------------- labels and excluded pairs
 // Labels as values of the kernel's type S, so a label comparison is one SIMD compare; the parts
-// (query labels, gallery labels) are concatenated. Exact: labels are cast when they fit the
-// mantissa, else replaced by their dense rank (equality is all the kernels compare).
+// (query labels, gallery labels: int64) are concatenated. Exact: labels are cast when they fit the
+// mantissa, else replaced by their dense rank (equality is all the kernels compare). A host loop,
+// no ATen op: at N = 64 the five ops it replaced cost as much as the kernel's pair work.
 template <class S>
-at::Tensor labels_as(at::TensorList parts) {
+std::vector<S> labels_as(std::initializer_list<const at::Tensor*> parts) {
   const int64_t lim = int64_t(1) << std::numeric_limits<S>::digits;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
-  at::Tensor all = at::cat(parts);
-  if (all.numel() == 0 || (all.min().item<int64_t>() > -lim && all.max().item<int64_t>() < lim)) return all.to(opts);
-  at::Tensor inverse = std::get<1>(at::_unique(all, /*sorted=*/true, /*return_inverse=*/true));
-  return inverse.to(opts);
+  std::vector<int64_t> all;
+  for (const at::Tensor* part : parts) {
+    const at::Tensor t = part->contiguous();
+    const int64_t* p = t.const_data_ptr<int64_t>();
+    all.insert(all.end(), p, p + t.numel());
+  }
+  std::vector<S> out(all.size());
+  const bool fits = std::all_of(all.begin(), all.end(), [&](int64_t v) { return v > -lim && v < lim; });
+  if (fits) {
+    std::transform(all.begin(), all.end(), out.begin(), [](int64_t v) { return static_cast<S>(v); });
+    return out;
+  }
+  std::vector<int64_t> sorted(all);
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  std::transform(all.begin(), all.end(), out.begin(), [&](int64_t v) {
+    return static_cast<S>(std::lower_bound(sorted.begin(), sorted.end(), v) - sorted.begin());
+  });
+  return out;
 }
 
 // Excluded pairs (q_ids[i] == k_ids[j], docs/semantics.md §1.5) as per-row sorted gallery lists (CSR).
@@ -186,7 +202,8 @@ inline Exclusions diagonal_exclusions(int64_t N) {
 // gallery is the queries) the pairs with equal q_ids are excluded, or the pair i = i without ids.
 template <class S>
 struct PairProblem {
-  at::Tensor nq_t, nk_t, labels_t;
+  at::Tensor nq_t, nk_t;
+  std::vector<S> labels;
   const S *NQ, *NK, *QL, *KL;
   Exclusions ex;
   int64_t N, M, D;
@@ -194,10 +211,10 @@ struct PairProblem {
               const c10::optional<at::Tensor>& q_ids, const at::Tensor* k_labels,
               const c10::optional<at::Tensor>& k_ids, int64_t D_)
       : nq_t(nq), nk_t(nk), N(nq.size(0)), M(nk.size(0)), D(D_) {
-    labels_t = k_labels != nullptr ? labels_as<S>({q_labels, *k_labels}) : labels_as<S>({q_labels});
+    labels = k_labels != nullptr ? labels_as<S>({&q_labels, k_labels}) : labels_as<S>({&q_labels});
     NQ = nq_t.data_ptr<S>();
     NK = nk_t.data_ptr<S>();
-    QL = labels_t.data_ptr<S>();
+    QL = labels.data();
     KL = k_labels != nullptr ? QL + N : QL;
     const int64_t* qid = q_ids.has_value() ? q_ids->data_ptr<int64_t>() : nullptr;
     if (k_labels == nullptr)

@@ -254,10 +254,10 @@ void osm_kernel(const at::Tensor& z, const S* nz, const at::Tensor& labels, cons
                 const Hyper<S> hp, bool need_grad, std::vector<double>& sums, at::Tensor& acc_parts,
                 at::Tensor& rs_parts) {
   const int64_t N = z.size(0), B = tile_size_for_threads(128, 16, N, 2);
-  const at::Tensor lab_t = labels_as<S>({labels});
+  const std::vector<S> lab = labels_as<S>({&labels});
   const OsmProblem<S> pb{z,
                          nz,
-                         lab_t.data_ptr<S>(),
+                         lab.data(),
                          att.has_value() ? att->data_ptr<S>() : nullptr,
                          hp,
                          need_grad,

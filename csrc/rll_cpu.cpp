@@ -27,9 +27,12 @@ namespace {
 struct Tiling {
   int64_t BQ, BK;
 };
-inline Tiling choose_tiling(int64_t N, int64_t D) {
+// A gallery smaller than one tile gets a tile of its own size: the row loops run over the tile's
+// padded width, so a wider tile would compute masked-out columns (8x the work at M = 64).
+inline Tiling choose_tiling(int64_t N, int64_t M, int64_t D) {
   // keep both threads busy on small query sets (bank case: N = 256 queries)
-  return {tile_size_for_threads(64, 16, N, 2), D <= 256 ? 512 : 256};
+  const int64_t BK = std::max<int64_t>(1, std::min<int64_t>(D <= 256 ? 512 : 256, M));
+  return {tile_size_for_threads(64, 16, N, 2), BK};
 }
 
 // ================================================================ forward
@@ -280,7 +283,7 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
 template <class S>
 void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at::Tensor& k, const S* q_norms,
                         const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
-  const Tiling tl = choose_tiling(pb.N, pb.D);
+  const Tiling tl = choose_tiling(pb.N, pb.M, pb.D);
   const Forward<S> fwd{pb,
                        q,
                        k,
@@ -506,7 +509,7 @@ void rll_backward_kernel(const PairProblem<S>& pb, const at::Tensor& grad_rows, 
                          const Params<S> prm, bool attached, bool need_gq, bool need_gk, at::Tensor& gq,
                          at::Tensor& gk) {
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
-  const Tiling tl = choose_tiling(pb.N, pb.D);
+  const Tiling tl = choose_tiling(pb.N, pb.M, pb.D);
   const auto opts = q.options();
   Backward<S> bwd{pb,
                   rows,
@@ -541,56 +544,85 @@ constexpr int64_t kSymmetricTile = 256;
 
 template <class S>
 struct SymmetricTile {
+  int64_t B, BP;  // tile rows (kSymmetricTile, or N when the batch is smaller) and their padded width
   std::vector<S> dots, h, nk, kl, colsum;
   TileSets<S> cols;
-  explicit SymmetricTile(int64_t B, int64_t BP) : dots(B * B), h(B * B), nk(BP), kl(BP), colsum(BP), cols(BP) {}
+  explicit SymmetricTile(int64_t B_)
+      : B(B_), BP(vec_pad<S>(B_)), dots(B * B), h(B * B), nk(BP), kl(BP), colsum(BP), cols(BP) {}
 };
 
+// The rows [r0, r1) of tile pair (I, J) against tile J (loaded in tile): H into tile.h, the row
+// sums of H into rowsum.
+template <class S>
+void symmetric_h_rows(const PairProblem<S>& pb, const RowSets<S>& rows, const Params<S> prm, bool attached,
+                      SymmetricTile<S>& tile, int64_t i0, int64_t j0, int64_t bk, int64_t r0, int64_t r1, S* rowsum) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = i0 + r;
+    rowsum[i] += row_pair_grads(pb, prm, attached, rows, &tile.cols, true, true, tile.dots.data() + r * bk,
+                                tile.nk.data(), tile.kl.data(), i, j0, bk, tile.BP, tile.h.data() + r * bk);
+  }
+}
+
 // Tile pair (I, J): H into tile.h, the row sums of H into rowsum, and dz_I -= H z_J,
-// dz_J -= H^T z_I (off the diagonal) into this thread's gz.
+// dz_J -= H^T z_I (off the diagonal) into gz. wide: the call runs on the calling thread alone,
+// outside any parallel region, so the GEMMs use every thread and the rows are split over them;
+// else it is one thread's task and runs serially.
 template <class S>
 void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const Params<S> prm, bool attached,
-                         const at::Tensor& z, SymmetricTile<S>& tile, int64_t I, int64_t J, at::Tensor& gz, S* rowsum) {
-  const int64_t B = kSymmetricTile, BP = vec_pad<S>(B);
+                         const at::Tensor& z, SymmetricTile<S>& tile, int64_t I, int64_t J, at::Tensor& gz, S* rowsum,
+                         bool wide) {
+  const int64_t B = tile.B, BP = tile.BP;
   const int64_t i0 = I * B, bq = std::min(B, pb.N - i0);
   const int64_t j0 = J * B, bk = std::min(B, pb.N - j0);
   const at::Tensor zI = z.narrow(0, i0, bq), zJ = z.narrow(0, j0, bk);
   gram_tile(tile.dots.data(), zI, zJ);
   load_tile(pb.NK, pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
   tile.cols.load(rows, j0, bk);
-  std::fill(tile.colsum.begin(), tile.colsum.end(), S(0));
-  for (int64_t r = 0; r < bq; ++r) {
-    const int64_t i = i0 + r;
-    S* h_row = tile.h.data() + r * bk;
-    rowsum[i] += row_pair_grads(pb, prm, attached, rows, &tile.cols, true, true, tile.dots.data() + r * bk,
-                                tile.nk.data(), tile.kl.data(), i, j0, bk, BP, h_row);
-    if (I != J)
-      for (int64_t c = 0; c < bk; ++c) tile.colsum[c] += h_row[c];
-  }
+  if (wide)
+    at::parallel_for(0, bq, 8, [&](int64_t r0, int64_t r1) {
+      symmetric_h_rows(pb, rows, prm, attached, tile, i0, j0, bk, r0, r1, rowsum);
+    });
+  else
+    symmetric_h_rows(pb, rows, prm, attached, tile, i0, j0, bk, 0, bq, rowsum);
   const at::Tensor h_t = at::from_blob(tile.h.data(), {bq, bk}, z.options());
   gz.narrow(0, i0, bq).addmm_(h_t, zJ, S(1), S(-1));
-  if (I != J) {  // the diagonal tile already holds both orders of each pair in its rows
-    gz.narrow(0, j0, bk).addmm_(h_t.t(), zI, S(1), S(-1));
-    for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += tile.colsum[c];
-  }
+  if (I == J) return;  // the diagonal tile already holds both orders of each pair in its rows
+  gz.narrow(0, j0, bk).addmm_(h_t.t(), zI, S(1), S(-1));
+  std::fill(tile.colsum.begin(), tile.colsum.end(), S(0));
+  for (int64_t r = 0; r < bq; ++r)
+    for (int64_t c = 0; c < bk; ++c) tile.colsum[c] += tile.h[r * bk + c];
+  for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += tile.colsum[c];
 }
 
+// Fewer tile pairs than 2 per thread (N <= 512): one pair at a time on every thread ("wide"),
+// else each thread takes whole pairs into its own partial gradient.
 template <class S>
 void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_rows, const at::Tensor& z,
                             const S* norms, const at::Tensor& stats, const Params<S> prm, bool attached,
                             at::Tensor& gz) {
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
-  const auto pairs = upper_tile_pairs(ceil_div(pb.N, kSymmetricTile));
-  at::Tensor gz_parts = zeros_per_thread({pb.N, pb.D}, z.options());
-  at::Tensor rowsum_parts = zeros_per_thread({pb.N}, z.options());
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
-    const int64_t tid = at::get_thread_num();
-    SymmetricTile<S> tile(kSymmetricTile, vec_pad<S>(kSymmetricTile));
-    at::Tensor gz_t = gz_parts[tid];
-    S* rowsum = rowsum_parts[tid].data_ptr<S>();
-    for (int64_t p = p0; p < p1; ++p)
-      symmetric_tile_pair(pb, rows, prm, attached, z, tile, pairs[p].first, pairs[p].second, gz_t, rowsum);
-  });
+  const int64_t B = std::max<int64_t>(1, std::min(kSymmetricTile, pb.N));
+  const auto pairs = upper_tile_pairs(ceil_div(pb.N, B));
+  const int64_t n_pairs = static_cast<int64_t>(pairs.size());
+  const bool wide = n_pairs < 2 * at::get_num_threads();
+  const int64_t parts = wide ? 1 : at::get_num_threads();
+  at::Tensor gz_parts = at::zeros({parts, pb.N, pb.D}, z.options());
+  at::Tensor rowsum_parts = at::zeros({parts, pb.N}, z.options());
+  if (wide) {
+    SymmetricTile<S> tile(B);
+    at::Tensor gz_t = gz_parts[0];
+    for (const auto& [I, J] : pairs)
+      symmetric_tile_pair(pb, rows, prm, attached, z, tile, I, J, gz_t, rowsum_parts.data_ptr<S>(), true);
+  } else {
+    at::parallel_for(0, n_pairs, 1, [&](int64_t p0, int64_t p1) {
+      const int64_t tid = at::get_thread_num();
+      SymmetricTile<S> tile(B);
+      at::Tensor gz_t = gz_parts[tid];
+      S* rowsum = rowsum_parts[tid].data_ptr<S>();
+      for (int64_t p = p0; p < p1; ++p)
+        symmetric_tile_pair(pb, rows, prm, attached, z, tile, pairs[p].first, pairs[p].second, gz_t, rowsum, false);
+    });
+  }
   combine_thread_parts(gz_parts, rowsum_parts, z, norms, gz);
 }
 

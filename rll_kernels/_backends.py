@@ -81,8 +81,27 @@ def available_backends(device: torch.device | str = "cpu", loss: Optional[str] =
     return dict(_AVAILABLE[key])
 
 
+# (loss, backend, device type) -> (the probe table it was resolved from, the answer)
+_RESOLVED: dict[tuple[str, str, str], tuple[dict, str]] = {}
+
+
 def resolve(loss: str, backend: str, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on ``device``; raises if one asked for by name is unusable."""
+    """The concrete backend for ``backend`` on ``device``; raises if one asked for by name is unusable.
+    In eager mode the answer is remembered per (loss, backend, device type) as long as the probe
+    table it came from stands (a training step at N = 64 should not pay for the lookup again);
+    compiled code traces the lookup itself, which reads constants."""
+    if torch.compiler.is_compiling():
+        return _resolve(loss, backend, device)
+    key = (loss, backend, device.type)
+    entry = _RESOLVED.get(key)
+    if entry is not None and entry[0] is _AVAILABLE.get((loss, device.type)):
+        return entry[1]
+    name = _resolve(loss, backend, device)
+    _RESOLVED[key] = (_AVAILABLE[(loss, device.type)], name)
+    return name
+
+
+def _resolve(loss: str, backend: str, device: torch.device) -> str:
     check_choice(backend, "backend", BACKENDS[loss])
     avail = available_backends(device, loss)
     if backend != "auto":

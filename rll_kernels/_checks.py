@@ -97,6 +97,8 @@ def check_labels(labels: object, n: int, name: str, device: torch.device) -> tor
         raise ValueError(f"{name} must have {n} entries (one per embedding), got {labels.shape[0]}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.dtype == torch.int64 and labels.device == device and labels.is_contiguous():
+        return labels  # the usual case, without the two no-op calls
     return labels.to(device=device, dtype=torch.int64).contiguous()
 
 
