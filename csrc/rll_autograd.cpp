@@ -90,14 +90,17 @@ class RankedListFunction : public torch::autograd::Function<RankedListFunction> 
       ctx->saved_data["attached"] = attached;
     }
     ctx->mark_non_differentiable({gradq, stats, z, norms});
+    // the four outputs above never get a gradient: no zero (N, D) tensors for them in the backward
+    ctx->set_materialize_grads(false);
     return {rows, gradq, stats, z, norms};
   }
 
   // Gradients of (q, q_labels, q_ids, k, k_labels, k_ids, hyper-parameters, normalize, attached, need_grad).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(10);
+    if (!grads[0].defined()) return out;  // the row losses were not used: no gradient
     const Tensor g_rows = grads[0].contiguous();
     const bool need_q = ctx->needs_input_grad(0);
-    variable_list out(10);
     const auto q_dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());
     const variable_list saved = ctx->get_saved_variables();
     if (ctx->saved_data["grad_in_forward"].toBool()) {

@@ -795,7 +795,11 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 4 && stats.scalar_type() == q.scalar_type(),
               "rll_bwd: stats must be (", N, ", 4), got ", stats.sizes());
   need_gk = need_gk && !in_batch;  // in-batch, the whole gradient is grad q
-  at::Tensor gq = need_gq ? at::zeros_like(q, at::MemoryFormat::Contiguous) : at::empty({0}, q.options());
+  // the in-batch "pml" backward writes every entry of grad q once (combine_thread_parts); the others add tiles into it
+  const bool symmetric = in_batch && attached;
+  at::Tensor gq = !need_gq   ? at::empty({0}, q.options())
+                  : symmetric ? at::empty_like(q, at::MemoryFormat::Contiguous)
+                              : at::zeros_like(q, at::MemoryFormat::Contiguous);
   at::Tensor gk = need_gk ? at::zeros({M, q.size(1)}, q.options()) : at::empty({0}, q.options());
   if (N == 0 || (!need_gq && !need_gk)) return {gq, gk};
   const at::Tensor g = grad_rows.detach().contiguous(), st = stats.detach().contiguous();
@@ -805,7 +809,7 @@ std::tuple<at::Tensor, at::Tensor> rll_bwd_cpu(
     const PairProblem<scalar_t> pb(op.nq, op.nk, q_labels, q_ids, in_batch ? nullptr : &*k_labels, k_ids,
                                    q.size(1));
     // in-batch "pml": both ends of every pair, each unordered tile pair once
-    if (in_batch && attached) {
+    if (symmetric) {
       rll_backward_symmetric<scalar_t>(pb, g, op.q, op.q_norms, st, prm, attached, gq);
       return;
     }
