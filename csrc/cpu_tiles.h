@@ -167,6 +167,44 @@ inline at::Tensor gram_tile(S* buf, const at::Tensor& qI, const at::Tensor& kJ) 
   return dots;
 }
 
+// Number of nonzero entries of x[0, n).
+template <class S>
+inline int64_t count_nonzero(const S* x, int64_t n) {
+  int64_t nnz = 0;
+  for (int64_t e = 0; e < n; ++e) nnz += x[e] != S(0);
+  return nnz;
+}
+
+// acc += alpha C X for a bq x bk coefficient tile C (row stride bk) and the bk rows of X, or, with
+// transpose_c, acc += alpha C^T X for the bq rows of X; acc and X are rows of D contiguous values,
+// nnz is C's number of nonzeros. Set members are often few (the positives of a P x K batch, the
+// negatives inside the margin once the classes have separated): below one nonzero in kDenseShare
+// entries they are added row by row, else in one GEMM. Both give the same sum of the same products.
+constexpr int64_t kDenseShare = 8;
+template <class S>
+void add_coef_product(const at::Tensor& acc, const S* C, int64_t bq, int64_t bk, int64_t nnz, const at::Tensor& X,
+                      S alpha, bool transpose_c) {
+  if (nnz == 0) return;
+  if (nnz * kDenseShare > bq * bk) {
+    const at::Tensor c_t = at::from_blob(const_cast<S*>(C), {bq, bk}, X.options());
+    acc.addmm_(transpose_c ? c_t.t() : c_t, X, S(1), alpha);
+    return;
+  }
+  const int64_t D = X.size(1);
+  S* A = acc.data_ptr<S>();
+  const S* XP = X.const_data_ptr<S>();
+  for (int64_t r = 0; r < bq; ++r) {
+    const S* c_row = C + r * bk;
+    for (int64_t c = 0; c < bk; ++c) {
+      if (c_row[c] == S(0)) continue;
+      const S w = alpha * c_row[c];
+      S* a = A + (transpose_c ? c : r) * D;
+      const S* x = XP + (transpose_c ? r : c) * D;
+      for (int64_t e = 0; e < D; ++e) a[e] += w * x[e];
+    }
+  }
+}
+
 // Distances of query row i (squared norm nq) to the gallery columns [c, c + W) of a Gram tile row
 // (cnt of them real, cnt may be <= 0 past the tile), with the duplicate mask (docs/semantics.md §1.3).
 template <class S>

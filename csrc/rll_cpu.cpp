@@ -57,7 +57,6 @@ template <class S>
 struct ForwardTile {
   std::vector<S> dots, cp, cn;                 // BQ x BK: Gram tile; coefficients c_ij of each set
   std::vector<S> sp, sn, vp, vn, inv, nk, kl;  // BKP, one row: logits, hinge values, 1/d; tile norms, labels
-  std::vector<char> has_pos;                   // BQ: the row has a positive in this tile
   std::vector<OnlineRow<S>> on_pos, on_neg;    // BQ: online state of each set
   std::vector<S> cp_sum, cn_sum;               // BQ: sum_j c_ij of each set, in units of e^m
   std::vector<S> acc_p, acc_n;                 // BQ x D: sum_j c_ij k_j of each set, in units of e^m
@@ -73,7 +72,6 @@ struct ForwardTile {
         inv(fwd.BKP),
         nk(fwd.BKP),
         kl(fwd.BKP),
-        has_pos(fwd.BQ),
         on_pos(fwd.BQ),
         on_neg(fwd.BQ),
         cp_sum(fwd.BQ),
@@ -182,10 +180,15 @@ bool fold_set_into_online_row(const Forward<S>& fwd, const ForwardTile<S>& tile,
   return true;
 }
 
-// Folds gallery tile J into query row i (row r of tile I); returns how many positive coefficients
-// the row holds in this tile ("paper" only, else 0).
+// Nonzero coefficients of each set in a tile ("paper" only).
+struct SetCounts {
+  int64_t pos = 0, neg = 0;
+};
+
+// Folds gallery tile J into query row i (row r of tile I); returns how many nonzero coefficients
+// the row holds in this tile in each set ("paper" only, else 0).
 template <class S>
-int64_t fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t j0, int64_t bk) {
+SetCounts fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t j0, int64_t bk) {
   S max_sp, max_sn;
   row_logits(fwd, tile, i, r, bk, max_sp, max_sn);
   drop_excluded_pairs(fwd, tile, i, j0, bk, max_sp, max_sn);
@@ -195,41 +198,21 @@ int64_t fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t
   S* accn_row = fwd.paper_grad ? tile.acc_n.data() + r * fwd.pb.D : nullptr;
   const bool has_pos = fold_set_into_online_row(fwd, tile, tile.on_pos[r], tile.sp.data(), tile.vp.data(), max_sp, bk,
                                                 cp_row, tile.cp_sum[r], accp_row);
-  fold_set_into_online_row(fwd, tile, tile.on_neg[r], tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row,
-                           tile.cn_sum[r], accn_row);
-  tile.has_pos[r] = has_pos;
-  int64_t n_pos = 0;
-  if (has_pos && fwd.paper_grad) {
-    for (int64_t c = 0; c < bk; ++c) n_pos += cp_row[c] != S(0);
-  }
-  return n_pos;
+  const bool has_neg = fold_set_into_online_row(fwd, tile, tile.on_neg[r], tile.sn.data(), tile.vn.data(), max_sn,
+                                                bk, cn_row, tile.cn_sum[r], accn_row);
+  SetCounts n;
+  if (!fwd.paper_grad) return n;
+  if (has_pos) n.pos = count_nonzero(cp_row, bk);
+  if (has_neg) n.neg = count_nonzero(cn_row, bk);
+  return n;
 }
 
-// "paper": acc += C K_J for both sets. Positives are few in typical P x K batches: sparse row
-// updates unless the tile is dense.
+// "paper": acc += C K_J for both sets, each dense or sparse by its count (add_coef_product): the
+// positives of a P x K batch are always few, the negatives inside the margin often.
 template <class S>
-void add_tile_to_query_grad(const Forward<S>& fwd, ForwardTile<S>& tile, const at::Tensor& kJ, int64_t bq, int64_t bk,
-                            int64_t n_pos) {
-  const auto opts = fwd.q.options();
-  tile.acc_n_t.narrow(0, 0, bq).addmm_(at::from_blob(tile.cn.data(), {bq, bk}, opts), kJ);
-  if (n_pos * 8 > bq * bk) {
-    tile.acc_p_t.narrow(0, 0, bq).addmm_(at::from_blob(tile.cp.data(), {bq, bk}, opts), kJ);
-    return;
-  }
-  if (n_pos == 0) return;
-  const int64_t D = fwd.pb.D;
-  const S* KJ = kJ.data_ptr<S>();
-  for (int64_t r = 0; r < bq; ++r) {
-    if (!tile.has_pos[r]) continue;
-    const S* cp_row = tile.cp.data() + r * bk;
-    S* acc = tile.acc_p.data() + r * D;
-    for (int64_t c = 0; c < bk; ++c) {
-      const S w = cp_row[c];
-      if (w == S(0)) continue;
-      const S* kj = KJ + c * D;
-      for (int64_t e = 0; e < D; ++e) acc[e] += w * kj[e];
-    }
-  }
+void add_tile_to_query_grad(ForwardTile<S>& tile, const at::Tensor& kJ, int64_t bq, int64_t bk, SetCounts n) {
+  add_coef_product(tile.acc_n_t.narrow(0, 0, bq), tile.cn.data(), bq, bk, n.neg, kJ, S(1), false);
+  add_coef_product(tile.acc_p_t.narrow(0, 0, bq), tile.cp.data(), bq, bk, n.pos, kJ, S(1), false);
 }
 
 // Loss and stats of the rows of tile I and, for "paper", their query gradient
@@ -274,9 +257,13 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
     const at::Tensor kJ = fwd.k.narrow(0, j0, bk);
     gram_tile(tile.dots.data(), qI, kJ);
     load_tile(fwd.pb.NK, fwd.pb.KL, j0, bk, fwd.BKP, tile.nk.data(), tile.kl.data());
-    int64_t n_pos = 0;
-    for (int64_t r = 0; r < bq; ++r) n_pos += fold_row(fwd, tile, i0 + r, r, j0, bk);
-    if (fwd.paper_grad) add_tile_to_query_grad(fwd, tile, kJ, bq, bk, n_pos);
+    SetCounts n;
+    for (int64_t r = 0; r < bq; ++r) {
+      const SetCounts row = fold_row(fwd, tile, i0 + r, r, j0, bk);
+      n.pos += row.pos;
+      n.neg += row.neg;
+    }
+    if (fwd.paper_grad) add_tile_to_query_grad(tile, kJ, bq, bk, n);
   }
   finish_rows(fwd, tile, i0, bq);
 }
@@ -449,10 +436,10 @@ template <class S>
 void add_tile_grads(Backward<S>& bwd, BackwardTile<S>& tile, int64_t tid, const at::Tensor& qI, const at::Tensor& kJ,
                     int64_t i0, int64_t j0) {
   const int64_t bq = qI.size(0), bk = kJ.size(0);
-  const at::Tensor g_t = at::from_blob(tile.g.data(), {bq, bk}, qI.options());
-  if (bwd.need_gq) bwd.gq.narrow(0, i0, bq).addmm_(g_t, kJ, S(1), S(-1));
+  const int64_t nnz = count_nonzero(tile.g.data(), bq * bk);  // dense or sparse products (add_coef_product)
+  if (bwd.need_gq) add_coef_product(bwd.gq.narrow(0, i0, bq), tile.g.data(), bq, bk, nnz, kJ, S(-1), false);
   if (!bwd.need_gk) return;
-  bwd.gk_parts[tid].narrow(0, j0, bk).addmm_(g_t.t(), qI, S(1), S(-1));
+  add_coef_product(bwd.gk_parts[tid].narrow(0, j0, bk), tile.g.data(), bq, bk, nnz, qI, S(-1), true);
   S* colsum = bwd.colsum_parts[tid].template data_ptr<S>();
   for (int64_t r = 0; r < bq; ++r) {
     const S* g_row = tile.g.data() + r * bk;
@@ -585,10 +572,10 @@ void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const
     });
   else
     symmetric_h_rows(pb, rows, prm, attached, tile, i0, j0, bk, 0, bq, rowsum);
-  const at::Tensor h_t = at::from_blob(tile.h.data(), {bq, bk}, z.options());
-  gz.narrow(0, i0, bq).addmm_(h_t, zJ, S(1), S(-1));
+  const int64_t nnz = count_nonzero(tile.h.data(), bq * bk);  // dense or sparse products (add_coef_product)
+  add_coef_product(gz.narrow(0, i0, bq), tile.h.data(), bq, bk, nnz, zJ, S(-1), false);
   if (I == J) return;  // the diagonal tile already holds both orders of each pair in its rows
-  gz.narrow(0, j0, bk).addmm_(h_t.t(), zI, S(1), S(-1));
+  add_coef_product(gz.narrow(0, j0, bk), tile.h.data(), bq, bk, nnz, zI, S(-1), true);
   std::fill(tile.colsum.begin(), tile.colsum.end(), S(0));
   for (int64_t r = 0; r < bq; ++r)
     for (int64_t c = 0; c < bk; ++c) tile.colsum[c] += tile.h[r * bk + c];
