@@ -8,12 +8,16 @@ calls it; the kernels' parallel regions are inside their ops) is put in one comp
 - GEMM: aten::mm / addmm / addmm_ / bmm (the tile GEMMs the C++ kernels call, and any other);
 - kernel: the self time of the rll_kernels ops and of their autograd-key range, which holds the C++
   kernel's own work (masks, exp, online softmax, reductions, set-up; its GEMMs are GEMM);
-- normalisation: F.normalize forward and its autograd backward (norm, clamp, div, mul, ...);
+- normalisation: ops named norm, clamp, div, expand: F.normalize forward and backward when the
+  normalisation ran in PyTorch; since the op normalises its rows itself, the mean's div and its
+  backward's expand;
 - other ATen: everything else that is an ATen op (copies, casts, fills, sums);
 - Python + autograd: the wall time per call minus the ops' self times (the Python wrapper, the
   checks, the autograd engine and the custom op's dispatch).
-Also prints the floor per shape, 4 N^2 D FLOPs ("paper") or 8 N^2 D ("pml", which recomputes the
-tiles in its backward) at the torch.mm rate of the shape's Gram GEMM (N x D x N) timed here.
+Also prints the floor per shape: the N x D x N GEMMs the fused step runs on this data
+(bench_train_sizes.fused_gemms: 2 for "paper", 3 for "pml", which recomputes the Gram tiles in its
+backward) at the torch.mm rate of that GEMM timed here. The profiler's own cost per op call makes
+every wall time here larger than bench_train_sizes' (use this for the split, that for the times).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_train_sizes import MARGIN, TN, fwd_bwd, make_batch
+from bench_train_sizes import MARGIN, TN, fused_gemms, fwd_bwd, make_batch, nontrivial_shares
 from torch.profiler import ProfilerActivity, profile
 
 import rll_kernels
@@ -77,7 +81,7 @@ def profile_shape(n: int, d: int, semantics: str, iters: int) -> dict:
         parts[component(ev.key)] += ev.self_cpu_time_total / 1e3 / iters  # ms per call
     ops = sum(v for k, v in parts.items() if k != "Python + autograd")
     parts["Python + autograd"] += max(wall * 1e3 - ops - parts["Python + autograd"], 0.0)
-    flops = (4.0 if semantics == "paper" else 8.0) * n * n * d
+    flops = 2.0 * fused_gemms(semantics, nontrivial_shares(emb, labels)[0]) * n * n * d
     return {"wall": wall * 1e3, "parts": dict(parts), "floor": flops / gemm_rate(n, d) * 1e3, "prof": prof}
 
 
