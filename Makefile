@@ -1,5 +1,5 @@
 # make test   : create .venv if missing, install torch (CPU build) + test deps + the package, run tests
-# make bench  : same set-up, then the benchmarks against the baselines (QUICK=1 for a 2-minute run)
+# make bench  : same set-up, then the benchmarks against the baselines (QUICK=1 for a ~4-minute run)
 # make demo   : same set-up, then train on Fashion-MNIST and print Recall@K / NMI (DEMO_ARGS="--plot x.png")
 # make compat TORCH=2.14.1 : the whole suite against another torch, in its own venv .venv-torch-2.14.1
 # make wheel  : a wheel built against the torch of .venv, in dist/torch-<version>/ (metadata: torch==X.Y.*)
