@@ -156,7 +156,8 @@ def train_size_table(rows: list[dict]) -> list[str]:
         c, p = r["compile"] / r["fused"], r["pml"] / r["fused"]
         lines.append(
             f"| {r['N']} | {r['D']} | {r['semantics']} | {r['data']} ({r['neg']:.0%} / {r['pos']:.0%}) | "
-            f"{r['fused'] * 1e3:.2f} | {r['compile'] * 1e3:.2f} | {r['pml'] * 1e3:.2f} | {r['floor'] * 1e3:.2f} | "
+            f"{r['fused'] * 1e3:.2f} | {r['compile'] * 1e3:.2f} | {r['pml'] * 1e3:.2f} | "
+            f"{r['floor'] * 1e3:.2f} | "
             f"{c:.2f}x | {p:.2f}x | {r['pml'] / r['floor']:.2f}x | {verdict(r)} |"
         )
     return lines
