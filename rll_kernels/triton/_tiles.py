@@ -88,9 +88,10 @@ def gram_chunked(
     PREC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     K_CHUNK: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):
     """The Gram tile A_I B_J^T accumulated over D in chunks of K_CHUNK (only chunk tiles are staged),
-    and the squared norms of the B rows."""
+    and the squared norms of the B rows; ``SWAP``: each chunk's product computed as (B A^T)^T."""
     acc_t = PRM.dtype.element_ty
     dot = tl.zeros([a_ok.shape[0], b_ok.shape[0]], acc_t)
     nb = tl.zeros([b_ok.shape[0]], acc_t)
@@ -104,7 +105,10 @@ def gram_chunked(
         if UPCAST:
             a = a.to(acc_t)
             b = ba
-        dot += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=acc_t)
+        if SWAP:
+            dot += tl.trans(tl.dot(b, tl.trans(a), input_precision=PREC, out_dtype=acc_t))
+        else:
+            dot += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=acc_t)
     return dot, nb
 
 

@@ -144,15 +144,23 @@ def _gram_tile(
     PREC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     K_CHUNK: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):
     """(Gram tile a b^T, squared norms of the streamed rows b, b in the accumulation dtype when
-    ``NEED_B`` or resident). ``a`` is the resident operand; with K_CHUNK both sides are read in chunks."""
+    ``NEED_B`` or resident). ``a`` is the resident operand; with K_CHUNK both sides are read in chunks.
+    ``SWAP`` computes it as (b a^T)^T: the gallery-major key pass then gets each pair's dot product
+    as the query-major passes round it, so the forward's statistics and the pair's hinge value agree
+    to the last bit (at Tp = 1000 the "pml" weight derivative Tp (v - L_P) amplifies a one-ulp
+    difference in v a thousandfold)."""
     if K_CHUNK == 0:
         offs_d = tl.arange(0, BLOCK_D)
         b, ba, nb = load_rows(b_rows, b_ok, offs_d, offs_d < D, PRM, UPCAST)
-        dot = tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=PRM.dtype.element_ty)
+        if SWAP:
+            dot = tl.trans(tl.dot(b, tl.trans(a), input_precision=PREC, out_dtype=PRM.dtype.element_ty))
+        else:
+            dot = tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=PRM.dtype.element_ty)
     else:
-        dot, nb = gram_chunked(a_rows, a_ok, b_rows, b_ok, D, PRM, UPCAST, PREC, BLOCK_D, K_CHUNK)
+        dot, nb = gram_chunked(a_rows, a_ok, b_rows, b_ok, D, PRM, UPCAST, PREC, BLOCK_D, K_CHUNK, SWAP)
         ba = nb
         if NEED_B:  # the whole streamed tile, for the G Z product
             offs_d = tl.arange(0, BLOCK_D)
@@ -397,8 +405,8 @@ def rll_bwd_k_kernel(
         row_ok = offs_m < N
         q_rows = Q + offs_m[:, None] * stride_q
         dot, nq, qa = _gram_tile(
-            k, k_rows, col_ok, q_rows, row_ok, D, PRM, True, UPCAST_QK, PREC_QK, BLOCK_D, K_CHUNK
-        )  # (BLOCK_N, BLOCK_M)
+            k, k_rows, col_ok, q_rows, row_ok, D, PRM, True, UPCAST_QK, PREC_QK, BLOCK_D, K_CHUNK, True
+        )  # (BLOCK_N, BLOCK_M), rounded as the query-major passes round it
         ql, qid = _labels_ids(QL, QID, offs_m, row_ok, HAS_IDS)
         same, diff = pair_sets(kl, ql, kid, qid, col_ok, row_ok, HAS_IDS)
         g_row = tl.load(GR + offs_m, mask=row_ok, other=0.0).to(acc_t)
