@@ -167,6 +167,17 @@ inline at::Tensor gram_tile(S* buf, const at::Tensor& qI, const at::Tensor& kJ) 
   return dots;
 }
 
+// out (cols x rows, row stride rows) = the transpose of the tile x (rows x cols, row stride cols),
+// in 16 x 16 blocks.
+template <class S>
+inline void transpose_tile(const S* x, int64_t rows, int64_t cols, S* out) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) out[c * rows + r] = x[r * cols + c];
+}
+
 // Number of nonzero entries of x[0, n).
 template <class S>
 inline int64_t count_nonzero(const S* x, int64_t n) {

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -34,6 +35,20 @@ inline Tiling choose_tiling(int64_t N, int64_t M, int64_t D) {
   // per thread (64 x 128: 76 -> 59 us per forward; the tile GEMMs are too small to balance better)
   const int64_t BK = std::max<int64_t>(1, std::min<int64_t>(D <= 256 ? 512 : 256, M));
   return {tile_size_for_threads(64, 16, N, N <= 128 ? 1 : 2), BK};
+}
+
+// In-batch kernels that visit each unordered tile pair once (the statistics-only forward and the
+// "pml" backward) use square tiles of B rows: 256, halved down to 64 until every thread has at least
+// two tile pairs (N = 512: 128-row tiles, 10 pairs; N = 128: 64 rows, 3 pairs). Below kSymmetricMinRows
+// the forward keeps the query-tile kernel: at N = 128, D = 512 both took the same time (3 tile pairs
+// do not split evenly over 2 threads), bench/RESULTS.md §14.
+constexpr int64_t kSymmetricTile = 256;
+constexpr int64_t kSymmetricMinRows = 256;
+inline int64_t symmetric_tile_rows(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  int64_t B = kSymmetricTile;
+  while (B > 64 && ceil_div(N, B) * (ceil_div(N, B) + 1) / 2 < 2 * threads) B /= 2;
+  return std::max<int64_t>(1, std::min(B, N));
 }
 
 // ================================================================ forward
@@ -93,14 +108,15 @@ struct ForwardTile {
 };
 
 // Logits sp, sn, hinge values vp, vn (and 1/d for "paper") of query row i against the gallery tile
-// in the tile's row buffers; returns the largest logit of each set in max_sp, max_sn.
+// (its Gram row dot_row, the tile's nk, kl) in the tile's row buffers; returns the largest logit of
+// each set in max_sp, max_sn.
 template <class S>
-void row_logits(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t bk, S& max_sp, S& max_sn) {
+void row_logits(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, const S* dot_row, int64_t bk, S& max_sp,
+                S& max_sn) {
   using V = Vectorized<S>;
   const int64_t W = V::size();
   const Params<S> prm = fwd.prm;
   const S rel = dup_rel<S>();
-  const S* dot_row = tile.dots.data() + r * bk;
   const V nq(fwd.pb.NQ[i]), li(fwd.pb.QL[i]);
   V lane_max_sp(neg_inf<S>()), lane_max_sn(neg_inf<S>());
   for (int64_t c = 0; c < fwd.BKP; c += W) {
@@ -185,21 +201,24 @@ struct SetCounts {
   int64_t pos = 0, neg = 0;
 };
 
-// Folds gallery tile J into query row i (row r of tile I); returns how many nonzero coefficients
-// the row holds in this tile in each set ("paper" only, else 0).
+// Folds a gallery tile (bk rows at j0; dot_row: row i's Gram row against it) into query row i's
+// online states on_p, on_n; r: the row's place in the query tile ("paper": its coefficient and
+// accumulator rows). Returns how many nonzero coefficients the row holds in this tile in each set
+// ("paper" only, else 0).
 template <class S>
-SetCounts fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, int64_t j0, int64_t bk) {
+SetCounts fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, const S* dot_row, int64_t j0,
+                   int64_t bk, OnlineRow<S>& on_p, OnlineRow<S>& on_n) {
   S max_sp, max_sn;
-  row_logits(fwd, tile, i, r, bk, max_sp, max_sn);
+  row_logits(fwd, tile, i, dot_row, bk, max_sp, max_sn);
   drop_excluded_pairs(fwd, tile, i, j0, bk, max_sp, max_sn);
   S* cp_row = tile.cp.data() + r * bk;
   S* cn_row = tile.cn.data() + r * bk;
   S* accp_row = fwd.paper_grad ? tile.acc_p.data() + r * fwd.pb.D : nullptr;
   S* accn_row = fwd.paper_grad ? tile.acc_n.data() + r * fwd.pb.D : nullptr;
-  const bool has_pos = fold_set_into_online_row(fwd, tile, tile.on_pos[r], tile.sp.data(), tile.vp.data(), max_sp, bk,
-                                                cp_row, tile.cp_sum[r], accp_row);
-  const bool has_neg = fold_set_into_online_row(fwd, tile, tile.on_neg[r], tile.sn.data(), tile.vn.data(), max_sn,
-                                                bk, cn_row, tile.cn_sum[r], accn_row);
+  const bool has_pos =
+      fold_set_into_online_row(fwd, tile, on_p, tile.sp.data(), tile.vp.data(), max_sp, bk, cp_row, tile.cp_sum[r], accp_row);
+  const bool has_neg =
+      fold_set_into_online_row(fwd, tile, on_n, tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row, tile.cn_sum[r], accn_row);
   SetCounts n;
   if (!fwd.paper_grad) return n;
   if (has_pos) n.pos = count_nonzero(cp_row, bk);
@@ -215,6 +234,20 @@ void add_tile_to_query_grad(ForwardTile<S>& tile, const at::Tensor& kJ, int64_t 
   add_coef_product(tile.acc_p_t.narrow(0, 0, bq), tile.cp.data(), bq, bk, n.pos, kJ, S(1), false);
 }
 
+// Row i's loss and stats [logden_P, L_P, logden_N, L_N] from its final online states.
+template <class S>
+void write_row_stats(const Forward<S>& fwd, int64_t i, const OnlineRow<S>& on_p, const OnlineRow<S>& on_n,
+                     SetStats<S>& pos, SetStats<S>& neg) {
+  pos = online_finish(on_p, fwd.prm.den_bias);
+  neg = online_finish(on_n, fwd.prm.den_bias);
+  fwd.loss[i] = row_loss(pos.L, neg.L, fwd.prm);
+  S* st = fwd.stats + i * 4;
+  st[0] = pos.logden;
+  st[1] = pos.L;
+  st[2] = neg.logden;
+  st[3] = neg.L;
+}
+
 // Loss and stats of the rows of tile I and, for "paper", their query gradient
 // dL/dq_i = sum_set sign * lam_set / den_set * (c_sum q_i - acc_i), weights in units of e^m.
 template <class S>
@@ -225,14 +258,8 @@ void finish_rows(const Forward<S>& fwd, const ForwardTile<S>& tile, int64_t i0, 
   const S* Q = fwd.q.template data_ptr<S>();
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
-    const SetStats<S> pos = online_finish(tile.on_pos[r], prm.den_bias);
-    const SetStats<S> neg = online_finish(tile.on_neg[r], prm.den_bias);
-    fwd.loss[i] = row_loss(pos.L, neg.L, prm);
-    S* st = fwd.stats + i * 4;
-    st[0] = pos.logden;
-    st[1] = pos.L;
-    st[2] = neg.logden;
-    st[3] = neg.L;
+    SetStats<S> pos, neg;
+    write_row_stats(fwd, i, tile.on_pos[r], tile.on_neg[r], pos, neg);
     if (!fwd.paper_grad) continue;
     const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(tile.on_pos[r].m - pos.logden);
     const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(tile.on_neg[r].m - neg.logden);
@@ -259,7 +286,8 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
     load_tile(fwd.pb.NK, fwd.pb.KL, j0, bk, fwd.BKP, tile.nk.data(), tile.kl.data());
     SetCounts n;
     for (int64_t r = 0; r < bq; ++r) {
-      const SetCounts row = fold_row(fwd, tile, i0 + r, r, j0, bk);
+      const SetCounts row =
+          fold_row(fwd, tile, i0 + r, r, tile.dots.data() + r * bk, j0, bk, tile.on_pos[r], tile.on_neg[r]);
       n.pos += row.pos;
       n.neg += row.neg;
     }
@@ -287,6 +315,70 @@ void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at:
   at::parallel_for(0, ceil_div(pb.N, fwd.BQ), 1, [&](int64_t b0, int64_t b1) {
     ForwardTile<S> tile(fwd);
     for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
+  });
+}
+
+// ================================================================ in-batch forward, statistics only
+// In-batch without the "paper" gradient (q is k = z: "pml", or no gradient wanted): the pair (i, j)
+// and the pair (j, i) share d, labels and exclusion, so each unordered tile pair (I <= J) gets one
+// Gram GEMM; its rows are folded into the online states of the rows of I and its transpose into
+// those of the rows of J (the diagonal tile holds both orders of its pairs). Every ordered pair is
+// folded once, as in the query-tile kernel, for ~half its Gram FLOPs. Each thread keeps its own
+// states of every row; they are merged at the end (online_merge).
+template <class S>
+struct SymmetricForwardTile {
+  ForwardTile<S> tile;                 // dots: the Gram tile; nk, kl: the gallery side's
+  std::vector<S> dots_t;               // the Gram tile's transpose
+  std::vector<OnlineRow<S>> pos, neg;  // N: this thread's online state of every row
+  explicit SymmetricForwardTile(const Forward<S>& fwd)
+      : tile(fwd), dots_t(fwd.BQ * fwd.BK), pos(fwd.pb.N), neg(fwd.pb.N) {}
+};
+
+// Rows x0..x0+nx against the gallery rows y0..y0+ny, from their Gram rows (row stride ny).
+template <class S>
+void fold_tile_rows(const Forward<S>& fwd, SymmetricForwardTile<S>& st, const S* gram, int64_t x0, int64_t nx,
+                    int64_t y0, int64_t ny) {
+  ForwardTile<S>& tile = st.tile;
+  load_tile(fwd.pb.NK, fwd.pb.KL, y0, ny, fwd.BKP, tile.nk.data(), tile.kl.data());
+  for (int64_t r = 0; r < nx; ++r) fold_row(fwd, tile, x0 + r, r, gram + r * ny, y0, ny, st.pos[x0 + r], st.neg[x0 + r]);
+}
+
+template <class S>
+void forward_tile_pair(const Forward<S>& fwd, SymmetricForwardTile<S>& st, int64_t I, int64_t J) {
+  const int64_t B = fwd.BQ, N = fwd.pb.N;
+  const int64_t i0 = I * B, bq = std::min(B, N - i0), j0 = J * B, bk = std::min(B, N - j0);
+  S* dots = st.tile.dots.data();
+  gram_tile(dots, fwd.q.narrow(0, i0, bq), fwd.q.narrow(0, j0, bk));
+  fold_tile_rows(fwd, st, dots, i0, bq, j0, bk);
+  if (I == J) return;
+  transpose_tile(dots, bq, bk, st.dots_t.data());
+  fold_tile_rows(fwd, st, st.dots_t.data(), j0, bk, i0, bq);
+}
+
+template <class S>
+void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const Params<S> prm, at::Tensor& loss,
+                           at::Tensor& stats) {
+  const int64_t B = symmetric_tile_rows(pb.N);
+  const Forward<S> fwd{pb, z, z, prm, false, B, B, vec_pad<S>(B), loss.data_ptr<S>(), stats.data_ptr<S>(),
+                       nullptr, nullptr};
+  const auto pairs = upper_tile_pairs(ceil_div(pb.N, B));
+  std::vector<std::unique_ptr<SymmetricForwardTile<S>>> per_thread(at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
+    auto& st = per_thread[at::get_thread_num()];
+    if (!st) st = std::make_unique<SymmetricForwardTile<S>>(fwd);
+    for (int64_t p = p0; p < p1; ++p) forward_tile_pair(fwd, *st, pairs[p].first, pairs[p].second);
+  });
+  at::parallel_for(0, pb.N, 512, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      OnlineRow<S> on_p, on_n;
+      for (const auto& st : per_thread) {
+        if (!st) continue;
+        online_merge(on_p, st->pos[i]);
+        online_merge(on_n, st->neg[i]);
+      }
+      SetStats<S> pos, neg;
+      write_row_stats(fwd, i, on_p, on_n, pos, neg);
+    }
   });
 }
 
@@ -528,26 +620,95 @@ void rll_backward_kernel(const PairProblem<S>& pb, const at::Tensor& grad_rows, 
 // exclusion, so each unordered tile pair (I <= J) is computed once. With H_ij = G_ij + G_ji the
 // gradient is dz_i += sum_j H_ij (z_i - z_j) for both ends, i.e. one Gram GEMM and two gradient
 // GEMMs per unordered pair instead of three GEMMs per ordered pair.
-constexpr int64_t kSymmetricTile = 256;
 
 template <class S>
 struct SymmetricTile {
-  int64_t B, BP;  // tile rows (kSymmetricTile, or N when the batch is smaller) and their padded width
+  int64_t B, BP;  // tile rows (symmetric_tile_rows) and their padded width
   std::vector<S> dots, h, nk, kl, colsum;
   TileSets<S> cols;
   explicit SymmetricTile(int64_t B_)
       : B(B_), BP(vec_pad<S>(B_)), dots(B * B), h(B * B), nk(BP), kl(BP), colsum(BP), cols(BP) {}
 };
 
-// The rows [r0, r1) of tile pair (I, J) against tile J (loaded in tile): H into tile.h, the row
-// sums of H into rowsum.
+// Rows grouped by label: `order` sorts the rows by (label, row), rows first[i]..last[i] of it share
+// row i's label.
+struct LabelGroups {
+  std::vector<int64_t> order, first, last;
+};
 template <class S>
-void symmetric_h_rows(const PairProblem<S>& pb, const RowSets<S>& rows, const Params<S> prm, bool attached,
-                      SymmetricTile<S>& tile, int64_t i0, int64_t j0, int64_t bk, int64_t r0, int64_t r1, S* rowsum) {
+LabelGroups group_by_label(const S* labels, int64_t N) {
+  LabelGroups g{std::vector<int64_t>(N), std::vector<int64_t>(N), std::vector<int64_t>(N)};
+  std::iota(g.order.begin(), g.order.end(), int64_t(0));
+  std::sort(g.order.begin(), g.order.end(), [&](int64_t a, int64_t b) {
+    return labels[a] < labels[b] || (labels[a] == labels[b] && a < b);
+  });
+  for (int64_t s = 0; s < N;) {
+    int64_t e = s;
+    while (e < N && labels[g.order[e]] == labels[g.order[s]]) ++e;
+    for (int64_t t = s; t < e; ++t) g.first[g.order[t]] = s, g.last[g.order[t]] = e;
+    s = e;
+  }
+  return g;
+}
+
+// What every tile pair of one in-batch backward call reads. A tile whose rows all have an empty
+// negative set (has_neg false) holds no negative member in any of its pairs: j in N_i iff i in N_j
+// (d, labels and exclusion are symmetric), so N_i empty for every i in I, or for every j in J, leaves
+// only the same-label pairs of the tile pair (I, J) to compute (same_label_tile).
+template <class S>
+struct SymmetricBackward {
+  const PairProblem<S>& pb;
+  const RowSets<S>& rows;
+  Params<S> prm;
+  bool attached;
+  const at::Tensor& z;
+  int64_t B;
+  LabelGroups groups;
+  std::vector<char> has_neg;  // per tile: some row of it has a non-empty negative set
+  SymmetricBackward(const PairProblem<S>& pb_, const RowSets<S>& rows_, Params<S> prm_, bool attached_,
+                    const at::Tensor& z_, int64_t B_)
+      : pb(pb_), rows(rows_), prm(prm_), attached(attached_), z(z_), B(B_), has_neg(ceil_div(pb_.N, B_), 0) {
+    for (int64_t i = 0; i < pb.N; ++i) has_neg[i / B] |= rows.has_n[i];
+    if (std::find(has_neg.begin(), has_neg.end(), 0) != has_neg.end()) groups = group_by_label(pb.QL, pb.N);
+  }
+};
+
+// The Gram tile of (I, J) with only its same-label pairs computed (the others 0: with the negative
+// terms off, only positives read a pair's distance), when those are at most one pair in kDenseShare;
+// returns false (nothing written) when they are more, for the GEMM.
+template <class S>
+bool same_label_tile(const SymmetricBackward<S>& sb, int64_t i0, int64_t bq, int64_t j0, int64_t bk, S* dots) {
+  const LabelGroups& g = sb.groups;
+  std::vector<std::pair<const int64_t*, const int64_t*>> spans(bq);  // row i's group members in [j0, j0 + bk)
+  int64_t count = 0;
+  for (int64_t r = 0; r < bq; ++r) {
+    const int64_t *b = g.order.data() + g.first[i0 + r], *e = g.order.data() + g.last[i0 + r];
+    spans[r] = {std::lower_bound(b, e, j0), std::lower_bound(b, e, j0 + bk)};
+    count += spans[r].second - spans[r].first;
+  }
+  if (count * kDenseShare > bq * bk) return false;
+  std::fill(dots, dots + bq * bk, S(0));
+  const int64_t D = sb.pb.D;
+  const S* Z = sb.z.template const_data_ptr<S>();
+  using V = Vectorized<S>;
+  for (int64_t r = 0; r < bq; ++r)
+    for (const int64_t* it = spans[r].first; it != spans[r].second; ++it)
+      dots[r * bk + (*it - j0)] = at::vec::map2_reduce_all<S>([](V x, V y) { return x * y; },
+                                                               [](V x, V y) { return x + y; }, Z + (i0 + r) * D,
+                                                               Z + *it * D, D);
+  return true;
+}
+
+// The rows [r0, r1) of tile pair (I, J) against tile J (loaded in tile): H into tile.h, the row
+// sums of H into rowsum; negatives: whether the negative terms are evaluated.
+template <class S>
+void symmetric_h_rows(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile, bool negatives, int64_t i0, int64_t j0,
+                      int64_t bk, int64_t r0, int64_t r1, S* rowsum) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = i0 + r;
-    rowsum[i] += row_pair_grads(pb, prm, attached, rows, &tile.cols, true, true, tile.dots.data() + r * bk,
-                                tile.nk.data(), tile.kl.data(), i, j0, bk, tile.BP, tile.h.data() + r * bk);
+    rowsum[i] += row_pair_grads(sb.pb, sb.prm, sb.attached, sb.rows, &tile.cols, true, negatives,
+                                tile.dots.data() + r * bk, tile.nk.data(), tile.kl.data(), i, j0, bk, tile.BP,
+                                tile.h.data() + r * bk);
   }
 }
 
@@ -556,22 +717,22 @@ void symmetric_h_rows(const PairProblem<S>& pb, const RowSets<S>& rows, const Pa
 // outside any parallel region, so the GEMMs use every thread and the rows are split over them;
 // else it is one thread's task and runs serially.
 template <class S>
-void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const Params<S> prm, bool attached,
-                         const at::Tensor& z, SymmetricTile<S>& tile, int64_t I, int64_t J, at::Tensor& gz, S* rowsum,
-                         bool wide) {
-  const int64_t B = tile.B, BP = tile.BP;
-  const int64_t i0 = I * B, bq = std::min(B, pb.N - i0);
-  const int64_t j0 = J * B, bk = std::min(B, pb.N - j0);
-  const at::Tensor zI = z.narrow(0, i0, bq), zJ = z.narrow(0, j0, bk);
-  gram_tile(tile.dots.data(), zI, zJ);
-  load_tile(pb.NK, pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
-  tile.cols.load(rows, j0, bk);
+void symmetric_tile_pair(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile, int64_t I, int64_t J,
+                         at::Tensor& gz, S* rowsum, bool wide) {
+  const int64_t B = tile.B, BP = tile.BP, N = sb.pb.N;
+  const int64_t i0 = I * B, bq = std::min(B, N - i0);
+  const int64_t j0 = J * B, bk = std::min(B, N - j0);
+  const at::Tensor zI = sb.z.narrow(0, i0, bq), zJ = sb.z.narrow(0, j0, bk);
+  const bool negatives = sb.has_neg[I] && sb.has_neg[J];
+  if (negatives || !same_label_tile(sb, i0, bq, j0, bk, tile.dots.data())) gram_tile(tile.dots.data(), zI, zJ);
+  load_tile(sb.pb.NK, sb.pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
+  tile.cols.load(sb.rows, j0, bk);
   if (wide)
     at::parallel_for(0, bq, 8, [&](int64_t r0, int64_t r1) {
-      symmetric_h_rows(pb, rows, prm, attached, tile, i0, j0, bk, r0, r1, rowsum);
+      symmetric_h_rows(sb, tile, negatives, i0, j0, bk, r0, r1, rowsum);
     });
   else
-    symmetric_h_rows(pb, rows, prm, attached, tile, i0, j0, bk, 0, bq, rowsum);
+    symmetric_h_rows(sb, tile, negatives, i0, j0, bk, 0, bq, rowsum);
   const int64_t nnz = count_nonzero(tile.h.data(), bq * bk);  // dense or sparse products (add_coef_product)
   add_coef_product(gz.narrow(0, i0, bq), tile.h.data(), bq, bk, nnz, zJ, S(-1), false);
   if (I == J) return;  // the diagonal tile already holds both orders of each pair in its rows
@@ -582,14 +743,15 @@ void symmetric_tile_pair(const PairProblem<S>& pb, const RowSets<S>& rows, const
   for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += tile.colsum[c];
 }
 
-// Fewer tile pairs than 2 per thread (N <= 512): one pair at a time on every thread ("wide"),
-// else each thread takes whole pairs into its own partial gradient.
+// Fewer tile pairs than 2 per thread: one pair at a time on every thread ("wide"), else each
+// thread takes whole pairs into its own partial gradient.
 template <class S>
 void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_rows, const at::Tensor& z,
                             const S* norms, const at::Tensor& stats, const Params<S> prm, bool attached,
                             at::Tensor& gz) {
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
-  const int64_t B = std::max<int64_t>(1, std::min(kSymmetricTile, pb.N));
+  const int64_t B = symmetric_tile_rows(pb.N);
+  const SymmetricBackward<S> sb(pb, rows, prm, attached, z, B);
   const auto pairs = upper_tile_pairs(ceil_div(pb.N, B));
   const int64_t n_pairs = static_cast<int64_t>(pairs.size());
   const bool wide = n_pairs < 2 * at::get_num_threads();
@@ -599,8 +761,7 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
   if (wide) {
     SymmetricTile<S> tile(B);
     at::Tensor gz_t = gz_parts[0];
-    for (const auto& [I, J] : pairs)
-      symmetric_tile_pair(pb, rows, prm, attached, z, tile, I, J, gz_t, rowsum_parts.data_ptr<S>(), true);
+    for (const auto& [I, J] : pairs) symmetric_tile_pair(sb, tile, I, J, gz_t, rowsum_parts.data_ptr<S>(), true);
   } else {
     at::parallel_for(0, n_pairs, 1, [&](int64_t p0, int64_t p1) {
       const int64_t tid = at::get_thread_num();
@@ -608,7 +769,7 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
       at::Tensor gz_t = gz_parts[tid];
       S* rowsum = rowsum_parts[tid].data_ptr<S>();
       for (int64_t p = p0; p < p1; ++p)
-        symmetric_tile_pair(pb, rows, prm, attached, z, tile, pairs[p].first, pairs[p].second, gz_t, rowsum, false);
+        symmetric_tile_pair(sb, tile, pairs[p].first, pairs[p].second, gz_t, rowsum, false);
     });
   }
   combine_thread_parts(gz_parts, rowsum_parts, z, norms, gz);
@@ -762,7 +923,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rll_fwd_c
     const Operands<scalar_t> op = forward_operands<scalar_t>(q, k, normalize, z, norms);
     if (N == 0) return;
     const PairProblem<scalar_t> pb(op.nq, op.nk, q_labels, q_ids, k.has_value() ? &*k_labels : nullptr, k_ids, D);
-    rll_forward_kernel<scalar_t>(pb, op.q, op.k, op.q_norms, prm, paper_grad, loss, gq, stats);
+    // in-batch statistics ("pml", or no gradient): each unordered tile pair once
+    if (!k.has_value() && !paper_grad && N >= kSymmetricMinRows)
+      rll_forward_symmetric<scalar_t>(pb, op.q, prm, loss, stats);
+    else
+      rll_forward_kernel<scalar_t>(pb, op.q, op.k, op.q_norms, prm, paper_grad, loss, gq, stats);
   });
   return {loss, gq, stats, z, norms};
 }

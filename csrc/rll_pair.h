@@ -147,6 +147,17 @@ RLL_HD S online_begin_tile(OnlineRow<S>& r, S tile_max) {
 template <class T, class S>
 RLL_HD T online_weight(T logit, const OnlineRow<S>& r) { return rll_exp(logit - T(r.m)); }
 
+// Merges o, another partial state of the same row and set (FlashAttention's split-K combine), into r.
+template <class S>
+RLL_HD void online_merge(OnlineRow<S>& r, const OnlineRow<S>& o) {
+  const S m_new = rll_max(r.m, o.m);
+  if (m_new == neg_inf<S>()) return;  // neither has seen a member
+  const S fr = rescale(r.m, m_new), fo = rescale(o.m, m_new);
+  r.l = r.l * fr + o.l * fo;
+  r.a = r.a * fr + o.a * fo;
+  r.m = m_new;
+}
+
 // Final statistics of a set: the weighted mean L and log of the true denominator
 // log(sum exp(s) + bias). An empty set gives L = 0 and logden = -inf (no weight anywhere).
 template <class S>
