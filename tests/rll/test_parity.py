@@ -138,7 +138,9 @@ def test_tiles_with_and_without_negatives(backend, device, skip_if_interpreted_a
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check(backend, emb.to(device), labels.to(device), None, None, sem, "none", margin=0.4, alpha=0.9, Tp=5.0)
+        _check(
+            backend, emb.to(device), labels.to(device), None, None, sem, "none", margin=0.4, alpha=0.9, Tp=5.0
+        )
     finally:
         torch.set_num_threads(before)
 
