@@ -90,17 +90,32 @@ def providers(semantics: str, pml_loss) -> dict:
 
 
 # The GEMMs the fused step runs, in units of one N x D x N GEMM: the Gram tiles ("paper": the
-# forward's; "pml": the forward's and the backward's) and one coefficient product ("paper": C K, the
-# query gradient; "pml": H z), which the kernel runs as a GEMM only where more than 1/8 of a tile's
-# pairs are set members (csrc/cpu_tiles.h add_coef_product) and else adds row by row: dense on the
-# clustered data (26-39% of the negatives inside the margin), sparse on iid data (none). PML runs
-# three GEMMs of that shape: the distance matrix and its two backward products.
-GRAM_GEMMS = {"paper": 1, "pml": 2}
+# forward's; "pml": the forward's and the backward's, each over the unordered tile pairs only) and one
+# coefficient product ("paper": C K, the query gradient; "pml": H z), which the kernel runs as a GEMM
+# only where more than 1/8 of a tile's pairs are set members (csrc/cpu_tiles.h add_coef_product) and
+# else adds row by row: dense on the clustered data (26-39% of the negatives inside the margin),
+# sparse on iid data (none). PML runs three GEMMs of that shape: the distance matrix and its two
+# backward products.
 DENSE_SHARE = 1 / 8
+SYMMETRIC_MIN_ROWS = 256  # csrc/rll_cpu.cpp kSymmetricMinRows: smaller batches run the query-tile forward
 
 
-def fused_gemms(semantics: str, neg_share: float) -> int:
-    return GRAM_GEMMS[semantics] + (1 if neg_share > DENSE_SHARE else 0)
+def symmetric_share(n: int, threads: int = 2) -> float:
+    """Share of the N x N Gram FLOPs that the in-batch kernels visiting each unordered tile pair once
+    compute: T (T + 1) / 2 of T^2 tiles, with the tile rows of csrc/rll_cpu.cpp symmetric_tile_rows."""
+    b = 256
+    while b > 64 and -(-n // b) * (-(-n // b) + 1) // 2 < 2 * threads:
+        b //= 2
+    t = -(-n // min(b, n))
+    return t * (t + 1) / 2 / t**2
+
+
+def fused_gemms(semantics: str, neg_share: float, n: int) -> float:
+    coef = 1 if neg_share > DENSE_SHARE else 0
+    if semantics == "paper":
+        return 1 + coef
+    forward = symmetric_share(n) if n >= SYMMETRIC_MIN_ROWS else 1.0
+    return forward + symmetric_share(n) + coef
 
 
 def gemm_fns(n: int, d: int) -> dict:
@@ -123,7 +138,7 @@ def time_shape(n: int, d: int, semantics: str, datasets: list[str], reps: int, p
     rows = []
     for data, (emb, labels) in batches.items():
         neg, pos = nontrivial_shares(emb, labels)
-        floor = fused_gemms(semantics, neg) * gemm
+        floor = fused_gemms(semantics, neg, n) * gemm
         rows.append(
             dict(
                 N=n,

@@ -15,8 +15,9 @@ calls it; the kernels' parallel regions are inside their ops) is put in one comp
 - Python + autograd: the wall time per call minus the ops' self times (the Python wrapper, the
   checks, the autograd engine and the custom op's dispatch).
 Also prints the floor per shape: the N x D x N GEMMs the fused step runs on this data
-(bench_train_sizes.fused_gemms: 2 for "paper", 3 for "pml", which recomputes the Gram tiles in its
-backward) at the torch.mm rate of that GEMM timed here. The profiler's own cost per op call makes
+(bench_train_sizes.fused_gemms: the Gram tiles, of the unordered tile pairs only in the "pml"
+forward and backward, plus the coefficient product where it is dense) at the torch.mm rate of that
+GEMM timed here. The profiler's own cost per op call makes
 every wall time here larger than bench_train_sizes' (use this for the split, that for the times).
 """
 
@@ -81,7 +82,7 @@ def profile_shape(n: int, d: int, semantics: str, iters: int) -> dict:
         parts[component(ev.key)] += ev.self_cpu_time_total / 1e3 / iters  # ms per call
     ops = sum(v for k, v in parts.items() if k != "Python + autograd")
     parts["Python + autograd"] += max(wall * 1e3 - ops - parts["Python + autograd"], 0.0)
-    flops = 2.0 * fused_gemms(semantics, nontrivial_shares(emb, labels)[0]) * n * n * d
+    flops = 2.0 * fused_gemms(semantics, nontrivial_shares(emb, labels)[0], n) * n * n * d
     return {"wall": wall * 1e3, "parts": dict(parts), "floor": flops / gemm_rate(n, d) * 1e3, "prof": prof}
 
 
