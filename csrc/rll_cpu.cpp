@@ -215,10 +215,10 @@ SetCounts fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64
   S* cn_row = tile.cn.data() + r * bk;
   S* accp_row = fwd.paper_grad ? tile.acc_p.data() + r * fwd.pb.D : nullptr;
   S* accn_row = fwd.paper_grad ? tile.acc_n.data() + r * fwd.pb.D : nullptr;
-  const bool has_pos =
-      fold_set_into_online_row(fwd, tile, on_p, tile.sp.data(), tile.vp.data(), max_sp, bk, cp_row, tile.cp_sum[r], accp_row);
-  const bool has_neg =
-      fold_set_into_online_row(fwd, tile, on_n, tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row, tile.cn_sum[r], accn_row);
+  const bool has_pos = fold_set_into_online_row(fwd, tile, on_p, tile.sp.data(), tile.vp.data(), max_sp, bk, cp_row,
+                                                tile.cp_sum[r], accp_row);
+  const bool has_neg = fold_set_into_online_row(fwd, tile, on_n, tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row,
+                                                tile.cn_sum[r], accn_row);
   SetCounts n;
   if (!fwd.paper_grad) return n;
   if (has_pos) n.pos = count_nonzero(cp_row, bk);
@@ -340,7 +340,8 @@ void fold_tile_rows(const Forward<S>& fwd, SymmetricForwardTile<S>& st, const S*
                     int64_t y0, int64_t ny) {
   ForwardTile<S>& tile = st.tile;
   load_tile(fwd.pb.NK, fwd.pb.KL, y0, ny, fwd.BKP, tile.nk.data(), tile.kl.data());
-  for (int64_t r = 0; r < nx; ++r) fold_row(fwd, tile, x0 + r, r, gram + r * ny, y0, ny, st.pos[x0 + r], st.neg[x0 + r]);
+  for (int64_t r = 0; r < nx; ++r)
+    fold_row(fwd, tile, x0 + r, r, gram + r * ny, y0, ny, st.pos[x0 + r], st.neg[x0 + r]);
 }
 
 template <class S>
@@ -669,7 +670,8 @@ struct SymmetricBackward {
                     const at::Tensor& z_, int64_t B_)
       : pb(pb_), rows(rows_), prm(prm_), attached(attached_), z(z_), B(B_), has_neg(ceil_div(pb_.N, B_), 0) {
     for (int64_t i = 0; i < pb.N; ++i) has_neg[i / B] |= rows.has_n[i];
-    if (std::find(has_neg.begin(), has_neg.end(), 0) != has_neg.end()) groups = group_by_label(pb.QL, pb.N);
+    // some row without negatives: a tile pair or a block of rows may need the same-label pairs alone
+    if (std::find(rows.has_n.begin(), rows.has_n.end(), 0) != rows.has_n.end()) groups = group_by_label(pb.QL, pb.N);
   }
 };
 
@@ -743,6 +745,37 @@ void symmetric_tile_pair(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile,
   for (int64_t c = 0; c < bk; ++c) rowsum[j0 + c] += tile.colsum[c];
 }
 
+// Small batches (at most two tiles): the rows split over the threads, each block of rows against
+// the whole batch. H_ij = G_ij + G_ji holds both orders of a pair, so row i's gradient
+// sum_j H_ij (z_i - z_j) needs only row i of H: every thread's GEMMs are its own (single-threaded
+// tile GEMMs run ~1.5x faster per core than one 64-row GEMM on two threads), with no per-thread
+// parts to zero and combine; the Gram FLOPs are those of the whole N x N tile.
+template <class S>
+void rll_backward_row_blocks(const SymmetricBackward<S>& sb, const S* norms, at::Tensor& gz) {
+  const int64_t N = sb.pb.N, D = sb.pb.D, BP = vec_pad<S>(N);
+  std::vector<S> nk(BP), kl(BP);
+  load_tile(sb.pb.NK, sb.pb.KL, 0, N, BP, nk.data(), kl.data());
+  TileSets<S> cols(BP);
+  cols.load(sb.rows, 0, N);
+  const S* Z = sb.z.template const_data_ptr<S>();
+  S* GZ = gz.data_ptr<S>();
+  at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
+    const int64_t R = r1 - r0;
+    std::vector<S> dots(R * N), h(R * N), rowsum(R);
+    const bool negatives = std::find(sb.rows.has_n.begin() + r0, sb.rows.has_n.begin() + r1, 1) !=
+                           sb.rows.has_n.begin() + r1;  // some row of the block has a negative member
+    if (negatives || !same_label_tile(sb, r0, R, 0, N, dots.data()))
+      gram_tile(dots.data(), sb.z.narrow(0, r0, R), sb.z);
+    for (int64_t r = 0; r < R; ++r)
+      rowsum[r] = row_pair_grads(sb.pb, sb.prm, sb.attached, sb.rows, &cols, true, negatives, dots.data() + r * N,
+                                 nk.data(), kl.data(), r0 + r, 0, N, BP, h.data() + r * N);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t e = 0; e < D; ++e) GZ[(r0 + r) * D + e] = rowsum[r] * Z[(r0 + r) * D + e];
+    add_coef_product(gz.narrow(0, r0, R), h.data(), R, N, count_nonzero(h.data(), R * N), sb.z, S(-1), false);
+    if (norms != nullptr) normalize_backward_rows(GZ + r0 * D, Z + r0 * D, norms + r0, R, D);
+  });
+}
+
 // Fewer tile pairs than 2 per thread: one pair at a time on every thread ("wide"), else each
 // thread takes whole pairs into its own partial gradient.
 template <class S>
@@ -752,6 +785,10 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
   const int64_t B = symmetric_tile_rows(pb.N);
   const SymmetricBackward<S> sb(pb, rows, prm, attached, z, B);
+  if (ceil_div(pb.N, B) <= 2) {  // N <= 128 at 2 threads; at N = 256 both took the same time, at 512 blocks lost
+    rll_backward_row_blocks(sb, norms, gz);
+    return;
+  }
   const auto pairs = upper_tile_pairs(ceil_div(pb.N, B));
   const int64_t n_pairs = static_cast<int64_t>(pairs.size());
   const bool wide = n_pairs < 2 * at::get_num_threads();

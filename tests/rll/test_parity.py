@@ -123,24 +123,29 @@ def test_all_same_labels_dense_positive_tiles(backend, device, skip_if_interpret
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sem", ["paper", "pml"])
-def test_tiles_with_and_without_negatives(backend, device, skip_if_interpreted_above, sem, threads):
-    # rows 0-89 in tight classes around one direction (their negatives inside alpha = 0.9), the rest
-    # iid in D = 96 (d ~ 1.4: no negative inside), one duplicate pair of two classes among them (d = 0,
-    # a negative) and one of one class: the in-batch kernels' tile pairs with and without negative
-    # members (csrc/rll_cpu.cpp, same_label_tile), each thread's partial row states merged, ragged N
-    n, d = 301, 96
+@pytest.mark.parametrize(
+    "n, tight, neg_dup, pos_dup", [(301, 90, (150, 250), (200, 201)), (120, 40, (45, 50), (100, 101))]
+)
+def test_tiles_with_and_without_negatives(
+    backend, device, skip_if_interpreted_above, sem, threads, n, tight, neg_dup, pos_dup
+):
+    # the first `tight` rows in tight classes around one direction (their negatives inside
+    # alpha = 0.9), the rest iid in D = 96 (d ~ 1.4: no negative inside), one duplicate pair of two
+    # classes among them (d = 0, a negative) and one of one class: the in-batch kernels' tile pairs
+    # (N = 301) and blocks of rows (N = 120) with and without negative members (csrc/rll_cpu.cpp,
+    # same_label_tile), each thread's partial row states merged, ragged N
+    d = 96
     skip_if_interpreted_above(n, n, d)
     labels = torch.arange(n) // 4
     emb = torch.randn(n, d, dtype=torch.float64)
     u = F.normalize(torch.randn(d, dtype=torch.float64), dim=0)
-    emb[:90] = u + 0.3 * emb[:90] / d**0.5
-    emb[250], emb[201] = emb[150], emb[200]
+    emb[:tight] = u + 0.3 * emb[:tight] / d**0.5
+    emb[neg_dup[1]], emb[pos_dup[1]] = emb[neg_dup[0]], emb[pos_dup[0]]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check(
-            backend, emb.to(device), labels.to(device), None, None, sem, "none", margin=0.4, alpha=0.9, Tp=5.0
-        )
+        hp = dict(margin=0.4, alpha=0.9, Tp=5.0)
+        _check(backend, emb.to(device), labels.to(device), None, None, sem, "none", **hp)
     finally:
         torch.set_num_threads(before)
 
