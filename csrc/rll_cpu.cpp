@@ -234,18 +234,19 @@ void add_tile_to_query_grad(ForwardTile<S>& tile, const at::Tensor& kJ, int64_t 
   add_coef_product(tile.acc_p_t.narrow(0, 0, bq), tile.cp.data(), bq, bk, n.pos, kJ, S(1), false);
 }
 
-// Row i's loss and stats [logden_P, L_P, logden_N, L_N] from its final online states.
+// Row i's loss and stats [logden_P, L_P, logden_N, L_N] from its final online states; returns the
+// positive and the negative set's statistics.
 template <class S>
-void write_row_stats(const Forward<S>& fwd, int64_t i, const OnlineRow<S>& on_p, const OnlineRow<S>& on_n,
-                     SetStats<S>& pos, SetStats<S>& neg) {
-  pos = online_finish(on_p, fwd.prm.den_bias);
-  neg = online_finish(on_n, fwd.prm.den_bias);
+std::pair<SetStats<S>, SetStats<S>> write_row_stats(const Forward<S>& fwd, int64_t i, const OnlineRow<S>& on_p,
+                                                    const OnlineRow<S>& on_n) {
+  const SetStats<S> pos = online_finish(on_p, fwd.prm.den_bias), neg = online_finish(on_n, fwd.prm.den_bias);
   fwd.loss[i] = row_loss(pos.L, neg.L, fwd.prm);
   S* st = fwd.stats + i * 4;
   st[0] = pos.logden;
   st[1] = pos.L;
   st[2] = neg.logden;
   st[3] = neg.L;
+  return {pos, neg};
 }
 
 // Loss and stats of the rows of tile I and, for "paper", their query gradient
@@ -258,8 +259,7 @@ void finish_rows(const Forward<S>& fwd, const ForwardTile<S>& tile, int64_t i0, 
   const S* Q = fwd.q.template data_ptr<S>();
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
-    SetStats<S> pos, neg;
-    write_row_stats(fwd, i, tile.on_pos[r], tile.on_neg[r], pos, neg);
+    const auto [pos, neg] = write_row_stats(fwd, i, tile.on_pos[r], tile.on_neg[r]);
     if (!fwd.paper_grad) continue;
     const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(tile.on_pos[r].m - pos.logden);
     const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(tile.on_neg[r].m - neg.logden);
@@ -377,8 +377,7 @@ void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const 
         online_merge(on_p, st->pos[i]);
         online_merge(on_n, st->neg[i]);
       }
-      SetStats<S> pos, neg;
-      write_row_stats(fwd, i, on_p, on_n, pos, neg);
+      write_row_stats(fwd, i, on_p, on_n);
     }
   });
 }
