@@ -100,13 +100,16 @@ DENSE_SHARE = 1 / 8
 SYMMETRIC_MIN_ROWS = 256  # csrc/rll_cpu.cpp kSymmetricMinRows: smaller batches run the query-tile forward
 
 
-def symmetric_share(n: int, threads: int = 2) -> float:
-    """Share of the N x N Gram FLOPs that the in-batch kernels visiting each unordered tile pair once
-    compute: T (T + 1) / 2 of T^2 tiles, with the tile rows of csrc/rll_cpu.cpp symmetric_tile_rows."""
+def symmetric_tiles(n: int, threads: int = 2) -> int:
+    """T, the number of square tiles of csrc/rll_cpu.cpp symmetric_tile_rows."""
     b = 256
     while b > 64 and -(-n // b) * (-(-n // b) + 1) // 2 < 2 * threads:
         b //= 2
-    t = -(-n // min(b, n))
+    return -(-n // min(b, n))
+
+
+def symmetric_share(t: int) -> float:
+    """Share of the N x N Gram FLOPs of a kernel visiting each unordered pair of T tiles once."""
     return t * (t + 1) / 2 / t**2
 
 
@@ -114,8 +117,10 @@ def fused_gemms(semantics: str, neg_share: float, n: int) -> float:
     coef = 1 if neg_share > DENSE_SHARE else 0
     if semantics == "paper":
         return 1 + coef
-    forward = symmetric_share(n) if n >= SYMMETRIC_MIN_ROWS else 1.0
-    return forward + symmetric_share(n) + coef
+    t = symmetric_tiles(n)
+    forward = symmetric_share(t) if n >= SYMMETRIC_MIN_ROWS else 1.0
+    backward = symmetric_share(t) if t > 2 else 1.0  # at T <= 2: blocks of rows against the whole batch
+    return forward + backward + coef
 
 
 def gemm_fns(n: int, d: int) -> dict:
