@@ -67,6 +67,19 @@ struct Forward {
   const S* q_norms;  // |e_i| of the query rows when the op normalises them, else null
 };
 
+// One row's running forward state, wherever it is kept (a query tile's buffers, or one thread's
+// copy of every row in the in-batch kernel): the two sets' online states and, for "paper", each
+// set's coefficient sum and query-gradient accumulator (D values), in units of e^m.
+template <class S>
+struct RowState {
+  OnlineRow<S>* pos;
+  OnlineRow<S>* neg;
+  S* cp_sum;
+  S* cn_sum;
+  S* acc_p;  // null without the "paper" gradient
+  S* acc_n;
+};
+
 // Per-thread buffers of the forward: one query tile I against one gallery tile J.
 template <class S>
 struct ForwardTile {
@@ -96,6 +109,11 @@ struct ForwardTile {
     if (!fwd.paper_grad) return;
     acc_p_t = at::from_blob(acc_p.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
     acc_n_t = at::from_blob(acc_n.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
+  }
+  RowState<S> row(int64_t r, int64_t D) {
+    const bool grad = !acc_p.empty();
+    return {&on_pos[r], &on_neg[r], &cp_sum[r], &cn_sum[r], grad ? acc_p.data() + r * D : nullptr,
+            grad ? acc_n.data() + r * D : nullptr};
   }
   void start_rows() {
     std::fill(on_pos.begin(), on_pos.end(), OnlineRow<S>{});
@@ -202,23 +220,20 @@ struct SetCounts {
 };
 
 // Folds a gallery tile (bk rows at j0; dot_row: row i's Gram row against it) into query row i's
-// online states on_p, on_n; r: the row's place in the query tile ("paper": its coefficient and
-// accumulator rows). Returns how many nonzero coefficients the row holds in this tile in each set
-// ("paper" only, else 0).
+// state st; r: the row's place in the tile's coefficient rows ("paper"). Returns how many nonzero
+// coefficients the row holds in this tile in each set ("paper" only, else 0).
 template <class S>
 SetCounts fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64_t r, const S* dot_row, int64_t j0,
-                   int64_t bk, OnlineRow<S>& on_p, OnlineRow<S>& on_n) {
+                   int64_t bk, const RowState<S>& st) {
   S max_sp, max_sn;
   row_logits(fwd, tile, i, dot_row, bk, max_sp, max_sn);
   drop_excluded_pairs(fwd, tile, i, j0, bk, max_sp, max_sn);
   S* cp_row = tile.cp.data() + r * bk;
   S* cn_row = tile.cn.data() + r * bk;
-  S* accp_row = fwd.paper_grad ? tile.acc_p.data() + r * fwd.pb.D : nullptr;
-  S* accn_row = fwd.paper_grad ? tile.acc_n.data() + r * fwd.pb.D : nullptr;
-  const bool has_pos = fold_set_into_online_row(fwd, tile, on_p, tile.sp.data(), tile.vp.data(), max_sp, bk, cp_row,
-                                                tile.cp_sum[r], accp_row);
-  const bool has_neg = fold_set_into_online_row(fwd, tile, on_n, tile.sn.data(), tile.vn.data(), max_sn, bk, cn_row,
-                                                tile.cn_sum[r], accn_row);
+  const bool has_pos = fold_set_into_online_row(fwd, tile, *st.pos, tile.sp.data(), tile.vp.data(), max_sp, bk,
+                                                cp_row, *st.cp_sum, st.acc_p);
+  const bool has_neg = fold_set_into_online_row(fwd, tile, *st.neg, tile.sn.data(), tile.vn.data(), max_sn, bk,
+                                                cn_row, *st.cn_sum, st.acc_n);
   SetCounts n;
   if (!fwd.paper_grad) return n;
   if (has_pos) n.pos = count_nonzero(cp_row, bk);
@@ -226,12 +241,14 @@ SetCounts fold_row(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i, int64
   return n;
 }
 
-// "paper": acc += C K_J for both sets, each dense or sparse by its count (add_coef_product): the
-// positives of a P x K batch are always few, the negatives inside the margin often.
+// "paper": acc += C K_J for both sets (acc_p, acc_n: the accumulator rows of the tile's bq rows),
+// each dense or sparse by its count (add_coef_product): the positives of a P x K batch are always
+// few, the negatives inside the margin often.
 template <class S>
-void add_tile_to_query_grad(ForwardTile<S>& tile, const at::Tensor& kJ, int64_t bq, int64_t bk, SetCounts n) {
-  add_coef_product(tile.acc_n_t.narrow(0, 0, bq), tile.cn.data(), bq, bk, n.neg, kJ, S(1), false);
-  add_coef_product(tile.acc_p_t.narrow(0, 0, bq), tile.cp.data(), bq, bk, n.pos, kJ, S(1), false);
+void add_tile_to_query_grad(const ForwardTile<S>& tile, const at::Tensor& acc_p, const at::Tensor& acc_n,
+                            const at::Tensor& kJ, int64_t bq, int64_t bk, SetCounts n) {
+  add_coef_product(acc_n, tile.cn.data(), bq, bk, n.neg, kJ, S(1), false);
+  add_coef_product(acc_p, tile.cp.data(), bq, bk, n.pos, kJ, S(1), false);
 }
 
 // Row i's loss and stats [logden_P, L_P, logden_N, L_N] from its final online states; returns the
@@ -249,28 +266,23 @@ std::pair<SetStats<S>, SetStats<S>> write_row_stats(const Forward<S>& fwd, int64
   return {pos, neg};
 }
 
-// Loss and stats of the rows of tile I and, for "paper", their query gradient
-// dL/dq_i = sum_set sign * lam_set / den_set * (c_sum q_i - acc_i), weights in units of e^m.
+// Row i's loss and stats from its final state and, for "paper", its query gradient
+// dL/dq_i = sum_set sign * lam_set / den_set * (c_sum q_i - acc_i), weights in units of e^m
+// (taken back to e_i when the op normalises).
 template <class S>
-void finish_rows(const Forward<S>& fwd, const ForwardTile<S>& tile, int64_t i0, int64_t bq) {
+void finish_row(const Forward<S>& fwd, int64_t i, const RowState<S>& st) {
+  const auto [pos, neg] = write_row_stats(fwd, i, *st.pos, *st.neg);
+  if (!fwd.paper_grad) return;
   const Params<S> prm = fwd.prm;
   const S ninf = neg_inf<S>();
   const int64_t D = fwd.pb.D;
-  const S* Q = fwd.q.template data_ptr<S>();
-  for (int64_t r = 0; r < bq; ++r) {
-    const int64_t i = i0 + r;
-    const auto [pos, neg] = write_row_stats(fwd, i, tile.on_pos[r], tile.on_neg[r]);
-    if (!fwd.paper_grad) continue;
-    const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(tile.on_pos[r].m - pos.logden);
-    const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(tile.on_neg[r].m - neg.logden);
-    const S* qi = Q + i * D;
-    const S* ap = tile.acc_p.data() + r * D;
-    const S* an = tile.acc_n.data() + r * D;
-    S* g = fwd.gq + i * D;
-    const S cq = fp * tile.cp_sum[r] + fn * tile.cn_sum[r];
-    for (int64_t e = 0; e < D; ++e) g[e] = cq * qi[e] - fp * ap[e] - fn * an[e];
-    if (fwd.q_norms != nullptr) normalize_backward_row(g, qi, fwd.q_norms[i], D);  // dL/de_i from dL/dz_i
-  }
+  const S fp = pos.logden == ninf ? S(0) : (S(1) - prm.lam) * rll_exp(st.pos->m - pos.logden);
+  const S fn = neg.logden == ninf ? S(0) : -prm.lam * rll_exp(st.neg->m - neg.logden);
+  const S* qi = fwd.q.template data_ptr<S>() + i * D;
+  S* g = fwd.gq + i * D;
+  const S cq = fp * *st.cp_sum + fn * *st.cn_sum;
+  for (int64_t e = 0; e < D; ++e) g[e] = cq * qi[e] - fp * st.acc_p[e] - fn * st.acc_n[e];
+  if (fwd.q_norms != nullptr) normalize_backward_row(g, qi, fwd.q_norms[i], D);  // dL/de_i from dL/dz_i
 }
 
 // Query tile I (rows i0..i0+bq) against every gallery tile J.
@@ -286,14 +298,14 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
     load_tile(fwd.pb.NK, fwd.pb.KL, j0, bk, fwd.BKP, tile.nk.data(), tile.kl.data());
     SetCounts n;
     for (int64_t r = 0; r < bq; ++r) {
-      const SetCounts row =
-          fold_row(fwd, tile, i0 + r, r, tile.dots.data() + r * bk, j0, bk, tile.on_pos[r], tile.on_neg[r]);
+      const SetCounts row = fold_row(fwd, tile, i0 + r, r, tile.dots.data() + r * bk, j0, bk, tile.row(r, fwd.pb.D));
       n.pos += row.pos;
       n.neg += row.neg;
     }
-    if (fwd.paper_grad) add_tile_to_query_grad(tile, kJ, bq, bk, n);
+    if (fwd.paper_grad)
+      add_tile_to_query_grad(tile, tile.acc_p_t.narrow(0, 0, bq), tile.acc_n_t.narrow(0, 0, bq), kJ, bq, bk, n);
   }
-  finish_rows(fwd, tile, i0, bq);
+  for (int64_t r = 0; r < bq; ++r) finish_row(fwd, i0 + r, tile.row(r, fwd.pb.D));
 }
 
 template <class S>
@@ -318,50 +330,131 @@ void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at:
   });
 }
 
-// ================================================================ in-batch forward, statistics only
-// In-batch without the "paper" gradient (q is k = z: "pml", or no gradient wanted): the pair (i, j)
-// and the pair (j, i) share d, labels and exclusion, so each unordered tile pair (I <= J) gets one
-// Gram GEMM; its rows are folded into the online states of the rows of I and its transpose into
-// those of the rows of J (the diagonal tile holds both orders of its pairs). Every ordered pair is
-// folded once, as in the query-tile kernel, for ~half its Gram FLOPs. Each thread keeps its own
-// states of every row; they are merged at the end (online_merge).
+// ================================================================ in-batch forward
+// In-batch (q is k = z): the pair (i, j) and the pair (j, i) share d, labels and exclusion, so each
+// unordered tile pair (I <= J) gets one Gram GEMM; its rows are folded into the states of the rows of
+// I and its transpose into those of the rows of J (the diagonal tile holds both orders of its pairs).
+// Every ordered pair is folded once, as in the query-tile kernel, for ~half its Gram FLOPs. Each
+// thread keeps its own state of every row, merged at the end (online_merge, FlashAttention's split-K);
+// with the "paper" gradient that state holds each row's two D-value accumulators, and each side of a
+// tile pair adds its coefficient product C_IJ z_J (or C_JI z_I) to the rows of its side.
+// n zeroed values of per-thread scratch. Up to kKeptScratchBytes it is the calling thread's own
+// buffer, kept between calls (a fresh allocation of a few MiB per call costs its page faults, which
+// the threads of one process take in turn: 2 x 2 MiB made the 512 x 512 "paper" step 2x slower);
+// above, a buffer of this call (into `owned`).
+constexpr int64_t kKeptScratchBytes = int64_t(8) << 20;
+template <class S>
+S* zeroed_scratch(int64_t n, std::vector<S>& owned) {
+  if (n * static_cast<int64_t>(sizeof(S)) > kKeptScratchBytes) {
+    owned.assign(n, S(0));
+    return owned.data();
+  }
+  thread_local std::vector<S> kept;
+  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
+  std::fill(kept.begin(), kept.begin() + n, S(0));
+  return kept.data();
+}
+
 template <class S>
 struct SymmetricForwardTile {
-  ForwardTile<S> tile;                 // dots: the Gram tile; nk, kl: the gallery side's
+  ForwardTile<S> tile;                 // dots: the Gram tile; nk, kl: the gallery side's; cp, cn
   std::vector<S> dots_t;               // the Gram tile's transpose
-  std::vector<OnlineRow<S>> pos, neg;  // N: this thread's online state of every row
+  std::vector<OnlineRow<S>> pos, neg;  // N: this thread's state of every row
+  std::vector<S> cp_sum, cn_sum;       // N
+  std::vector<S> owned;                // the accumulators when they are not kept scratch
+  S* acc_p = nullptr;                  // N x D each ("paper" gradient only)
+  S* acc_n = nullptr;
+  at::Tensor acc_p_t, acc_n_t;
   explicit SymmetricForwardTile(const Forward<S>& fwd)
-      : tile(fwd), dots_t(fwd.BQ * fwd.BK), pos(fwd.pb.N), neg(fwd.pb.N) {}
+      : tile(fwd), dots_t(fwd.BQ * fwd.BK), pos(fwd.pb.N), neg(fwd.pb.N), cp_sum(fwd.pb.N), cn_sum(fwd.pb.N) {
+    if (!fwd.paper_grad) return;
+    const int64_t ND = fwd.pb.N * fwd.pb.D;
+    acc_p = zeroed_scratch<S>(2 * ND, owned);
+    acc_n = acc_p + ND;
+    acc_p_t = at::from_blob(acc_p, {fwd.pb.N, fwd.pb.D}, fwd.q.options());
+    acc_n_t = at::from_blob(acc_n, {fwd.pb.N, fwd.pb.D}, fwd.q.options());
+  }
+  RowState<S> row(int64_t i, int64_t D) {
+    const bool grad = acc_p != nullptr;
+    return {&pos[i], &neg[i], &cp_sum[i], &cn_sum[i], grad ? acc_p + i * D : nullptr, grad ? acc_n + i * D : nullptr};
+  }
 };
 
-// Rows x0..x0+nx against the gallery rows y0..y0+ny, from their Gram rows (row stride ny).
+// Rows x0..x0+nx against the rows y0..y0+ny (zY), from their Gram rows (row stride ny); "paper":
+// then their coefficient products into their accumulators.
 template <class S>
 void fold_tile_rows(const Forward<S>& fwd, SymmetricForwardTile<S>& st, const S* gram, int64_t x0, int64_t nx,
-                    int64_t y0, int64_t ny) {
+                    int64_t y0, int64_t ny, const at::Tensor& zY) {
   ForwardTile<S>& tile = st.tile;
   load_tile(fwd.pb.NK, fwd.pb.KL, y0, ny, fwd.BKP, tile.nk.data(), tile.kl.data());
-  for (int64_t r = 0; r < nx; ++r)
-    fold_row(fwd, tile, x0 + r, r, gram + r * ny, y0, ny, st.pos[x0 + r], st.neg[x0 + r]);
+  SetCounts n;
+  for (int64_t r = 0; r < nx; ++r) {
+    const SetCounts row = fold_row(fwd, tile, x0 + r, r, gram + r * ny, y0, ny, st.row(x0 + r, fwd.pb.D));
+    n.pos += row.pos;
+    n.neg += row.neg;
+  }
+  if (fwd.paper_grad)
+    add_tile_to_query_grad(tile, st.acc_p_t.narrow(0, x0, nx), st.acc_n_t.narrow(0, x0, nx), zY, nx, ny, n);
 }
 
 template <class S>
 void forward_tile_pair(const Forward<S>& fwd, SymmetricForwardTile<S>& st, int64_t I, int64_t J) {
   const int64_t B = fwd.BQ, N = fwd.pb.N;
   const int64_t i0 = I * B, bq = std::min(B, N - i0), j0 = J * B, bk = std::min(B, N - j0);
+  const at::Tensor zI = fwd.q.narrow(0, i0, bq), zJ = fwd.q.narrow(0, j0, bk);
   S* dots = st.tile.dots.data();
-  gram_tile(dots, fwd.q.narrow(0, i0, bq), fwd.q.narrow(0, j0, bk));
-  fold_tile_rows(fwd, st, dots, i0, bq, j0, bk);
+  gram_tile(dots, zI, zJ);
+  fold_tile_rows(fwd, st, dots, i0, bq, j0, bk, zJ);
   if (I == J) return;
   transpose_tile(dots, bq, bk, st.dots_t.data());
-  fold_tile_rows(fwd, st, st.dots_t.data(), j0, bk, i0, bq);
+  fold_tile_rows(fwd, st, st.dots_t.data(), j0, bk, i0, bq, zI);
 }
 
+// Merges o, another thread's partial state of one row's set, into r; "paper": its coefficient sum
+// and accumulator (D values) too, each rescaled to the merged running max.
 template <class S>
-void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const Params<S> prm, at::Tensor& loss,
-                           at::Tensor& stats) {
+void merge_row_set(OnlineRow<S>& r, S& c_sum, S* acc, const OnlineRow<S>& o, S o_c_sum, const S* o_acc, int64_t D) {
+  using V = Vectorized<S>;
+  const S m_new = rll_max(r.m, o.m);
+  if (m_new == neg_inf<S>()) return;
+  const S fr = rescale(r.m, m_new), fo = rescale(o.m, m_new);
+  online_merge(r, o);
+  c_sum = c_sum * fr + o_c_sum * fo;
+  if (acc == nullptr) return;
+  const V vr(fr), vo(fo);
+  at::vec::map2([&](V a, V b) { return a * vr + b * vo; }, acc, acc, o_acc, D);
+}
+
+// Every thread's partial states of rows r0..r1 merged, then each row finished (finish_row).
+template <class S>
+void merge_and_finish_rows(const Forward<S>& fwd, const std::vector<std::unique_ptr<SymmetricForwardTile<S>>>& parts,
+                           int64_t r0, int64_t r1) {
+  const int64_t D = fwd.pb.D;
+  std::vector<S> acc_p(fwd.paper_grad ? D : 0), acc_n(fwd.paper_grad ? D : 0);
+  for (int64_t i = r0; i < r1; ++i) {
+    OnlineRow<S> on_p, on_n;
+    S cp_sum = 0, cn_sum = 0;
+    std::fill(acc_p.begin(), acc_p.end(), S(0));
+    std::fill(acc_n.begin(), acc_n.end(), S(0));
+    S* ap = fwd.paper_grad ? acc_p.data() : nullptr;
+    S* an = fwd.paper_grad ? acc_n.data() : nullptr;
+    for (const auto& st : parts) {
+      if (!st) continue;
+      const RowState<S> o = st->row(i, D);
+      merge_row_set(on_p, cp_sum, ap, *o.pos, *o.cp_sum, o.acc_p, D);
+      merge_row_set(on_n, cn_sum, an, *o.neg, *o.cn_sum, o.acc_n, D);
+    }
+    finish_row(fwd, i, RowState<S>{&on_p, &on_n, &cp_sum, &cn_sum, ap, an});
+  }
+}
+
+// The in-batch kernel, with the "paper" query gradient when paper_grad.
+template <class S>
+void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const S* norms, const Params<S> prm,
+                           bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
   const int64_t B = symmetric_tile_rows(pb.N);
-  const Forward<S> fwd{pb, z, z, prm, false, B, B, vec_pad<S>(B), loss.data_ptr<S>(), stats.data_ptr<S>(),
-                       nullptr, nullptr};
+  const Forward<S> fwd{pb,       z, z, prm, paper_grad, B, B, vec_pad<S>(B), loss.data_ptr<S>(), stats.data_ptr<S>(),
+                       paper_grad ? gq.data_ptr<S>() : nullptr, norms};
   const auto pairs = upper_tile_pairs(ceil_div(pb.N, B));
   std::vector<std::unique_ptr<SymmetricForwardTile<S>>> per_thread(at::get_num_threads());
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
@@ -369,17 +462,20 @@ void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const 
     if (!st) st = std::make_unique<SymmetricForwardTile<S>>(fwd);
     for (int64_t p = p0; p < p1; ++p) forward_tile_pair(fwd, *st, pairs[p].first, pairs[p].second);
   });
-  at::parallel_for(0, pb.N, 512, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      OnlineRow<S> on_p, on_n;
-      for (const auto& st : per_thread) {
-        if (!st) continue;
-        online_merge(on_p, st->pos[i]);
-        online_merge(on_n, st->neg[i]);
-      }
-      write_row_stats(fwd, i, on_p, on_n);
-    }
-  });
+  at::parallel_for(0, pb.N, paper_grad ? rows_grain(pb.D) : 512,
+                   [&](int64_t r0, int64_t r1) { merge_and_finish_rows(fwd, per_thread, r0, r1); });
+}
+
+// The in-batch forward with the "paper" gradient runs from kSymmetricGradMinRows rows (at N = 256 its
+// 64-row tiles took the time of the query-tile kernel's 64 x 256 ones; from 512 it is 5-23% faster,
+// bench/RESULTS.md §15) while its two N x D accumulators per thread take at most
+// kSymmetricGradBytes in all; else the query-tile kernel runs.
+constexpr int64_t kSymmetricGradMinRows = 512;
+constexpr int64_t kSymmetricGradBytes = int64_t(64) << 20;
+template <class S>
+bool symmetric_grad_fits(int64_t N, int64_t D) {
+  return N >= kSymmetricGradMinRows &&
+         at::get_num_threads() * 2 * N * D * static_cast<int64_t>(sizeof(S)) <= kSymmetricGradBytes;
 }
 
 // ================================================================ backward
@@ -959,9 +1055,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rll_fwd_c
     const Operands<scalar_t> op = forward_operands<scalar_t>(q, k, normalize, z, norms);
     if (N == 0) return;
     const PairProblem<scalar_t> pb(op.nq, op.nk, q_labels, q_ids, k.has_value() ? &*k_labels : nullptr, k_ids, D);
-    // in-batch statistics ("pml", or no gradient): each unordered tile pair once
-    if (!k.has_value() && !paper_grad && N >= kSymmetricMinRows)
-      rll_forward_symmetric<scalar_t>(pb, op.q, prm, loss, stats);
+    // in-batch: each unordered tile pair once (with the "paper" gradient while its accumulators fit)
+    if (!k.has_value() && N >= kSymmetricMinRows && (!paper_grad || symmetric_grad_fits<scalar_t>(N, D)))
+      rll_forward_symmetric<scalar_t>(pb, op.q, op.q_norms, prm, paper_grad, loss, gq, stats);
     else
       rll_forward_kernel<scalar_t>(pb, op.q, op.k, op.q_norms, prm, paper_grad, loss, gq, stats);
   });

@@ -124,7 +124,8 @@ def test_all_same_labels_dense_positive_tiles(backend, device, skip_if_interpret
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sem", ["paper", "pml"])
 @pytest.mark.parametrize(
-    "n, tight, neg_dup, pos_dup", [(301, 90, (150, 250), (200, 201)), (120, 40, (45, 50), (100, 101))]
+    "n, tight, neg_dup, pos_dup",
+    [(301, 90, (150, 250), (200, 201)), (120, 40, (45, 50), (100, 101)), (517, 200, (300, 450), (400, 401))],
 )
 def test_tiles_with_and_without_negatives(
     backend, device, skip_if_interpreted_above, sem, threads, n, tight, neg_dup, pos_dup
@@ -132,8 +133,9 @@ def test_tiles_with_and_without_negatives(
     # the first `tight` rows in tight classes around one direction (their negatives inside
     # alpha = 0.9), the rest iid in D = 96 (d ~ 1.4: no negative inside), one duplicate pair of two
     # classes among them (d = 0, a negative) and one of one class: the in-batch kernels' tile pairs
-    # (N = 301) and blocks of rows (N = 120) with and without negative members (csrc/rll_cpu.cpp,
-    # same_label_tile), each thread's partial row states merged, ragged N
+    # (N = 301, 517; at 517 the "paper" forward's too) and blocks of rows (N = 120) with and without
+    # negative members (csrc/rll_cpu.cpp, same_label_tile), each thread's partial row states merged,
+    # ragged N
     d = 96
     skip_if_interpreted_above(n, n, d)
     labels = torch.arange(n) // 4
@@ -146,6 +148,49 @@ def test_tiles_with_and_without_negatives(
     try:
         hp = dict(margin=0.4, alpha=0.9, Tp=5.0)
         _check(backend, emb.to(device), labels.to(device), None, None, sem, "none", **hp)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_in_batch_paper_gradient_from_every_thread(
+    backend, device, skip_if_interpreted_above, threads, normalize
+):
+    # "paper" in-batch from N = 512: each unordered tile pair feeds the query gradient of both its
+    # sides, each thread keeps its own accumulators of every row, rescaled to the merged running
+    # maximum at the end (csrc/rll_cpu.cpp, merge_row_set). Tn = Tp = 300 in tight classes makes
+    # the maxima differ by far between the threads' parts; ids with repeats exclude more than i = i
+    # (docs/semantics.md §1.5); raw rows of mixed scale when not normalised
+    n, d = 777, 24
+    skip_if_interpreted_above(n, n, d)
+    g = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, 60, (n,), generator=g)
+    centers = torch.randn(60, d, dtype=torch.float64, generator=g)
+    emb = centers[labels] + 0.5 * torch.randn(n, d, dtype=torch.float64, generator=g)
+    if not normalize:
+        emb = (
+            emb
+            / emb.norm(dim=1, keepdim=True)
+            * (1.0 + 0.2 * torch.rand(n, 1, dtype=torch.float64, generator=g))
+        )
+    emb[500] = emb[17]  # a duplicate in another tile
+    ids = torch.arange(n) // 2 * 2  # rows 2k and 2k + 1 share an id: neither is a pair of the other
+    w = torch.rand(n, dtype=torch.float64, generator=g) + 0.5
+    ii = ids.to(device)
+    hp = dict(Tn=300.0, Tp=300.0, margin=0.3, normalize=normalize, query_ids=ii, ref_ids=ii)
+    x, y, w = emb.to(device), labels.to(device), w.to(device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = {dt: _runs(backend, x, y, None, None, "paper", "none", dt, w, **hp) for dt in (FP64, FP32)}
+        (l64, e64, _), (L64, E64, _) = runs[FP64]
+        assert_close_fp64(l64, L64, "loss fp64")
+        assert_close_fp64(e64, E64, "grad emb fp64")
+        (l32, e32, _), (L32, E32, _) = runs[FP32]
+        assert torch.isfinite(e32).all()
+        assert_close_derived(l32, L32, L64, "loss fp32")
+        assert_close_derived(e32, E32, E64, "grad emb fp32")
     finally:
         torch.set_num_threads(before)
 
