@@ -15,10 +15,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -52,11 +54,67 @@ inline void copy_padded(const T* src, int64_t n, S* dst, int64_t n_pad, S fill) 
   std::fill(dst + n, dst + n_pad, fill);
 }
 
-// One tensor per thread, zero-initialised: (threads, *sizes).
+// ---------------------------------------------------------------- kept scratch
+// Zeroed scratch tensors whose memory is kept between calls. A fresh allocation of a few MiB per
+// call costs its page faults, which the threads of a process take one at a time: the zeroed
+// per-thread gradient parts of the 512 x 512 "pml" backward (2 MiB) took 0.2 ms of its 2.9 ms
+// that way (bench/RESULTS.md §15). A scratch tensor's buffer goes back to one process-wide pool
+// when the tensor is freed; the pool keeps at most kKeptScratchBytes and frees the rest, and a
+// request above kKeptScratchBytes gets a plain at::zeros.
+constexpr size_t kKeptScratchBytes = size_t(32) << 20;
+
+class ScratchPool {
+ public:
+  // A buffer of at least `bytes` (the smallest kept one that fits, else a new one) and its size.
+  std::pair<void*, size_t> take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto best = kept_.end();
+      for (auto it = kept_.begin(); it != kept_.end(); ++it)
+        if (it->second >= bytes && (best == kept_.end() || it->second < best->second)) best = it;
+      if (best != kept_.end()) {
+        const auto found = *best;
+        kept_.erase(best);
+        kept_bytes_ -= found.second;
+        return found;
+      }
+    }
+    return {c10::alloc_cpu(bytes), bytes};
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (kept_bytes_ + bytes > kKeptScratchBytes) {
+      c10::free_cpu(p);
+      return;
+    }
+    kept_.emplace_back(p, bytes);
+    kept_bytes_ += bytes;
+  }
+  static ScratchPool& get() {
+    static ScratchPool* pool = new ScratchPool();  // never destroyed: a buffer may come back at exit
+    return *pool;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<void*, size_t>> kept_;
+  size_t kept_bytes_ = 0;
+};
+
+// A zeroed tensor of `sizes` on kept scratch memory (contiguous, CPU).
+inline at::Tensor kept_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+  if (bytes == 0 || bytes > kKeptScratchBytes) return at::zeros(sizes, opts);
+  const auto [ptr, cap] = ScratchPool::get().take(bytes);
+  at::Tensor t = at::from_blob(ptr, sizes, [cap = cap](void* p) { ScratchPool::get().give(p, cap); }, opts);
+  return t.zero_();
+}
+
+// One tensor per thread, zero-initialised: (threads, *sizes), on kept scratch memory.
 inline at::Tensor zeros_per_thread(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   std::vector<int64_t> s{static_cast<int64_t>(at::get_num_threads())};
   s.insert(s.end(), sizes.begin(), sizes.end());
-  return at::zeros(s, opts);
+  return kept_zeros(s, opts);
 }
 
 // The tile pairs (I, J) with I <= J of nb tiles: the pair matrix of a batch with itself is

@@ -338,41 +338,22 @@ void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at:
 // thread keeps its own state of every row, merged at the end (online_merge, FlashAttention's split-K);
 // with the "paper" gradient that state holds each row's two D-value accumulators, and each side of a
 // tile pair adds its coefficient product C_IJ z_J (or C_JI z_I) to the rows of its side.
-// n zeroed values of per-thread scratch. Up to kKeptScratchBytes it is the calling thread's own
-// buffer, kept between calls (a fresh allocation of a few MiB per call costs its page faults, which
-// the threads of one process take in turn: 2 x 2 MiB made the 512 x 512 "paper" step 2x slower);
-// above, a buffer of this call (into `owned`).
-constexpr int64_t kKeptScratchBytes = int64_t(8) << 20;
-template <class S>
-S* zeroed_scratch(int64_t n, std::vector<S>& owned) {
-  if (n * static_cast<int64_t>(sizeof(S)) > kKeptScratchBytes) {
-    owned.assign(n, S(0));
-    return owned.data();
-  }
-  thread_local std::vector<S> kept;
-  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
-  std::fill(kept.begin(), kept.begin() + n, S(0));
-  return kept.data();
-}
-
 template <class S>
 struct SymmetricForwardTile {
   ForwardTile<S> tile;                 // dots: the Gram tile; nk, kl: the gallery side's; cp, cn
   std::vector<S> dots_t;               // the Gram tile's transpose
   std::vector<OnlineRow<S>> pos, neg;  // N: this thread's state of every row
   std::vector<S> cp_sum, cn_sum;       // N
-  std::vector<S> owned;                // the accumulators when they are not kept scratch
-  S* acc_p = nullptr;                  // N x D each ("paper" gradient only)
+  at::Tensor acc_p_t, acc_n_t;         // N x D each, kept scratch ("paper" gradient only)
+  S* acc_p = nullptr;
   S* acc_n = nullptr;
-  at::Tensor acc_p_t, acc_n_t;
   explicit SymmetricForwardTile(const Forward<S>& fwd)
       : tile(fwd), dots_t(fwd.BQ * fwd.BK), pos(fwd.pb.N), neg(fwd.pb.N), cp_sum(fwd.pb.N), cn_sum(fwd.pb.N) {
     if (!fwd.paper_grad) return;
-    const int64_t ND = fwd.pb.N * fwd.pb.D;
-    acc_p = zeroed_scratch<S>(2 * ND, owned);
-    acc_n = acc_p + ND;
-    acc_p_t = at::from_blob(acc_p, {fwd.pb.N, fwd.pb.D}, fwd.q.options());
-    acc_n_t = at::from_blob(acc_n, {fwd.pb.N, fwd.pb.D}, fwd.q.options());
+    acc_p_t = kept_zeros({fwd.pb.N, fwd.pb.D}, fwd.q.options());
+    acc_n_t = kept_zeros({fwd.pb.N, fwd.pb.D}, fwd.q.options());
+    acc_p = acc_p_t.template data_ptr<S>();
+    acc_n = acc_n_t.template data_ptr<S>();
   }
   RowState<S> row(int64_t i, int64_t D) {
     const bool grad = acc_p != nullptr;
@@ -888,8 +869,8 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
   const int64_t n_pairs = static_cast<int64_t>(pairs.size());
   const bool wide = n_pairs < 2 * at::get_num_threads();
   const int64_t parts = wide ? 1 : at::get_num_threads();
-  at::Tensor gz_parts = at::zeros({parts, pb.N, pb.D}, z.options());
-  at::Tensor rowsum_parts = at::zeros({parts, pb.N}, z.options());
+  at::Tensor gz_parts = kept_zeros({parts, pb.N, pb.D}, z.options());
+  at::Tensor rowsum_parts = kept_zeros({parts, pb.N}, z.options());
   if (wide) {
     SymmetricTile<S> tile(B);
     at::Tensor gz_t = gz_parts[0];
