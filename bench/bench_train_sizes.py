@@ -90,7 +90,8 @@ def providers(semantics: str, pml_loss) -> dict:
 
 
 # The GEMMs the fused step runs, in units of one N x D x N GEMM: the Gram tiles ("paper": the
-# forward's; "pml": the forward's and the backward's, each over the unordered tile pairs only) and one
+# forward's, over the unordered tile pairs from N = 512; "pml": the forward's and the backward's,
+# each over the unordered tile pairs only) and one
 # coefficient product ("paper": C K, the query gradient; "pml": H z), which the kernel runs as a GEMM
 # only where more than 1/8 of a tile's pairs are set members (csrc/cpu_tiles.h add_coef_product) and
 # else adds row by row: dense on the clustered data (26-39% of the negatives inside the margin),
@@ -98,6 +99,7 @@ def providers(semantics: str, pml_loss) -> dict:
 # backward products.
 DENSE_SHARE = 1 / 8
 SYMMETRIC_MIN_ROWS = 256  # csrc/rll_cpu.cpp kSymmetricMinRows: smaller batches run the query-tile forward
+SYMMETRIC_GRAD_MIN_ROWS = 512  # csrc/rll_cpu.cpp kSymmetricGradMinRows: the same for the "paper" gradient
 
 
 def symmetric_tiles(n: int, threads: int = 2) -> int:
@@ -115,9 +117,9 @@ def symmetric_share(t: int) -> float:
 
 def fused_gemms(semantics: str, neg_share: float, n: int) -> float:
     coef = 1 if neg_share > DENSE_SHARE else 0
-    if semantics == "paper":
-        return 1 + coef
     t = symmetric_tiles(n)
+    if semantics == "paper":
+        return (symmetric_share(t) if n >= SYMMETRIC_GRAD_MIN_ROWS else 1.0) + coef
     forward = symmetric_share(t) if n >= SYMMETRIC_MIN_ROWS else 1.0
     backward = symmetric_share(t) if t > 2 else 1.0  # at T <= 2: blocks of rows against the whole batch
     return forward + backward + coef
