@@ -89,7 +89,9 @@ struct ForwardTile {
   std::vector<S> cp_sum, cn_sum;               // BQ: sum_j c_ij of each set, in units of e^m
   std::vector<S> acc_p, acc_n;                 // BQ x D: sum_j c_ij k_j of each set, in units of e^m
   at::Tensor acc_p_t, acc_n_t;
-  explicit ForwardTile(const Forward<S>& fwd)
+  // own_rows: the tile keeps the states of its BQ rows (the query-tile kernel); the in-batch kernel
+  // keeps every row's state per thread instead and uses only the tile and row buffers.
+  ForwardTile(const Forward<S>& fwd, bool own_rows)
       : dots(fwd.BQ * fwd.BK),
         cp(fwd.BQ * fwd.BK),
         cn(fwd.BQ * fwd.BK),
@@ -100,13 +102,13 @@ struct ForwardTile {
         inv(fwd.BKP),
         nk(fwd.BKP),
         kl(fwd.BKP),
-        on_pos(fwd.BQ),
-        on_neg(fwd.BQ),
-        cp_sum(fwd.BQ),
-        cn_sum(fwd.BQ),
-        acc_p(fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0),
-        acc_n(fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0) {
-    if (!fwd.paper_grad) return;
+        on_pos(own_rows ? fwd.BQ : 0),
+        on_neg(own_rows ? fwd.BQ : 0),
+        cp_sum(own_rows ? fwd.BQ : 0),
+        cn_sum(own_rows ? fwd.BQ : 0),
+        acc_p(own_rows && fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0),
+        acc_n(own_rows && fwd.paper_grad ? fwd.BQ * fwd.pb.D : 0) {
+    if (acc_p.empty()) return;
     acc_p_t = at::from_blob(acc_p.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
     acc_n_t = at::from_blob(acc_n.data(), {fwd.BQ, fwd.pb.D}, fwd.q.options());
   }
@@ -325,7 +327,7 @@ void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at:
                        paper_grad ? gq.data_ptr<S>() : nullptr,
                        q_norms};
   at::parallel_for(0, ceil_div(pb.N, fwd.BQ), 1, [&](int64_t b0, int64_t b1) {
-    ForwardTile<S> tile(fwd);
+    ForwardTile<S> tile(fwd, true);
     for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
   });
 }
@@ -348,7 +350,12 @@ struct SymmetricForwardTile {
   S* acc_p = nullptr;
   S* acc_n = nullptr;
   explicit SymmetricForwardTile(const Forward<S>& fwd)
-      : tile(fwd), dots_t(fwd.BQ * fwd.BK), pos(fwd.pb.N), neg(fwd.pb.N), cp_sum(fwd.pb.N), cn_sum(fwd.pb.N) {
+      : tile(fwd, false),
+        dots_t(fwd.BQ * fwd.BK),
+        pos(fwd.pb.N),
+        neg(fwd.pb.N),
+        cp_sum(fwd.pb.N),
+        cn_sum(fwd.pb.N) {
     if (!fwd.paper_grad) return;
     acc_p_t = kept_zeros({fwd.pb.N, fwd.pb.D}, fwd.q.options());
     acc_n_t = kept_zeros({fwd.pb.N, fwd.pb.D}, fwd.q.options());
