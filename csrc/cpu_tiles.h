@@ -225,6 +225,47 @@ inline at::Tensor gram_tile(S* buf, const at::Tensor& qI, const at::Tensor& kJ) 
   return dots;
 }
 
+// The Gram tile Z_I Z_I^T of a diagonal tile (b x b, row stride b) into buf, upper triangle only
+// (the entries c >= r, and some below it): panels of kGramPanel rows, each against the columns from
+// its own first row on. At b = 128 the four panels took 0.75 of the full GEMM's time, at b = 256 0.67,
+// at b = 64 0.87 (1 thread, D = 512, bench/RESULTS.md §16); a tile of one panel is one GEMM.
+constexpr int64_t kGramPanel = 32;
+constexpr int64_t kGramPanelMinDepth = 256;  // at D = 128 the panels made a step 1-2% slower
+inline bool gram_in_panels(int64_t b, int64_t D) { return b > kGramPanel && D >= kGramPanelMinDepth; }
+template <class S>
+inline void gram_tile_upper(S* buf, const at::Tensor& zI) {
+  const int64_t b = zI.size(0);
+  if (!gram_in_panels(b, zI.size(1))) {
+    gram_tile(buf, zI, zI);
+    return;
+  }
+  for (int64_t p0 = 0; p0 < b; p0 += kGramPanel) {
+    const int64_t rows = std::min(kGramPanel, b - p0);
+    at::Tensor out = at::from_blob(buf + p0 * b + p0, {rows, b - p0}, {b, 1}, zI.options());
+    at::mm_out(out, zI.narrow(0, p0, rows), zI.narrow(0, p0, b - p0).t());
+  }
+}
+
+// The whole Gram tile of a diagonal tile: its upper triangle (gram_tile_upper) mirrored into the
+// lower one, so that the pairs (i, j) and (j, i) read the same dot product.
+template <class S>
+inline void gram_tile_diagonal(S* buf, const at::Tensor& zI) {
+  const int64_t b = zI.size(0);
+  gram_tile_upper(buf, zI);
+  if (!gram_in_panels(b, zI.size(1))) return;  // one GEMM: the whole tile is there
+  for (int64_t r = 1; r < b; ++r)
+    for (int64_t c = 0; c < r; ++c) buf[r * b + c] = buf[c * b + r];
+}
+
+// The Gram tile of the tile pair (I, J) of an in-batch kernel (zI is zJ on the diagonal).
+template <class S>
+inline void pair_gram_tile(S* buf, const at::Tensor& zI, const at::Tensor& zJ, bool diagonal) {
+  if (diagonal)
+    gram_tile_diagonal(buf, zI);
+  else
+    gram_tile(buf, zI, zJ);
+}
+
 // out (cols x rows, row stride rows) = the transpose of the tile x (rows x cols, row stride cols),
 // in 16 x 16 blocks.
 template <class S>

@@ -232,7 +232,10 @@ void osm_tile_pair(const OsmProblem<S>& pb, OsmTile<S>& tile, ThreadSums<S>& th,
   const int64_t i0 = I * pb.B, j0 = J * pb.B;
   const int64_t bq = std::min(pb.B, pb.N - i0), bk = std::min(pb.B, pb.N - j0);
   const at::Tensor zI = pb.z.narrow(0, i0, bq), zJ = pb.z.narrow(0, j0, bk);
-  gram_tile(tile.dots.data(), zI, zJ);
+  if (diag)
+    gram_tile_upper(tile.dots.data(), zI);  // the diagonal tile reads its pairs c > r only
+  else
+    gram_tile(tile.dots.data(), zI, zJ);
   load_tile(pb.NZ, pb.LAB, j0, bk, pb.BP, tile.nk.data(), tile.kl.data());
   if (pb.ATT != nullptr) copy_padded(pb.ATT + j0, bk, tile.att.data(), pb.BP, S(0));
   if (pb.need_grad) {

@@ -391,7 +391,7 @@ void forward_tile_pair(const Forward<S>& fwd, SymmetricForwardTile<S>& st, int64
   const int64_t i0 = I * B, bq = std::min(B, N - i0), j0 = J * B, bk = std::min(B, N - j0);
   const at::Tensor zI = fwd.q.narrow(0, i0, bq), zJ = fwd.q.narrow(0, j0, bk);
   S* dots = st.tile.dots.data();
-  gram_tile(dots, zI, zJ);
+  pair_gram_tile(dots, zI, zJ, I == J);
   fold_tile_rows(fwd, st, dots, i0, bq, j0, bk, zJ);
   if (I == J) return;
   transpose_tile(dots, bq, bk, st.dots_t.data());
@@ -809,7 +809,8 @@ void symmetric_tile_pair(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile,
   const int64_t j0 = J * B, bk = std::min(B, N - j0);
   const at::Tensor zI = sb.z.narrow(0, i0, bq), zJ = sb.z.narrow(0, j0, bk);
   const bool negatives = sb.has_neg[I] && sb.has_neg[J];
-  if (negatives || !same_label_tile(sb, i0, bq, j0, bk, tile.dots.data())) gram_tile(tile.dots.data(), zI, zJ);
+  if (negatives || !same_label_tile(sb, i0, bq, j0, bk, tile.dots.data()))
+    pair_gram_tile(tile.dots.data(), zI, zJ, I == J);
   load_tile(sb.pb.NK, sb.pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
   tile.cols.load(sb.rows, j0, bk);
   if (wide)

@@ -22,6 +22,7 @@ CASES = [
     (257, 20, 100, 0.6),
     (300, 64, 10, 1.2),
     (301, 5, 2, 1.9),
+    (200, 260, 6, 1.2),  # D >= 256: diagonal tiles' Gram in row panels (csrc/cpu_tiles.h, gram_tile_upper)
 ]
 
 
