@@ -102,26 +102,39 @@ SYMMETRIC_MIN_ROWS = 256  # csrc/rll_cpu.cpp kSymmetricMinRows: smaller batches 
 SYMMETRIC_GRAD_MIN_ROWS = 512  # csrc/rll_cpu.cpp kSymmetricGradMinRows: the same for the "paper" gradient
 
 
-def symmetric_tiles(n: int, threads: int = 2) -> int:
-    """T, the number of square tiles of csrc/rll_cpu.cpp symmetric_tile_rows."""
+GRAM_PANEL, GRAM_PANEL_MIN_DEPTH = 32, 256  # csrc/cpu_tiles.h kGramPanel, kGramPanelMinDepth
+
+
+def symmetric_tile_rows(n: int, threads: int = 2) -> int:
+    """B, the rows of a square tile of csrc/rll_cpu.cpp symmetric_tile_rows."""
     b = 256
     while b > 64 and -(-n // b) * (-(-n // b) + 1) // 2 < 2 * threads:
         b //= 2
-    return -(-n // min(b, n))
+    return min(b, n)
 
 
-def symmetric_share(t: int) -> float:
-    """Share of the N x N Gram FLOPs of a kernel visiting each unordered pair of T tiles once."""
-    return t * (t + 1) / 2 / t**2
+def symmetric_tiles(n: int, threads: int = 2) -> int:
+    """T, the number of square tiles of csrc/rll_cpu.cpp symmetric_tile_rows."""
+    return -(-n // symmetric_tile_rows(n, threads))
 
 
-def fused_gemms(semantics: str, neg_share: float, n: int) -> float:
+def symmetric_share(n: int, d: int) -> float:
+    """Share of the N x N Gram FLOPs of a kernel visiting each unordered pair of T tiles once; from
+    D = 256 a diagonal tile's Gram covers its upper triangle in 32-row panels (csrc/cpu_tiles.h
+    gram_tile_upper: (m + 1) / 2m of the tile for m panels)."""
+    b = symmetric_tile_rows(n)
+    t, m = -(-n // b), -(-b // GRAM_PANEL)
+    diagonal = (m + 1) / (2 * m) if b > GRAM_PANEL and d >= GRAM_PANEL_MIN_DEPTH else 1.0
+    return (t * (t - 1) / 2 + t * diagonal) / t**2
+
+
+def fused_gemms(semantics: str, neg_share: float, n: int, d: int) -> float:
     coef = 1 if neg_share > DENSE_SHARE else 0
-    t = symmetric_tiles(n)
+    share = symmetric_share(n, d)
     if semantics == "paper":
-        return (symmetric_share(t) if n >= SYMMETRIC_GRAD_MIN_ROWS else 1.0) + coef
-    forward = symmetric_share(t) if n >= SYMMETRIC_MIN_ROWS else 1.0
-    backward = symmetric_share(t) if t > 2 else 1.0  # at T <= 2: blocks of rows against the whole batch
+        return (share if n >= SYMMETRIC_GRAD_MIN_ROWS else 1.0) + coef
+    forward = share if n >= SYMMETRIC_MIN_ROWS else 1.0
+    backward = share if symmetric_tiles(n) > 2 else 1.0  # at T <= 2: blocks of rows against the whole batch
     return forward + backward + coef
 
 
@@ -145,7 +158,7 @@ def time_shape(n: int, d: int, semantics: str, datasets: list[str], reps: int, p
     rows = []
     for data, (emb, labels) in batches.items():
         neg, pos = nontrivial_shares(emb, labels)
-        floor = fused_gemms(semantics, neg, n) * gemm
+        floor = fused_gemms(semantics, neg, n, d) * gemm
         rows.append(
             dict(
                 N=n,

@@ -82,7 +82,7 @@ def profile_shape(n: int, d: int, semantics: str, iters: int) -> dict:
         parts[component(ev.key)] += ev.self_cpu_time_total / 1e3 / iters  # ms per call
     ops = sum(v for k, v in parts.items() if k != "Python + autograd")
     parts["Python + autograd"] += max(wall * 1e3 - ops - parts["Python + autograd"], 0.0)
-    flops = 2.0 * fused_gemms(semantics, nontrivial_shares(emb, labels)[0], n) * n * n * d
+    flops = 2.0 * fused_gemms(semantics, nontrivial_shares(emb, labels)[0], n, d) * n * n * d
     return {"wall": wall * 1e3, "parts": dict(parts), "floor": flops / gemm_rate(n, d) * 1e3, "prof": prof}
 
 
