@@ -95,10 +95,18 @@ def _tile_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, cols
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| per row for finite rows of any scale (docs/semantics.md §5.1): each row is divided by
+    its largest |entry| first, so that its norm neither overflows (rows above ~1.8e19 in float32)
+    nor falls under F.normalize's eps (rows below 1e-12); zero rows stay zero."""
+    peak = x.abs().amax(dim=1, keepdim=True)
+    return F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+
+
 def _normalized_rows(x: torch.Tensor) -> torch.Tensor:
     """Detached rows, L2-normalised, in the similarity dtype: fp64 for fp64 input, else fp32."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return F.normalize(x.detach().to(dtype), dim=1)
+    return _unit_rows(x.detach().to(dtype))
 
 
 def _tile_candidates(
@@ -550,7 +558,7 @@ def nmi(
     n_clusters = int(torch.unique(labels).numel())
     x = embeddings.detach().to(torch.float64)
     if normalize:
-        x = F.normalize(x, dim=1)
+        x = _unit_rows(x)
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     pred = km.fit_predict(x.cpu().numpy())
     return float(normalized_mutual_info_score(labels.cpu().numpy(), pred))

@@ -173,6 +173,31 @@ def test_recall_errors():
 
 
 # ----------------------------------------------------------------------------- nmi
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_of_any_scale_rank_as_their_unit_rows(dtype):
+    """Rows of norm 1e30 and 1e-30 (F.normalize alone gives 0 rows and unnormalised rows there) and a
+    zero row: neighbours, recall, MAP@R and NMI equal those of the unit rows (docs/semantics.md §5.1)."""
+    from rll_kernels.metrics import retrieval_metrics
+
+    gen = torch.Generator().manual_seed(7)
+    unit = torch.nn.functional.normalize(torch.randn(60, 12, generator=gen, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 5, (60,), generator=gen)
+    scale = torch.tensor([1e30, 1e-30, 1.0], dtype=torch.float64)[torch.arange(60) % 3]
+    unit[59] = 0.0  # a zero row stays zero: similarity 0 to every row
+    e = (unit * scale[:, None]).to(dtype)
+    assert bool(torch.isfinite(e).all()) and float(e[1].abs().max()) > 0  # no under/overflow in the input
+    want_v, want_i = nearest_neighbors(unit.to(dtype), 10)
+    got_v, got_i = nearest_neighbors(e, 10)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(got_v, want_v, atol=tol, rtol=0)
+    assert bool((got_i == want_i).float().mean() > 0.95)  # near-ties may swap by rounding
+    ks = (1, 4)
+    assert retrieval_metrics(e, labels, ks) == pytest.approx(
+        retrieval_metrics(unit.to(dtype), labels, ks), abs=0.02
+    )
+    assert nmi(e, labels) == pytest.approx(nmi(unit.to(dtype), labels), abs=1e-9)
+
+
 def test_nmi_separated_clusters_and_random():
     centers = torch.eye(5) * 10
     lab = torch.arange(5).repeat_interleave(40)
