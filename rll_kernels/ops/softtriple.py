@@ -79,51 +79,83 @@ torch.library.register_kernel("rll_kernels::softtriple_triton_fwd", ("cpu", "cud
 torch.library.register_kernel("rll_kernels::softtriple_triton_bwd", ("cpu", "cuda"), _triton_backward)
 
 
+_CHUNK_VALUES = 1 << 20  # values per temporary of the regulariser (4 MB in float32: stays in cache)
+
+
+def _inverse_peaks(centers: torch.Tensor) -> torch.Tensor:
+    """1 / (the largest |entry|) per center column, 0 for a zero column (one pass, no temporary)."""
+    lo, hi = torch.aminmax(centers, dim=0)
+    peak = torch.maximum(hi, -lo)
+    live = peak > 0
+    return torch.where(live, 1.0 / torch.where(live, peak, torch.ones_like(peak)), torch.zeros_like(peak))
+
+
+def _scaled_gram(centers: torch.Tensor, inv_peak: torch.Tensor, k: int) -> torch.Tensor:
+    """Per class, the K x K Gram of its columns divided by their peaks (entries in [-1, 1]: no
+    square overflows or underflows), built from chunks of classes of about _CHUNK_VALUES values."""
+    d, ck = centers.shape
+    c = ck // k
+    step = max(1, _CHUNK_VALUES // max(1, d * k))  # classes per chunk
+    parts = []
+    for c0 in range(0, c, step):
+        c1 = min(c, c0 + step)
+        cols = slice(c0 * k, c1 * k)
+        scaled = (centers[:, cols] * inv_peak[cols]).view(d, c1 - c0, k).permute(1, 2, 0)
+        parts.append(torch.bmm(scaled, scaled.transpose(1, 2)))
+    return torch.cat(parts)
+
+
 class _SparseCentersRaw(torch.autograd.Function):
     """R from the raw centers with a hand-written backward that makes one D x C*K gradient.
 
     Plain autograd through the batched Gram makes two (C, K, D) gradients (one per bmm operand),
-    a layout copy and their sum: about 3 x 232 MB at SOP scale. Here
-    dR/dw_t = sum_s M_ts w_s per class, with M = r A r^T + diag(-q_t sum_s A_ts cos_ts),
-    A = dR/dcos (symmetric), r = 1/|w| and q = r^2 (0 where F.normalize clamps the norm).
+    a layout copy and their sum: about 3 x 232 MB at SOP scale. Here, with u = w / |w| (scale-safe:
+    from the columns divided by their peaks) built in chunks of classes and D rows, never as one
+    copy of the centers,
+    dR/dw_t = (sum_s A_ts u_s - (sum_s A_ts cos_ts) u_t) / |w_t| per class, with A = dR/dcos
+    (symmetric); a zero column has u = 0, cos = 0 and gets no gradient (docs/semantics.md §3.5).
     """
 
     @staticmethod
     def forward(ctx, centers: torch.Tensor, k: int, reg_eps: float) -> torch.Tensor:
         d, ck = centers.shape
         c = ck // k
-        wc = centers.view(d, c, k).permute(1, 2, 0)  # (C, K, D) view
-        nrm = torch.linalg.vector_norm(centers, dim=0)
-        rn = 1.0 / nrm.clamp_min(1e-12)
-        cos = torch.bmm(wc, wc.transpose(1, 2)) * (rn.view(c, k, 1) * rn.view(c, 1, k))
+        inv_peak = _inverse_peaks(centers)
+        gram = _scaled_gram(centers, inv_peak, k)
+        # |w| / peak from the Gram's diagonal (in [1, sqrt(D)]; 0 for a zero column), as a masked sum:
+        # with torch.diagonal's view, inductor (torch 2.13) compiled this Function's gradient wrong
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        scaled_norm = (gram * eye).sum(2).sqrt()  # (C, K)
+        safe = torch.where(scaled_norm > 0, scaled_norm, torch.ones_like(scaled_norm))
+        cos = gram / (safe.unsqueeze(2) * safe.unsqueeze(1))
+        inv_norm = (inv_peak.view(c, k) / safe).reshape(ck)  # 1 / |w|, 0 for a zero column
         # a cosine above 1 is rounding: clamped, as PML's SparseCentersRegularizer clamps 2 cos at 2
         root = torch.sqrt(2.0 + reg_eps - 2.0 * cos.clamp(max=1.0))
         upper = torch.ones(k, k, dtype=torch.bool, device=centers.device).triu(1)
-        ctx.save_for_backward(centers, nrm, cos, root)
+        ctx.save_for_backward(centers, inv_norm, cos, root)
         ctx.k = k
         return (root * upper).sum() / (c * k * (k - 1))
 
     @staticmethod
     def backward(ctx, g):
-        centers, nrm, cos, root = ctx.saved_tensors
+        centers, inv_norm, cos, root = ctx.saved_tensors
         k = ctx.k
         d, ck = centers.shape
         c = ck // k
-        rn = (1.0 / nrm.clamp_min(1e-12)).view(c, k)
-        q = torch.where(nrm > 1e-12, 1.0 / nrm.clamp_min(1e-12) ** 2, torch.zeros_like(nrm)).view(c, k)
         off = ~torch.eye(k, dtype=torch.bool, device=centers.device)
         # dR/dcos_ts for t != s, both orders (each unordered pair appears once in R); 0 where the cosine
         # was clamped, and at root = 0 (coinciding centers with a tiny reg_eps: PML's gradient is NaN
         # there; the cosine's own gradient vanishes for coinciding directions)
         live = off & (cos <= 1.0) & (root > 0)
         a = torch.where(live, -g / (root * (c * k * (k - 1))), torch.zeros_like(root))
-        m = a * (rn.unsqueeze(2) * rn.unsqueeze(1))
-        m = m - torch.diag_embed(q * (a * cos).sum(2))  # (C, K, K)
-        out = torch.empty_like(centers)
-        step = max(1, (1 << 22) // max(1, ck))  # D rows per chunk: temporaries of about 16 MB
+        m = a - torch.diag_embed((a * cos).sum(2))  # (C, K, K), applied to the unit columns
+        step = max(1, _CHUNK_VALUES // max(1, ck))  # D rows per chunk
+        parts = []
         for d0 in range(0, d, step):
-            blk = centers[d0 : d0 + step].view(-1, c, k)  # (dc, C, K)
-            out[d0 : d0 + step].view(-1, c, k).copy_(torch.einsum("dcs,cts->dct", blk, m))
+            u = (centers[d0 : d0 + step] * inv_norm).view(-1, c, k)  # the chunk's unit columns
+            # the sum over s on unit columns first, then 1 / |w_t|: no product of two small factors
+            parts.append((torch.einsum("dcs,cts->dct", u, m) * inv_norm.view(c, k)).reshape(-1, ck))
+        out = torch.cat(parts)
         return out, None, None
 
 
@@ -132,9 +164,10 @@ def sparse_centers_raw(
 ) -> torch.Tensor:
     """SoftTriple's regulariser R from the raw (D, C*K) centers, without a normalised copy of them.
 
-    Per class, the K x K Gram of the raw centers divided by the outer product of their norms (the
-    norms clamped at 1e-12, as F.normalize) gives the cosines; equal to
-    ``reference.soft_triple_regularizer`` up to rounding.
+    Per class, the K x K Gram of the unit centers (built in chunks, from scale-safe norms: columns of
+    any finite norm give their cosines, a zero column cosines 0) gives R; equal to
+    ``reference.soft_triple_regularizer`` up to rounding for columns of norm above F.normalize's
+    eps (1e-12), where the reference's F.normalize stops normalising.
     """
     k = int(centers_per_class)
     if k == 1:

@@ -1,7 +1,7 @@
 """SoftTriple's normalisation inside the ops (docs/semantics.md §1.4, §3.4) on every fused backend:
 rows and center columns of norm 1e30 and 1e-30 give the loss and gradient of the unit rows and
-columns (fp32 and fp64); strided embeddings and centers give the contiguous result; a zero row
-stays 0."""
+columns (fp32 and fp64), with and without the regulariser (§3.5); strided embeddings and centers
+give the contiguous result; a zero row stays 0."""
 
 from __future__ import annotations
 
@@ -27,23 +27,25 @@ def _scaled_problem(device, scale):
     return u, y, wu, s_rows, s_cols
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.2])
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_extreme_norms_give_the_unit_rows_result(backend, device, scale, dtype):
+def test_extreme_norms_give_the_unit_rows_result(backend, device, scale, dtype, tau):
     u, y, wu, s_rows, s_cols = _scaled_problem(device, scale)
-    # the regulariser normalises as F.normalize (docs/semantics.md §3.5): tau = 0 here
-    kw = dict(tau=0.0, backend=backend)
+    # tau = 0.2: the regulariser's cosines from scale-safe norms too (in float32, F.normalize's gave
+    # NaN at 1e30 and treated 1e-30 columns as 1e-12 ones)
+    kw = dict(tau=tau, backend=backend)
     e, w = (u * s_rows[:, None]).to(dtype), (wu * s_cols[None, :]).to(dtype)
     lf, gef, gwf = loss_and_grads(soft_triple_loss, e, y, w, 3, **kw)
     # d/de at e = s u is the unit rows' gradient divided by s (the Jacobian (I - z z^T)/|e|)
     gef, gwf = gef.double() * s_rows[:, None], gwf.double() * s_cols[None, :]
-    lr, ger, gwr = loss_and_grads(ref_loss, u, y, wu, 3, tau=0.0)
+    lr, ger, gwr = loss_and_grads(ref_loss, u, y, wu, 3, tau=tau)
     if dtype == torch.float64:
         assert_close_fp64(lf, lr, "loss")
         assert_close_fp64(gef, ger, "grad embeddings")
         assert_close_fp64(gwf, gwr, "grad centers")
         return
-    l32, ge32, gw32 = loss_and_grads(ref_loss, u.float(), y, wu.float(), 3, tau=0.0)
+    l32, ge32, gw32 = loss_and_grads(ref_loss, u.float(), y, wu.float(), 3, tau=tau)
     assert_close_derived(lf, l32, lr, "loss")
     assert_close_derived(gef, ge32, ger, "grad embeddings")
     assert_close_derived(gwf, gw32, gwr, "grad centers")
