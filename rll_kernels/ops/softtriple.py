@@ -79,7 +79,10 @@ torch.library.register_kernel("rll_kernels::softtriple_triton_fwd", ("cpu", "cud
 torch.library.register_kernel("rll_kernels::softtriple_triton_bwd", ("cpu", "cuda"), _triton_backward)
 
 
-_CHUNK_VALUES = 1 << 20  # values per temporary of the regulariser (4 MB in float32: stays in cache)
+def _chunk_values(t: torch.Tensor) -> int:
+    """Values per temporary of the regulariser: 2^20 on the CPU (4 MB in float32, in cache; with 2^22
+    the forward was slower here, bench/RESULTS.md §18), 2^24 on a GPU (fewer launches)."""
+    return 1 << 20 if t.device.type == "cpu" else 1 << 24
 
 
 def _inverse_peaks(centers: torch.Tensor) -> torch.Tensor:
@@ -92,10 +95,10 @@ def _inverse_peaks(centers: torch.Tensor) -> torch.Tensor:
 
 def _scaled_gram(centers: torch.Tensor, inv_peak: torch.Tensor, k: int) -> torch.Tensor:
     """Per class, the K x K Gram of its columns divided by their peaks (entries in [-1, 1]: no
-    square overflows or underflows), built from chunks of classes of about _CHUNK_VALUES values."""
+    square overflows or underflows), built from chunks of classes of about _chunk_values values."""
     d, ck = centers.shape
     c = ck // k
-    step = max(1, _CHUNK_VALUES // max(1, d * k))  # classes per chunk
+    step = max(1, _chunk_values(centers) // max(1, d * k))  # classes per chunk
     parts = []
     for c0 in range(0, c, step):
         c1 = min(c, c0 + step)
@@ -149,7 +152,7 @@ class _SparseCentersRaw(torch.autograd.Function):
         live = off & (cos <= 1.0) & (root > 0)
         a = torch.where(live, -g / (root * (c * k * (k - 1))), torch.zeros_like(root))
         m = a - torch.diag_embed((a * cos).sum(2))  # (C, K, K), applied to the unit columns
-        step = max(1, _CHUNK_VALUES // max(1, ck))  # D rows per chunk
+        step = max(1, _chunk_values(centers) // max(1, ck))  # D rows per chunk
         parts = []
         for d0 in range(0, d, step):
             u = (centers[d0 : d0 + step] * inv_norm).view(-1, c, k)  # the chunk's unit columns
