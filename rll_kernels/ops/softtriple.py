@@ -153,12 +153,12 @@ class _SparseCentersRaw(torch.autograd.Function):
         a = torch.where(live, -g / (root * (c * k * (k - 1))), torch.zeros_like(root))
         m = a - torch.diag_embed((a * cos).sum(2))  # (C, K, K), applied to the unit columns
         step = max(1, _chunk_values(centers) // max(1, ck))  # D rows per chunk
-        parts = []
+        out = torch.empty_like(centers)  # written chunk by chunk: one D x CK gradient, no concatenation
         for d0 in range(0, d, step):
             u = (centers[d0 : d0 + step] * inv_norm).view(-1, c, k)  # the chunk's unit columns
             # the sum over s on unit columns first, then 1 / |w_t|: no product of two small factors
-            parts.append((torch.einsum("dcs,cts->dct", u, m) * inv_norm.view(c, k)).reshape(-1, ck))
-        out = torch.cat(parts)
+            grad = torch.einsum("dcs,cts->dct", u, m) * inv_norm.view(c, k)
+            out[d0 : d0 + step].view(-1, c, k).copy_(grad)
         return out, None, None
 
 
