@@ -20,12 +20,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_train_sizes import make_batch
+from step_loop import step_us
 
 import rll_kernels
 
@@ -41,10 +41,7 @@ def alternate(fns: dict, rounds: int, calls: int = 30, threads: dict | None = No
 
     def once(k: str, n: int) -> float:
         torch.set_num_threads(threads.get(k, 2))
-        t = time.perf_counter()
-        for _ in range(n):
-            fns[k]()
-        return (time.perf_counter() - t) / n * 1e6
+        return step_us(fns[k], n)
 
     for k in fns:
         once(k, 50)
