@@ -101,13 +101,17 @@ class ScratchPool {
   size_t kept_bytes_ = 0;
 };
 
+// A tensor of `sizes` on kept scratch memory (contiguous, CPU), uninitialised.
+inline at::Tensor kept_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+  if (bytes == 0 || bytes > kKeptScratchBytes) return at::empty(sizes, opts);
+  const auto [ptr, cap] = ScratchPool::get().take(bytes);
+  return at::from_blob(ptr, sizes, [cap = cap](void* p) { ScratchPool::get().give(p, cap); }, opts);
+}
+
 // A zeroed tensor of `sizes` on kept scratch memory (contiguous, CPU).
 inline at::Tensor kept_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
-  if (bytes == 0 || bytes > kKeptScratchBytes) return at::zeros(sizes, opts);
-  const auto [ptr, cap] = ScratchPool::get().take(bytes);
-  at::Tensor t = at::from_blob(ptr, sizes, [cap = cap](void* p) { ScratchPool::get().give(p, cap); }, opts);
-  return t.zero_();
+  return kept_empty(sizes, opts).zero_();
 }
 
 // One tensor per thread, zero-initialised: (threads, *sizes), on kept scratch memory.
@@ -126,6 +130,36 @@ inline std::vector<std::pair<int64_t, int64_t>> upper_tile_pairs(int64_t nb) {
     for (int64_t J = I; J < nb; ++J) pairs.emplace_back(I, J);
   return pairs;
 }
+
+// The Gram tiles of one in-batch call's tile pairs, kept from its first pass over them to its second
+// (the "pml" statistics, then the gradient, bench/RESULTS.md §20): pair p's tile (bq x bk, row stride
+// bk, as pair_gram_tile writes it) at offset[p], for the pairs in order while they fit in
+// kGramCacheBytes; the pairs after them (offset -1) are recomputed. Per-call scratch of bounded size:
+// every tile up to N ~ 1400 rows in fp32 (8 MiB), a shrinking share beyond (0.4% at N = 32768).
+constexpr size_t kGramCacheBytes = size_t(8) << 20;
+template <class S>
+class GramTileCache {
+ public:
+  GramTileCache(const std::vector<std::pair<int64_t, int64_t>>& pairs, int64_t B, int64_t N,
+                const at::TensorOptions& opts) {
+    const int64_t cap = static_cast<int64_t>(kGramCacheBytes / sizeof(S));
+    int64_t used = 0;
+    bool full = false;
+    for (const auto& [I, J] : pairs) {
+      const int64_t n = std::min(B, N - I * B) * std::min(B, N - J * B);
+      full = full || used + n > cap;
+      offset_.push_back(full ? -1 : used);
+      if (!full) used += n;
+    }
+    buf_ = kept_empty({std::max<int64_t>(used, 1)}, opts);
+  }
+  // Pair p's tile, or null when it is not kept.
+  S* tile(int64_t p) const { return offset_[p] < 0 ? nullptr : buf_.data_ptr<S>() + offset_[p]; }
+
+ private:
+  std::vector<int64_t> offset_;
+  at::Tensor buf_;
+};
 
 // ---------------------------------------------------------------- labels and excluded pairs
 // Labels as values of the kernel's type S, so a label comparison is one SIMD compare; the parts

@@ -4,13 +4,18 @@
 // autograd costs ~150 us per call, more than the whole kernel at N = 64). The formula is the one of
 // the Triton twin's Python autograd (rll_kernels/ops/rll.py, docs/architecture.md "Autograd"):
 // "paper" (need_grad and not attached) scales the forward's query gradient by the upstream row
-// gradients; "pml" calls rll_bwd on the saved inputs and row statistics. torch.compile traces this
+// gradients, and so does "pml" in-batch on the CPU with need_grad (the forward's gradient of the rows'
+// sum, the upstream gradient being uniform); else "pml" calls rll_bwd on the saved inputs and row
+// statistics. torch.compile traces this
 // node's backward like any other (the op's fake kernels are in rll_kernels/ops/rll.py).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 namespace rll {
@@ -66,6 +71,33 @@ Hyper load_hyper(AutogradContext* ctx) {
 
 OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
+// "pml" with need_grad (a uniform upstream gradient: the mean and sum reductions), in-batch, on the
+// CPU: the forward returns the gradient of the rows' sum (rll_pml_in_batch_with_grad, csrc/rll_cpu.cpp);
+// the fake kernel's rule is the same (rll_kernels/ops/rll.py).
+bool pml_grad_in_forward(const Tensor& q, const OptTensor& k) { return !k.has_value() && q.device().is_cpu(); }
+
+constexpr const char* kNotUniform =
+    "rll_fwd: with attached and need_grad in-batch (pml, a mean or sum reduction) the forward computed the "
+    "gradient of the rows sum; the upstream gradient of the rows must be uniform: call it with need_grad=False "
+    "for any other";
+
+// The check of a forward that computed the gradient of the rows' sum: every row's upstream gradient
+// equal (NaN too). A plain CPU tensor is read in place (~N ns); a traced one (fake or functional
+// tensors, torch.compile) gets the same check as ops, which the compiled code runs (no sync on a CPU).
+void check_uniform_upstream(const Tensor& g) {
+  const bool traced = g.unsafeGetTensorImpl()->is_python_dispatch() || at::functionalization::impl::isFunctionalTensor(g);
+  if (traced || !g.is_cpu()) {
+    at::_assert_async(((g == g.roll(1)) | g.isnan()).all(), kNotUniform);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "check_uniform_upstream", [&] {
+    const scalar_t* v = g.const_data_ptr<scalar_t>();
+    const int64_t n = g.numel();
+    for (int64_t i = 1; i < n; ++i)
+      TORCH_CHECK(v[i] == v[0] || (std::isnan(v[i]) && std::isnan(v[0])), kNotUniform);
+  });
+}
+
 class RankedListFunction : public torch::autograd::Function<RankedListFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& q_labels, const OptTensor& q_ids,
@@ -75,8 +107,9 @@ class RankedListFunction : public torch::autograd::Function<RankedListFunction> 
     auto [rows, gradq, stats, z, norms] = forward_op().call(q, q_labels, q_ids, k, k_labels, k_ids, h.alpha, h.beta, h.Tn,
                                                             h.Tp, h.imbalance, h.bias_per_row, h.den_rows, normalize,
                                                             attached, need_grad);
-    const bool grad_in_forward = need_grad && !attached;
+    const bool grad_in_forward = need_grad && (!attached || pml_grad_in_forward(q, k));
     ctx->saved_data["grad_in_forward"] = grad_in_forward;
+    ctx->saved_data["uniform_upstream"] = grad_in_forward && attached;
     ctx->saved_data["q_dtype"] = static_cast<int64_t>(q.scalar_type());
     // needs_input_grad counts the tensor inputs given: q, q_labels, then q_ids if given, then k
     ctx->saved_data["k_edge"] = k.has_value() ? int64_t(q_ids.has_value() ? 3 : 2) : int64_t(-1);
@@ -104,6 +137,7 @@ class RankedListFunction : public torch::autograd::Function<RankedListFunction> 
     const auto q_dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());
     const variable_list saved = ctx->get_saved_variables();
     if (ctx->saved_data["grad_in_forward"].toBool()) {
+      if (ctx->saved_data["uniform_upstream"].toBool()) check_uniform_upstream(g_rows);
       if (need_q) out[0] = (saved[0] * g_rows.unsqueeze(1)).to(q_dtype);
       return out;
     }

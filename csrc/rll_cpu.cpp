@@ -65,6 +65,7 @@ struct Forward {
   S* stats;  // (N, 4): [logden_P, L_P, logden_N, L_N]
   S* gq;     // (N, D) when paper_grad
   const S* q_norms;  // |e_i| of the query rows when the op normalises them, else null
+  S* kept = nullptr;  // (N, M): where the Gram rows are kept for a second pass (one gallery tile), or null
 };
 
 // One row's running forward state, wherever it is kept (a query tile's buffers, or one thread's
@@ -296,11 +297,12 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
   for (int64_t j0 = 0; j0 < fwd.pb.M; j0 += fwd.BK) {
     const int64_t bk = std::min(fwd.BK, fwd.pb.M - j0);
     const at::Tensor kJ = fwd.k.narrow(0, j0, bk);
-    gram_tile(tile.dots.data(), qI, kJ);
+    S* dots = fwd.kept != nullptr ? fwd.kept + i0 * bk : tile.dots.data();  // kept: bk is M
+    gram_tile(dots, qI, kJ);
     load_tile(fwd.pb.NK, fwd.pb.KL, j0, bk, fwd.BKP, tile.nk.data(), tile.kl.data());
     SetCounts n;
     for (int64_t r = 0; r < bq; ++r) {
-      const SetCounts row = fold_row(fwd, tile, i0 + r, r, tile.dots.data() + r * bk, j0, bk, tile.row(r, fwd.pb.D));
+      const SetCounts row = fold_row(fwd, tile, i0 + r, r, dots + r * bk, j0, bk, tile.row(r, fwd.pb.D));
       n.pos += row.pos;
       n.neg += row.neg;
     }
@@ -310,10 +312,13 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
   for (int64_t r = 0; r < bq; ++r) finish_row(fwd, i0 + r, tile.row(r, fwd.pb.D));
 }
 
+// kept: an N x M buffer for the Gram rows, filled when the gallery is one tile (returns whether it was).
 template <class S>
-void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at::Tensor& k, const S* q_norms,
-                        const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
+bool rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at::Tensor& k, const S* q_norms,
+                        const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats,
+                        S* kept = nullptr) {
   const Tiling tl = choose_tiling(pb.N, pb.M, pb.D);
+  if (tl.BK < pb.M) kept = nullptr;
   const Forward<S> fwd{pb,
                        q,
                        k,
@@ -325,11 +330,13 @@ void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at:
                        loss.data_ptr<S>(),
                        stats.data_ptr<S>(),
                        paper_grad ? gq.data_ptr<S>() : nullptr,
-                       q_norms};
+                       q_norms,
+                       kept};
   at::parallel_for(0, ceil_div(pb.N, fwd.BQ), 1, [&](int64_t b0, int64_t b1) {
     ForwardTile<S> tile(fwd, true);
     for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
   });
+  return kept != nullptr;
 }
 
 // ================================================================ in-batch forward
@@ -385,12 +392,13 @@ void fold_tile_rows(const Forward<S>& fwd, SymmetricForwardTile<S>& st, const S*
     add_tile_to_query_grad(tile, st.acc_p_t.narrow(0, x0, nx), st.acc_n_t.narrow(0, x0, nx), zY, nx, ny, n);
 }
 
+// Tile pair (I, J); kept: where its Gram tile is kept for a second pass (GramTileCache), or null.
 template <class S>
-void forward_tile_pair(const Forward<S>& fwd, SymmetricForwardTile<S>& st, int64_t I, int64_t J) {
+void forward_tile_pair(const Forward<S>& fwd, SymmetricForwardTile<S>& st, int64_t I, int64_t J, S* kept) {
   const int64_t B = fwd.BQ, N = fwd.pb.N;
   const int64_t i0 = I * B, bq = std::min(B, N - i0), j0 = J * B, bk = std::min(B, N - j0);
   const at::Tensor zI = fwd.q.narrow(0, i0, bq), zJ = fwd.q.narrow(0, j0, bk);
-  S* dots = st.tile.dots.data();
+  S* dots = kept != nullptr ? kept : st.tile.dots.data();
   pair_gram_tile(dots, zI, zJ, I == J);
   fold_tile_rows(fwd, st, dots, i0, bq, j0, bk, zJ);
   if (I == J) return;
@@ -436,10 +444,12 @@ void merge_and_finish_rows(const Forward<S>& fwd, const std::vector<std::unique_
   }
 }
 
-// The in-batch kernel, with the "paper" query gradient when paper_grad.
+// The in-batch kernel, with the "paper" query gradient when paper_grad; cache: where the Gram tiles
+// are kept for the gradient pass of the same call (rll_pml_in_batch_with_grad), or null.
 template <class S>
 void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const S* norms, const Params<S> prm,
-                           bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats) {
+                           bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats,
+                           const GramTileCache<S>* cache = nullptr) {
   const int64_t B = symmetric_tile_rows(pb.N);
   const Forward<S> fwd{pb,       z, z, prm, paper_grad, B, B, vec_pad<S>(B), loss.data_ptr<S>(), stats.data_ptr<S>(),
                        paper_grad ? gq.data_ptr<S>() : nullptr, norms};
@@ -448,7 +458,8 @@ void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const 
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
     auto& st = per_thread[at::get_thread_num()];
     if (!st) st = std::make_unique<SymmetricForwardTile<S>>(fwd);
-    for (int64_t p = p0; p < p1; ++p) forward_tile_pair(fwd, *st, pairs[p].first, pairs[p].second);
+    for (int64_t p = p0; p < p1; ++p)
+      forward_tile_pair(fwd, *st, pairs[p].first, pairs[p].second, cache != nullptr ? cache->tile(p) : nullptr);
   });
   at::parallel_for(0, pb.N, paper_grad ? rows_grain(pb.D) : 512,
                    [&](int64_t r0, int64_t r1) { merge_and_finish_rows(fwd, per_thread, r0, r1); });
@@ -784,41 +795,43 @@ bool same_label_tile(const SymmetricBackward<S>& sb, int64_t i0, int64_t bq, int
   return true;
 }
 
-// The rows [r0, r1) of tile pair (I, J) against tile J (loaded in tile): H into tile.h, the row
-// sums of H into rowsum; negatives: whether the negative terms are evaluated.
+// The rows [r0, r1) of tile pair (I, J) against tile J (loaded in tile), from their Gram rows dots
+// (row stride bk): H into tile.h, the row sums of H into rowsum; negatives: whether the negative
+// terms are evaluated.
 template <class S>
-void symmetric_h_rows(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile, bool negatives, int64_t i0, int64_t j0,
-                      int64_t bk, int64_t r0, int64_t r1, S* rowsum) {
+void symmetric_h_rows(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile, const S* dots, bool negatives,
+                      int64_t i0, int64_t j0, int64_t bk, int64_t r0, int64_t r1, S* rowsum) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = i0 + r;
-    rowsum[i] += row_pair_grads(sb.pb, sb.prm, sb.attached, sb.rows, &tile.cols, true, negatives,
-                                tile.dots.data() + r * bk, tile.nk.data(), tile.kl.data(), i, j0, bk, tile.BP,
-                                tile.h.data() + r * bk);
+    rowsum[i] += row_pair_grads(sb.pb, sb.prm, sb.attached, sb.rows, &tile.cols, true, negatives, dots + r * bk,
+                                tile.nk.data(), tile.kl.data(), i, j0, bk, tile.BP, tile.h.data() + r * bk);
   }
 }
 
 // Tile pair (I, J): H into tile.h, the row sums of H into rowsum, and dz_I -= H z_J,
 // dz_J -= H^T z_I (off the diagonal) into gz. wide: the call runs on the calling thread alone,
 // outside any parallel region, so the GEMMs use every thread and the rows are split over them;
-// else it is one thread's task and runs serially.
+// else it is one thread's task and runs serially. kept: the pair's Gram tile from the forward pass
+// of the same call (GramTileCache), else null and it is computed here.
 template <class S>
 void symmetric_tile_pair(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile, int64_t I, int64_t J,
-                         at::Tensor& gz, S* rowsum, bool wide) {
+                         at::Tensor& gz, S* rowsum, bool wide, const S* kept) {
   const int64_t B = tile.B, BP = tile.BP, N = sb.pb.N;
   const int64_t i0 = I * B, bq = std::min(B, N - i0);
   const int64_t j0 = J * B, bk = std::min(B, N - j0);
   const at::Tensor zI = sb.z.narrow(0, i0, bq), zJ = sb.z.narrow(0, j0, bk);
   const bool negatives = sb.has_neg[I] && sb.has_neg[J];
-  if (negatives || !same_label_tile(sb, i0, bq, j0, bk, tile.dots.data()))
+  if (kept == nullptr && (negatives || !same_label_tile(sb, i0, bq, j0, bk, tile.dots.data())))
     pair_gram_tile(tile.dots.data(), zI, zJ, I == J);
+  const S* dots = kept != nullptr ? kept : tile.dots.data();
   load_tile(sb.pb.NK, sb.pb.KL, j0, bk, BP, tile.nk.data(), tile.kl.data());
   tile.cols.load(sb.rows, j0, bk);
   if (wide)
     at::parallel_for(0, bq, 8, [&](int64_t r0, int64_t r1) {
-      symmetric_h_rows(sb, tile, negatives, i0, j0, bk, r0, r1, rowsum);
+      symmetric_h_rows(sb, tile, dots, negatives, i0, j0, bk, r0, r1, rowsum);
     });
   else
-    symmetric_h_rows(sb, tile, negatives, i0, j0, bk, 0, bq, rowsum);
+    symmetric_h_rows(sb, tile, dots, negatives, i0, j0, bk, 0, bq, rowsum);
   const int64_t nnz = count_nonzero(tile.h.data(), bq * bk);  // dense or sparse products (add_coef_product)
   add_coef_product(gz.narrow(0, i0, bq), tile.h.data(), bq, bk, nnz, zJ, S(-1), false);
   if (I == J) return;  // the diagonal tile already holds both orders of each pair in its rows
@@ -833,9 +846,10 @@ void symmetric_tile_pair(const SymmetricBackward<S>& sb, SymmetricTile<S>& tile,
 // the whole batch. H_ij = G_ij + G_ji holds both orders of a pair, so row i's gradient
 // sum_j H_ij (z_i - z_j) needs only row i of H: every thread's GEMMs are its own (single-threaded
 // tile GEMMs run ~1.5x faster per core than one 64-row GEMM on two threads), with no per-thread
-// parts to zero and combine; the Gram FLOPs are those of the whole N x N tile.
+// parts to zero and combine; the Gram FLOPs are those of the whole N x N tile. kept: the forward's
+// Gram rows (N x N) of the same call (rll_pml_in_batch_with_grad), or null and they are computed here.
 template <class S>
-void rll_backward_row_blocks(const SymmetricBackward<S>& sb, const S* norms, at::Tensor& gz) {
+void rll_backward_row_blocks(const SymmetricBackward<S>& sb, const S* norms, at::Tensor& gz, const S* kept) {
   const int64_t N = sb.pb.N, D = sb.pb.D, BP = vec_pad<S>(N);
   std::vector<S> nk(BP), kl(BP);
   load_tile(sb.pb.NK, sb.pb.KL, 0, N, BP, nk.data(), kl.data());
@@ -845,13 +859,14 @@ void rll_backward_row_blocks(const SymmetricBackward<S>& sb, const S* norms, at:
   S* GZ = gz.data_ptr<S>();
   at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
     const int64_t R = r1 - r0;
-    std::vector<S> dots(R * N), h(R * N), rowsum(R);
+    std::vector<S> dots(kept != nullptr ? 0 : R * N), h(R * N), rowsum(R);
     const bool negatives = std::find(sb.rows.has_n.begin() + r0, sb.rows.has_n.begin() + r1, 1) !=
                            sb.rows.has_n.begin() + r1;  // some row of the block has a negative member
-    if (negatives || !same_label_tile(sb, r0, R, 0, N, dots.data()))
+    if (kept == nullptr && (negatives || !same_label_tile(sb, r0, R, 0, N, dots.data())))
       gram_tile(dots.data(), sb.z.narrow(0, r0, R), sb.z);
+    const S* gram = kept != nullptr ? kept + r0 * N : dots.data();
     for (int64_t r = 0; r < R; ++r)
-      rowsum[r] = row_pair_grads(sb.pb, sb.prm, sb.attached, sb.rows, &cols, true, negatives, dots.data() + r * N,
+      rowsum[r] = row_pair_grads(sb.pb, sb.prm, sb.attached, sb.rows, &cols, true, negatives, gram + r * N,
                                  nk.data(), kl.data(), r0 + r, 0, N, BP, h.data() + r * N);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t e = 0; e < D; ++e) GZ[(r0 + r) * D + e] = rowsum[r] * Z[(r0 + r) * D + e];
@@ -861,16 +876,19 @@ void rll_backward_row_blocks(const SymmetricBackward<S>& sb, const S* norms, at:
 }
 
 // Fewer tile pairs than 2 per thread: one pair at a time on every thread ("wide"), else each
-// thread takes whole pairs into its own partial gradient.
+// thread takes whole pairs into its own partial gradient. The forward pass of the same call
+// (rll_pml_in_batch_with_grad) may have kept its Gram tiles (cache) or, at one or two tiles, its Gram
+// rows (gram_rows, N x N); else both are null.
 template <class S>
 void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_rows, const at::Tensor& z,
                             const S* norms, const at::Tensor& stats, const Params<S> prm, bool attached,
-                            at::Tensor& gz) {
+                            at::Tensor& gz, const GramTileCache<S>* cache = nullptr,
+                            const S* gram_rows = nullptr) {
   const RowSets<S> rows(grad_rows.data_ptr<S>(), stats.data_ptr<S>(), prm, pb.N);
   const int64_t B = symmetric_tile_rows(pb.N);
   const SymmetricBackward<S> sb(pb, rows, prm, attached, z, B);
   if (ceil_div(pb.N, B) <= 2) {  // N <= 128 at 2 threads; at N = 256 both took the same time, at 512 blocks lost
-    rll_backward_row_blocks(sb, norms, gz);
+    rll_backward_row_blocks(sb, norms, gz, gram_rows);
     return;
   }
   const auto pairs = upper_tile_pairs(ceil_div(pb.N, B));
@@ -879,10 +897,12 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
   const int64_t parts = wide ? 1 : at::get_num_threads();
   at::Tensor gz_parts = kept_zeros({parts, pb.N, pb.D}, z.options());
   at::Tensor rowsum_parts = kept_zeros({parts, pb.N}, z.options());
+  const auto kept = [&](int64_t p) -> const S* { return cache != nullptr ? cache->tile(p) : nullptr; };
   if (wide) {
     SymmetricTile<S> tile(B);
     at::Tensor gz_t = gz_parts[0];
-    for (const auto& [I, J] : pairs) symmetric_tile_pair(sb, tile, I, J, gz_t, rowsum_parts.data_ptr<S>(), true);
+    for (int64_t p = 0; p < n_pairs; ++p)
+      symmetric_tile_pair(sb, tile, pairs[p].first, pairs[p].second, gz_t, rowsum_parts.data_ptr<S>(), true, kept(p));
   } else {
     at::parallel_for(0, n_pairs, 1, [&](int64_t p0, int64_t p1) {
       const int64_t tid = at::get_thread_num();
@@ -890,10 +910,38 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
       at::Tensor gz_t = gz_parts[tid];
       S* rowsum = rowsum_parts[tid].data_ptr<S>();
       for (int64_t p = p0; p < p1; ++p)
-        symmetric_tile_pair(sb, tile, pairs[p].first, pairs[p].second, gz_t, rowsum, false);
+        symmetric_tile_pair(sb, tile, pairs[p].first, pairs[p].second, gz_t, rowsum, false, kept(p));
     });
   }
   combine_thread_parts(gz_parts, rowsum_parts, z, norms, gz);
+}
+
+// ================================================================ "pml" in-batch, both passes in one call
+// With a uniform upstream gradient (need_grad with attached, in-batch: what the mean and sum reductions
+// ask for, docs/semantics.md §2.6) the forward op computes the gradient of sum_i L(i) as well: the
+// statistics pass, then the backward's pass over the same tile pairs with unit row weights, reading
+// the Gram tiles that the first pass kept (GramTileCache) instead of computing them again; autograd
+// scales the result by the upstream gradient. Below kSymmetricMinRows the statistics come from the
+// query-tile kernel; when the backward then splits the rows over the threads (one or two tiles), the
+// forward keeps its N x N Gram rows for it (at most 128 rows at 2 threads).
+template <class S>
+void rll_pml_in_batch_with_grad(const PairProblem<S>& pb, const at::Tensor& z, const S* norms, const Params<S> prm,
+                                at::Tensor& loss, at::Tensor& stats, at::Tensor& gz) {
+  const at::Tensor unit_rows = at::ones({pb.N}, z.options());
+  at::Tensor no_query_grad;
+  if (pb.N < kSymmetricMinRows) {
+    const bool row_blocks = ceil_div(pb.N, symmetric_tile_rows(pb.N)) <= 2;
+    const bool fits = pb.N * pb.N * static_cast<int64_t>(sizeof(S)) <= static_cast<int64_t>(kGramCacheBytes);
+    const at::Tensor rows = row_blocks && fits ? kept_empty({pb.N, pb.N}, z.options()) : at::Tensor();
+    S* kept = rows.defined() ? rows.data_ptr<S>() : nullptr;
+    kept = rll_forward_kernel<S>(pb, z, z, norms, prm, false, loss, no_query_grad, stats, kept) ? kept : nullptr;
+    rll_backward_symmetric<S>(pb, unit_rows, z, norms, stats, prm, true, gz, nullptr, kept);
+    return;
+  }
+  const int64_t B = symmetric_tile_rows(pb.N);
+  const GramTileCache<S> cache(upper_tile_pairs(ceil_div(pb.N, B)), B, pb.N, z.options());
+  rll_forward_symmetric<S>(pb, z, norms, prm, false, loss, no_query_grad, stats, &cache);
+  rll_backward_symmetric<S>(pb, unit_rows, z, norms, stats, prm, true, gz, &cache);
 }
 
 // ---------------------------------------------------------------- argument checks
@@ -1033,17 +1081,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rll_fwd_c
     const c10::optional<at::Tensor>& k_ids, double alpha, double beta, double Tn, double Tp, double imbalance,
     double bias_per_row, c10::optional<int64_t> den_rows, bool normalize, bool attached, bool need_grad) {
   const bool paper_grad = need_grad && !attached;
+  // "pml" in-batch: need_grad says the upstream gradient is uniform; the gradient of the rows' sum
+  // comes from this call (rll_pml_in_batch_with_grad)
+  const bool pml_grad = need_grad && attached && !k.has_value();
   check_inputs(q, q_labels, q_ids, k, k_labels, k_ids);
   const int64_t N = q.size(0), D = q.size(1), M = k.has_value() ? k->size(0) : N;
   at::Tensor loss = at::empty({N}, q.options());
   at::Tensor stats = at::empty({N, 4}, q.options());
-  at::Tensor gq = paper_grad ? at::empty({N, D}, q.options()) : at::empty({0}, q.options());
+  at::Tensor gq = paper_grad || pml_grad ? at::empty({N, D}, q.options()) : at::empty({0}, q.options());
   at::Tensor z, norms;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rll_fwd_cpu", [&] {
     const auto prm = make_params<scalar_t>(alpha, beta, Tn, Tp, imbalance, bias_per_row, den_rows, M);
     const Operands<scalar_t> op = forward_operands<scalar_t>(q, k, normalize, z, norms);
     if (N == 0) return;
     const PairProblem<scalar_t> pb(op.nq, op.nk, q_labels, q_ids, k.has_value() ? &*k_labels : nullptr, k_ids, D);
+    if (pml_grad) {
+      rll_pml_in_batch_with_grad<scalar_t>(pb, op.q, op.q_norms, prm, loss, stats, gq);
+      return;
+    }
     // in-batch: each unordered tile pair once (with the "paper" gradient while its accumulators fit)
     if (!k.has_value() && N >= kSymmetricMinRows && (!paper_grad || symmetric_grad_fits<scalar_t>(N, D)))
       rll_forward_symmetric<scalar_t>(pb, op.q, op.q_norms, prm, paper_grad, loss, gq, stats);

@@ -94,7 +94,9 @@ def _cpu(prob, params, g, dtype, normalize=False):
     a, b, tn, tp, lam, bias, att = params
     q, k = q.to(dtype), (None if k is None else k.to(dtype))
     hp = (a, b, tn, tp, lam, bias, None, normalize, att)
-    loss, gq_fwd, stats, z, norms = FWD(q, ql, qid, k, kl, kid, *hp, True)
+    # "pml": need_grad=False, the statistics-only forward that the CUDA kernels run (on the CPU,
+    # need_grad in-batch would run both passes in the forward, docs/semantics.md §2.6)
+    loss, gq_fwd, stats, z, norms = FWD(q, ql, qid, k, kl, kid, *hp, not att)
     gq, gk = BWD(g.to(dtype), q, ql, qid, k, kl, kid, stats, z, norms, *hp, True, att)
     return {"loss": loss, "stats": stats, "gq_fwd": gq_fwd, "gq": gq, "gk": gk}
 

@@ -15,7 +15,10 @@ den_rows, normalize, attached, need_grad) -> (rows (N,), gradq, stats (N, 4), z,
   M * 1e-5 with ``bias_per_row = 1e-5`` (docs/semantics.md §2.8), so nothing per call depends on M.
 
 Outputs: per-row losses; the query gradient of each row's loss (N, D) when ``need_grad and not
-attached`` ("paper": computed in the forward pass) else an empty tensor; the row statistics
+attached`` ("paper": computed in the forward pass), the gradient of the rows' sum (N, D) when
+``need_grad and attached`` in-batch on the C++ op's CPU kernels ("pml": ``need_grad`` then says that
+the upstream gradient of the rows is uniform, as the mean and sum reductions make it; both passes run
+in the forward, docs/semantics.md §2.6), else an empty tensor; the row statistics
 [log den_P, L_P, log den_N, L_N] that the backward op (``attached``: "pml") recomputes the tiles from;
 with ``normalize`` the rows z (queries, then the gallery unless in-batch; input dtype) and their norms
 |e| (accumulation dtype) that the backward reads, else empty tensors. Rows, statistics and the
@@ -26,12 +29,21 @@ See docs/semantics.md §2.3 and §2.6.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import compute_dtype
 from ._schemas import OPS
 
-__all__ = ["rll_backward_fake", "rll_forward_fake"]
+__all__ = ["grad_in_forward", "rll_backward_fake", "rll_forward_fake"]
+
+
+def grad_in_forward(backend: str, q, k, attached: bool, need_grad: bool) -> bool:
+    """Whether the forward op of ``backend`` returns the gradient: "paper" with need_grad, and "pml"
+    with need_grad in-batch on the C++ op's CPU kernels (the rule of csrc/rll_autograd.cpp)."""
+    pml_in_forward = backend == "cpp" and k is None and q.device.type == "cpu"
+    return need_grad and (not attached or pml_in_forward)
 
 
 def rll_forward_fake(
@@ -51,6 +63,8 @@ def rll_forward_fake(
     normalize,
     attached,
     need_grad,
+    *,
+    backend: str = "cpp",
 ):
     torch._check(q.dim() == 2, lambda: "rll_fwd: q must be 2-D")
     torch._check(
@@ -58,7 +72,8 @@ def rll_forward_fake(
     )
     n, d = q.shape
     acc = compute_dtype(q.dtype)
-    grad = q.new_empty(n, d, dtype=acc) if (need_grad and not attached) else q.new_empty(0, dtype=acc)
+    in_forward = grad_in_forward(backend, q, k, attached, need_grad)
+    grad = q.new_empty(n, d, dtype=acc) if in_forward else q.new_empty(0, dtype=acc)
     rows = n if k is None else n + k.shape[0]
     z = q.new_empty(rows, d) if normalize else q.new_empty(0)
     norms = q.new_empty(rows if normalize else 0, dtype=acc)
@@ -79,7 +94,7 @@ def _setup_context(ctx, inputs, output):
     ctx.params = tuple(params)  # alpha, beta, Tn, Tp, imbalance, bias_per_row, den_rows
     ctx.normalize, ctx.attached = normalize, attached
     ctx.q_dtype = q.dtype
-    ctx.grad_in_forward = need_grad and not attached
+    ctx.grad_in_forward = grad_in_forward("triton", q, k, attached, need_grad)
     if ctx.grad_in_forward:
         ctx.save_for_backward(gradq)  # "paper": every row's query gradient is already there
     else:
@@ -136,7 +151,7 @@ def _triton_backward(*args):
 
 
 for _backend, (_fwd, _bwd) in OPS["rll"].items():
-    torch.library.register_fake(f"rll_kernels::{_fwd}", rll_forward_fake)
+    torch.library.register_fake(f"rll_kernels::{_fwd}", functools.partial(rll_forward_fake, backend=_backend))
     torch.library.register_fake(f"rll_kernels::{_bwd}", rll_backward_fake)
 # The C++ op's autograd is registered by the extension itself (csrc/rll_autograd.cpp: the same
 # formula in C++, so that an eager step runs no Python around the kernels); the Triton op's is here.

@@ -58,7 +58,9 @@ def _run(prob, params, need_grad, grad_rows=None, normalize=True):
     q, ql, qid, k, kl, kid = prob
     a, b, tn, tp, lam, bias, attached = params
     hp = (a, b, tn, tp, lam, bias, None, normalize, attached)
-    loss, gq_fwd, stats, z, norms = FWD(q, ql, qid, k, kl, kid, *hp, need_grad)
+    # "pml": the statistics-only forward on both devices (on the CPU, need_grad in-batch would run
+    # both passes in the forward, docs/semantics.md §2.6); the backward op gives the gradients
+    loss, gq_fwd, stats, z, norms = FWD(q, ql, qid, k, kl, kid, *hp, need_grad and not attached)
     g = grad_rows if grad_rows is not None else torch.ones_like(loss)
     gq, gk = BWD(
         g.to(loss.device, loss.dtype),
