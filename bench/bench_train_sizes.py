@@ -130,14 +130,35 @@ def symmetric_share(n: int, d: int) -> float:
     return (t * (t - 1) / 2 + t * diagonal) / t**2
 
 
+GRAM_CACHE_BYTES = 8 << 20  # csrc/cpu_tiles.h kGramCacheBytes
+
+
+def kept_gram_share(n: int) -> float:
+    """Share of the "pml" gradient pass's Gram tiles that the forward pass of the same call keeps for
+    it (csrc/rll_cpu.cpp rll_pml_in_batch_with_grad, fp32): the tile pairs in order while they fit in
+    GRAM_CACHE_BYTES from kSymmetricMinRows rows, the N x N Gram rows at one or two tiles, else none."""
+    if n < SYMMETRIC_MIN_ROWS:
+        return 1.0 if symmetric_tiles(n) <= 2 and 4 * n * n <= GRAM_CACHE_BYTES else 0.0
+    b, t = symmetric_tile_rows(n), symmetric_tiles(n)
+    sizes = [min(b, n - i * b) * min(b, n - j * b) for i in range(t) for j in range(i, t)]
+    used = kept = 0
+    for size in sizes:
+        if 4 * (used + size) > GRAM_CACHE_BYTES:
+            break
+        used, kept = used + size, kept + 1
+    return kept / len(sizes)
+
+
 def fused_gemms(semantics: str, neg_share: float, n: int, d: int) -> float:
+    """The fused training step's GEMMs, in units of one N x D x N GEMM, on data with neg_share
+    non-trivial negatives (in-batch, 2 threads, fp32, a mean reduction)."""
     coef = 1 if neg_share > DENSE_SHARE else 0
     share = symmetric_share(n, d)
     if semantics == "paper":
         return (share if n >= SYMMETRIC_GRAD_MIN_ROWS else 1.0) + coef
     forward = share if n >= SYMMETRIC_MIN_ROWS else 1.0
     backward = share if symmetric_tiles(n) > 2 else 1.0  # at T <= 2: blocks of rows against the whole batch
-    return forward + backward + coef
+    return forward + backward * (1.0 - kept_gram_share(n)) + coef
 
 
 def gemm_fns(n: int, d: int) -> dict:

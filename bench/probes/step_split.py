@@ -7,8 +7,9 @@ fp32, K = 4, the clustered data of bench_train_sizes. Every comparison alternate
 by round in this one process (rounds of 30 calls, the order flipped every round) and prints medians:
 
 * threads: the module's step (forward + backward) and the forward and backward ops called directly
-  (no Python wrapper, no autograd) at 1 and at 2 threads; with T1 = S + P and T2 = S + P / 2,
-  2 T2 - T1 estimates the part that does not run in parallel;
+  (no Python wrapper, no autograd) at 1 and at 2 threads ("pml": the statistics-only forward,
+  the backward op, and the forward op with both passes, which the module's mean reduction calls);
+  with T1 = S + P and T2 = S + P / 2, 2 T2 - T1 estimates the part that does not run in parallel;
 * per call, at 8 rows (next to no pair work): the module's step, the same step with the op called
   directly, the forward alone under no_grad (module and op), the backward through the autograd engine
   (``retain_graph``) against the backward op called directly, and a trivial autograd step.
@@ -72,10 +73,16 @@ def thread_split(n: int, d: int, semantics: str, rounds: int) -> None:
         x.grad = None
         mod(x, y).backward()
 
-    parts = {"step": step, "fwd op": lambda: FWD(xd, y, None, None, None, None, *hp, True, attached, True)}
+    # "pml": need_grad=False gives the statistics pass alone, True both passes (the module's mean)
+    stats_only = not attached
+    parts = {
+        "step": step,
+        "fwd op": lambda: FWD(xd, y, None, None, None, None, *hp, True, attached, stats_only),
+    }
     if attached:
         saved = (stats, z, norms)
         parts["bwd op"] = lambda: BWD(g, xd, y, None, None, None, None, *saved, *hp, True, True, True, False)
+        parts["fwd op, both passes"] = lambda: FWD(xd, y, None, None, None, None, *hp, True, True, True)
     for name, fn in parts.items():
         t = alternate({"1": fn, "2": fn}, rounds, threads={"1": 1, "2": 2})
         print(
