@@ -921,16 +921,18 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
 // ask for, docs/semantics.md §2.6) the forward op computes the gradient of sum_i L(i) as well: the
 // statistics pass, then the backward's pass over the same tile pairs with unit row weights, reading
 // the Gram tiles that the first pass kept (GramTileCache) instead of computing them again; autograd
-// scales the result by the upstream gradient. Below kSymmetricMinRows the statistics come from the
-// query-tile kernel; when the backward then splits the rows over the threads (one or two tiles), the
-// forward keeps its N x N Gram rows for it (at most 128 rows at 2 threads).
+// scales the result by the upstream gradient. Where the backward splits the rows over the threads
+// (one or two tiles: N <= 128 at 2 threads, N <= 512 at 1), the statistics come from the query-tile
+// kernel, which keeps its N x N Gram rows for it (when the gallery is one tile and they fit
+// kGramCacheBytes); below kSymmetricMinRows that kernel runs too, keeping nothing.
 template <class S>
 void rll_pml_in_batch_with_grad(const PairProblem<S>& pb, const at::Tensor& z, const S* norms, const Params<S> prm,
                                 at::Tensor& loss, at::Tensor& stats, at::Tensor& gz) {
   const at::Tensor unit_rows = at::ones({pb.N}, z.options());
   at::Tensor no_query_grad;
-  if (pb.N < kSymmetricMinRows) {
-    const bool row_blocks = ceil_div(pb.N, symmetric_tile_rows(pb.N)) <= 2;
+  const int64_t B = symmetric_tile_rows(pb.N);
+  const bool row_blocks = ceil_div(pb.N, B) <= 2;
+  if (pb.N < kSymmetricMinRows || row_blocks) {
     const bool fits = pb.N * pb.N * static_cast<int64_t>(sizeof(S)) <= static_cast<int64_t>(kGramCacheBytes);
     const at::Tensor rows = row_blocks && fits ? kept_empty({pb.N, pb.N}, z.options()) : at::Tensor();
     S* kept = rows.defined() ? rows.data_ptr<S>() : nullptr;
@@ -938,7 +940,6 @@ void rll_pml_in_batch_with_grad(const PairProblem<S>& pb, const at::Tensor& z, c
     rll_backward_symmetric<S>(pb, unit_rows, z, norms, stats, prm, true, gz, nullptr, kept);
     return;
   }
-  const int64_t B = symmetric_tile_rows(pb.N);
   const GramTileCache<S> cache(upper_tile_pairs(ceil_div(pb.N, B)), B, pb.N, z.options());
   rll_forward_symmetric<S>(pb, z, norms, prm, false, loss, no_query_grad, stats, &cache);
   rll_backward_symmetric<S>(pb, unit_rows, z, norms, stats, prm, true, gz, &cache);

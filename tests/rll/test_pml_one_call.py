@@ -49,13 +49,15 @@ def test_tiles_beyond_the_cache_are_recomputed(n, d, dtype):
         assert_close_derived(l32, L32, L64, "loss fp32")
 
 
-@pytest.mark.parametrize("n", [37, 300, 600])
-def test_one_thread(n):
+# one thread: N = 600, 256-row tiles, 6 pairs, kept; N = 300: two tiles, the rows split, the Gram
+# rows kept (D = 16: one gallery tile of 300 rows) or not (D = 300: 256-row gallery tiles)
+@pytest.mark.parametrize("n, d", [(37, 16), (300, 16), (300, 300), (600, 16)])
+def test_one_thread(n, d):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # N = 600: 256-row tiles, 6 pairs; N = 300: one tile pair of two
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(n)
-        emb, labels, _, _ = make_batch(n, 16, classes=n // 4)
+        emb, labels, _, _ = make_batch(n, d, classes=n // 4)
         for reduction in ("mean", "sum"):
             (l, g), _ = _one_call_and_two_ops(emb, labels, reduction)
             e = emb.clone().requires_grad_()
