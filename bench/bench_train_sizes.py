@@ -101,7 +101,9 @@ def providers(semantics: str, pml_loss) -> dict:
 # backward products.
 DENSE_SHARE = 1 / 8
 SYMMETRIC_MIN_ROWS = 256  # csrc/rll_cpu.cpp kSymmetricMinRows: smaller batches run the query-tile forward
-SYMMETRIC_GRAD_MIN_ROWS = 512  # csrc/rll_cpu.cpp kSymmetricGradMinRows: the same for the "paper" gradient
+# csrc/rll_cpu.cpp kSymmetricGradMinRows (kSymmetricGradMinRowsDeep from D = kSymmetricGradDeep): the
+# same for the "paper" gradient
+SYMMETRIC_GRAD_MIN_ROWS, SYMMETRIC_GRAD_MIN_ROWS_DEEP, SYMMETRIC_GRAD_DEEP = 320, 256, 512
 
 
 GRAM_PANEL, GRAM_PANEL_MIN_DEPTH = 32, 256  # csrc/cpu_tiles.h kGramPanel, kGramPanelMinDepth
@@ -155,7 +157,8 @@ def fused_gemms(semantics: str, neg_share: float, n: int, d: int) -> float:
     coef = 1 if neg_share > DENSE_SHARE else 0
     share = symmetric_share(n, d)
     if semantics == "paper":
-        return (share if n >= SYMMETRIC_GRAD_MIN_ROWS else 1.0) + coef
+        min_rows = SYMMETRIC_GRAD_MIN_ROWS_DEEP if d >= SYMMETRIC_GRAD_DEEP else SYMMETRIC_GRAD_MIN_ROWS
+        return (share if n >= min_rows else 1.0) + coef
     forward = share if n >= SYMMETRIC_MIN_ROWS else 1.0
     backward = share if symmetric_tiles(n) > 2 else 1.0  # at T <= 2: blocks of rows against the whole batch
     return forward + backward * (1.0 - kept_gram_share(n)) + coef

@@ -465,15 +465,18 @@ void rll_forward_symmetric(const PairProblem<S>& pb, const at::Tensor& z, const 
                    [&](int64_t r0, int64_t r1) { merge_and_finish_rows(fwd, per_thread, r0, r1); });
 }
 
-// The in-batch forward with the "paper" gradient runs from kSymmetricGradMinRows rows (at N = 256 its
-// 64-row tiles took the time of the query-tile kernel's 64 x 256 ones; from 512 it is 5-23% faster,
-// bench/RESULTS.md §15) while its two N x D accumulators per thread take at most
-// kSymmetricGradBytes in all; else the query-tile kernel runs.
-constexpr int64_t kSymmetricGradMinRows = 512;
+// The in-batch forward with the "paper" gradient runs from kSymmetricGradMinRows rows, and from
+// kSymmetricGradMinRowsDeep at D >= kSymmetricGradDeep (2 threads, in-process A/Bs against the query-tile
+// kernel, bench/RESULTS.md §15 and §20: 1.04x at 320 x 128, 1.07x at 384 x 128, 1.10x at 300 x 300 and
+// 384 x 512, a median 1.02x at 256 x 512, but 0.96x at 256 x 128 and 0.985x at 256 x 256), while its two
+// N x D accumulators per thread take at most kSymmetricGradBytes in all; else the query-tile kernel runs.
+constexpr int64_t kSymmetricGradMinRows = 320;
+constexpr int64_t kSymmetricGradMinRowsDeep = 256;
+constexpr int64_t kSymmetricGradDeep = 512;
 constexpr int64_t kSymmetricGradBytes = int64_t(64) << 20;
 template <class S>
 bool symmetric_grad_fits(int64_t N, int64_t D) {
-  return N >= kSymmetricGradMinRows &&
+  return N >= (D >= kSymmetricGradDeep ? kSymmetricGradMinRowsDeep : kSymmetricGradMinRows) &&
          at::get_num_threads() * 2 * N * D * static_cast<int64_t>(sizeof(S)) <= kSymmetricGradBytes;
 }
 

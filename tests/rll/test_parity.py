@@ -112,6 +112,23 @@ def test_clustered_embeddings_many_active_pairs(backend, device, skip_if_interpr
     _check(backend, emb.to(device), labels.to(device), None, None, sem, "mean")
 
 
+@pytest.mark.parametrize("n, d", [(256, 512), (255, 512), (320, 40), (319, 40)])
+@pytest.mark.parametrize("sem", ["paper", "pml"])
+def test_in_batch_kernel_thresholds(backend, device, skip_if_interpreted_above, sem, n, d):
+    # either side of the sizes where the in-batch "paper" forward takes tile pairs (N = 320, and 256
+    # from D = 512: csrc/rll_cpu.cpp symmetric_grad_fits) and the "pml" one (N = 256), on classes
+    # around one shared direction (66-90% of the negatives inside alpha, 47-69% of the positives
+    # beyond beta)
+    skip_if_interpreted_above(n, n, d)
+    g = torch.Generator().manual_seed(n + d)
+    u = F.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
+    centers = u + torch.randn(16, d, dtype=torch.float64, generator=g) / d**0.5
+    labels = torch.randint(0, 16, (n,), generator=g)
+    emb = centers[labels] + torch.randn(n, d, dtype=torch.float64, generator=g) / d**0.5
+    for red in ("mean", "none"):
+        _check(backend, emb.to(device), labels.to(device), None, None, sem, red)
+
+
 @pytest.mark.parametrize("sem", ["paper", "pml"])
 def test_all_same_labels_dense_positive_tiles(backend, device, skip_if_interpreted_above, sem):
     # every pair is a positive: the dense (GEMM) positive path of the paper kernel
