@@ -72,30 +72,37 @@ Hyper load_hyper(AutogradContext* ctx) {
 OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
 // "pml" with need_grad (a uniform upstream gradient: the mean and sum reductions), in-batch, on the
-// CPU: the forward returns the gradient of the rows' sum (rll_pml_in_batch_with_grad, csrc/rll_cpu.cpp);
+// CPU: the forward returns the gradient of the rows' mean (rll_pml_in_batch_with_grad, csrc/rll_cpu.cpp);
 // the fake kernel's rule is the same (rll_kernels/ops/rll.py).
 bool pml_grad_in_forward(const Tensor& q, const OptTensor& k) { return !k.has_value() && q.device().is_cpu(); }
 
 constexpr const char* kNotUniform =
     "rll_fwd: with attached and need_grad in-batch (pml, a mean or sum reduction) the forward computed the "
-    "gradient of the rows sum; the upstream gradient of the rows must be uniform: call it with need_grad=False "
+    "gradient of the rows mean; the upstream gradient of the rows must be uniform: call it with need_grad=False "
     "for any other";
 
-// The check of a forward that computed the gradient of the rows' sum: every row's upstream gradient
-// equal (NaN too). A plain CPU tensor is read in place (~N ns); a traced one (fake or functional
-// tensors, torch.compile) gets the same check as ops, which the compiled code runs (no sync on a CPU).
-void check_uniform_upstream(const Tensor& g) {
+// The gradient from the forward's gradient of the rows' mean (row weights 1/N) and the rows' upstream
+// gradient g, which must be uniform (NaN too): N g times it. A plain CPU tensor is read in place (~N ns),
+// and when g = 1/N (a mean reduction's backward) the forward's tensor is returned as it is: no copy,
+// and autograd can hand it on as the leaf's gradient. A traced one (fake or functional tensors,
+// torch.compile) gets the check as ops, which the compiled code runs, and the scale sum(g) = N g.
+Tensor gradient_from_mean(const Tensor& grad_of_mean, const Tensor& g) {
   const bool traced = g.unsafeGetTensorImpl()->is_python_dispatch() || at::functionalization::impl::isFunctionalTensor(g);
   if (traced || !g.is_cpu()) {
     at::_assert_async(((g == g.roll(1)) | g.isnan()).all(), kNotUniform);
-    return;
+    return grad_of_mean * g.sum();
   }
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "check_uniform_upstream", [&] {
+  const int64_t n = g.numel();
+  if (n == 0) return grad_of_mean;
+  double scale = 1.0;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_from_mean", [&] {
     const scalar_t* v = g.const_data_ptr<scalar_t>();
-    const int64_t n = g.numel();
     for (int64_t i = 1; i < n; ++i)
       TORCH_CHECK(v[i] == v[0] || (std::isnan(v[i]) && std::isnan(v[0])), kNotUniform);
+    const bool mean = v[0] == static_cast<scalar_t>(1.0 / static_cast<double>(n));  // the kernel's row weight
+    scale = mean ? 1.0 : static_cast<double>(v[0]) * static_cast<double>(n);
   });
+  return scale == 1.0 ? grad_of_mean : grad_of_mean * scale;
 }
 
 class RankedListFunction : public torch::autograd::Function<RankedListFunction> {
@@ -137,7 +144,10 @@ class RankedListFunction : public torch::autograd::Function<RankedListFunction> 
     const auto q_dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());
     const variable_list saved = ctx->get_saved_variables();
     if (ctx->saved_data["grad_in_forward"].toBool()) {
-      if (ctx->saved_data["uniform_upstream"].toBool()) check_uniform_upstream(g_rows);
+      if (ctx->saved_data["uniform_upstream"].toBool()) {
+        if (need_q) out[0] = gradient_from_mean(saved[0], g_rows);
+        return out;
+      }
       if (need_q) out[0] = (saved[0] * g_rows.unsqueeze(1)).to(q_dtype);
       return out;
     }

@@ -921,8 +921,9 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
 
 // ================================================================ "pml" in-batch, both passes in one call
 // With a uniform upstream gradient (need_grad with attached, in-batch: what the mean and sum reductions
-// ask for, docs/semantics.md §2.6) the forward op computes the gradient of sum_i L(i) as well: the
-// statistics pass, then the backward's pass over the same tile pairs with unit row weights, reading
+// ask for, docs/semantics.md §2.6) the forward op computes the gradient of the rows' mean
+// (1/N) sum_i L(i) as well: the statistics pass, then the backward's pass over the same tile pairs with
+// row weights 1/N (what the mean's backward gives every row, so that autograd can return it as is), reading
 // the Gram tiles that the first pass kept (GramTileCache) instead of computing them again; autograd
 // scales the result by the upstream gradient. Where the backward splits the rows over the threads
 // (one or two tiles: N <= 128 at 2 threads, N <= 512 at 1), the statistics come from the query-tile
@@ -931,7 +932,7 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
 template <class S>
 void rll_pml_in_batch_with_grad(const PairProblem<S>& pb, const at::Tensor& z, const S* norms, const Params<S> prm,
                                 at::Tensor& loss, at::Tensor& stats, at::Tensor& gz) {
-  const at::Tensor unit_rows = at::ones({pb.N}, z.options());
+  const at::Tensor mean_rows = at::full({pb.N}, 1.0 / static_cast<double>(pb.N), z.options());
   at::Tensor no_query_grad;
   const int64_t B = symmetric_tile_rows(pb.N);
   const bool row_blocks = ceil_div(pb.N, B) <= 2;
@@ -940,12 +941,12 @@ void rll_pml_in_batch_with_grad(const PairProblem<S>& pb, const at::Tensor& z, c
     const at::Tensor rows = row_blocks && fits ? kept_empty({pb.N, pb.N}, z.options()) : at::Tensor();
     S* kept = rows.defined() ? rows.data_ptr<S>() : nullptr;
     kept = rll_forward_kernel<S>(pb, z, z, norms, prm, false, loss, no_query_grad, stats, kept) ? kept : nullptr;
-    rll_backward_symmetric<S>(pb, unit_rows, z, norms, stats, prm, true, gz, nullptr, kept);
+    rll_backward_symmetric<S>(pb, mean_rows, z, norms, stats, prm, true, gz, nullptr, kept);
     return;
   }
   const GramTileCache<S> cache(upper_tile_pairs(ceil_div(pb.N, B)), B, pb.N, z.options());
   rll_forward_symmetric<S>(pb, z, norms, prm, false, loss, no_query_grad, stats, &cache);
-  rll_backward_symmetric<S>(pb, unit_rows, z, norms, stats, prm, true, gz, &cache);
+  rll_backward_symmetric<S>(pb, mean_rows, z, norms, stats, prm, true, gz, &cache);
 }
 
 // ---------------------------------------------------------------- argument checks
@@ -1085,7 +1086,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rll_fwd_c
     const c10::optional<at::Tensor>& k_ids, double alpha, double beta, double Tn, double Tp, double imbalance,
     double bias_per_row, c10::optional<int64_t> den_rows, bool normalize, bool attached, bool need_grad) {
   const bool paper_grad = need_grad && !attached;
-  // "pml" in-batch: need_grad says the upstream gradient is uniform; the gradient of the rows' sum
+  // "pml" in-batch: need_grad says the upstream gradient is uniform; the gradient of the rows' mean
   // comes from this call (rll_pml_in_batch_with_grad)
   const bool pml_grad = need_grad && attached && !k.has_value();
   check_inputs(q, q_labels, q_ids, k, k_labels, k_ids);

@@ -191,7 +191,7 @@ def rll_checked(
         k = k.detach()  # the gallery is fixed ("paper")
     need_grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
     # "pml": need_grad also says the upstream gradient of the rows is uniform (the forward may then
-    # return the gradient of their sum, rll_kernels/ops/rll.py); with "none" it is any
+    # return the gradient of their mean, rll_kernels/ops/rll.py); with "none" it is any
     need_grad = need_grad and not (attached and reduction == "none")
     rows = fused_op("rll", name)(
         q,

@@ -15,7 +15,7 @@ den_rows, normalize, attached, need_grad) -> (rows (N,), gradq, stats (N, 4), z,
   M * 1e-5 with ``bias_per_row = 1e-5`` (docs/semantics.md §2.8), so nothing per call depends on M.
 
 Outputs: per-row losses; the query gradient of each row's loss (N, D) when ``need_grad and not
-attached`` ("paper": computed in the forward pass), the gradient of the rows' sum (N, D) when
+attached`` ("paper": computed in the forward pass), the gradient of the rows' mean (N, D) when
 ``need_grad and attached`` in-batch on the C++ op's CPU kernels ("pml": ``need_grad`` then says that
 the upstream gradient of the rows is uniform, as the mean and sum reductions make it; both passes run
 in the forward, docs/semantics.md §2.6), else an empty tensor; the row statistics

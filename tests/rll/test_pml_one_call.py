@@ -69,7 +69,7 @@ def test_one_thread(n, d):
         torch.set_num_threads(threads)
 
 
-def test_op_returns_the_gradient_of_the_rows_sum():
+def test_op_returns_the_gradient_of_the_rows_mean():
     torch.manual_seed(5)
     emb, labels, _, _ = make_batch(300, 8, classes=75)
     # alpha, beta, Tn, Tp, lambda, bias per row, den_rows, normalize, attached
@@ -80,9 +80,9 @@ def test_op_returns_the_gradient_of_the_rows_sum():
     _, no_grad, *_ = op(emb, labels, None, None, None, None, *hp, False)
     assert no_grad.numel() == 0
     e = emb.clone().requires_grad_()
-    ref = reference.ranked_list_loss(e, labels, reduction="sum", **REF_HP)
+    ref = reference.ranked_list_loss(e, labels, reduction="mean", **REF_HP)
     ref.backward()
-    assert_close_fp64(rows.sum(), ref.detach(), "loss")
+    assert_close_fp64(rows.mean(), ref.detach(), "loss")
     assert_close_fp64(grad, e.grad, "grad")
 
 
@@ -112,7 +112,7 @@ def test_which_ops_a_step_calls(reduction, ref_emb, backward_op):
 
 
 def test_a_non_uniform_upstream_raises():
-    """The forward's gradient is that of the rows' sum: another upstream gradient is an error, not a
+    """The forward's gradient is that of the rows' mean: another upstream gradient is an error, not a
     wrong gradient (eager and compiled)."""
     op = torch.ops.rll_kernels.rll_fwd.default
     hp = (1.2, 0.8, 10.0, 0.0, 0.5, 1e-5, None, True, True, True)
@@ -124,6 +124,21 @@ def test_a_non_uniform_upstream_raises():
     for fn in (weighted, torch.compile(weighted, fullgraph=True)):
         x = emb.clone().requires_grad_()
         fn(x, torch.full((300,), 0.5, dtype=x.dtype)).backward()
-        assert_close_fp64(x.grad, 0.5 * op(emb, labels, None, None, None, None, *hp)[1], "uniform upstream")
+        assert_close_fp64(x.grad, 150 * op(emb, labels, None, None, None, None, *hp)[1], "uniform upstream")
         with pytest.raises(RuntimeError, match="upstream gradient of the rows must be"):
             fn(x, torch.arange(300, dtype=x.dtype)).backward()
+
+
+def test_a_mean_takes_the_forward_gradient_without_a_copy():
+    """With g = 1/N, the mean's backward, the forward's gradient of the rows' mean becomes the leaf's
+    gradient as it is (csrc/rll_autograd.cpp gradient_from_mean)."""
+    op = torch.ops.rll_kernels.rll_fwd.default
+    hp = (1.2, 0.8, 10.0, 0.0, 0.5, 1e-5, None, True, True, True)
+    emb, labels, _, _ = make_batch(300, 8, classes=75)
+    x = emb.clone().requires_grad_()
+    out = op(x, labels, None, None, None, None, *hp)
+    rows, ptr, want = out[0], out[1].data_ptr(), out[1].clone()
+    del out
+    rows.mean().backward()
+    assert x.grad.data_ptr() == ptr
+    assert torch.equal(x.grad, want)
