@@ -4,10 +4,10 @@
 // autograd costs ~150 us per call, more than the whole kernel at N = 64). The formula is the one of
 // the Triton twin's Python autograd (rll_kernels/ops/rll.py, docs/architecture.md "Autograd"):
 // "paper" (need_grad and not attached) scales the forward's query gradient by the upstream row
-// gradients, and so does "pml" in-batch on the CPU with need_grad (the forward's gradient of the rows'
-// sum, the upstream gradient being uniform); else "pml" calls rll_bwd on the saved inputs and row
-// statistics. torch.compile traces this
-// node's backward like any other (the op's fake kernels are in rll_kernels/ops/rll.py).
+// gradients; "pml" in-batch on the CPU with need_grad hands on the forward's gradient of the rows'
+// mean, scaled to the (uniform) upstream gradient (gradient_from_mean); else "pml" calls rll_bwd on
+// the saved inputs and row statistics. torch.compile traces this node's backward like any other (the
+// op's fake kernels are in rll_kernels/ops/rll.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/FunctionalTensorWrapper.h>

@@ -312,13 +312,16 @@ void forward_query_tile(const Forward<S>& fwd, ForwardTile<S>& tile, int64_t i0)
   for (int64_t r = 0; r < bq; ++r) finish_row(fwd, i0 + r, tile.row(r, fwd.pb.D));
 }
 
-// kept: an N x M buffer for the Gram rows, filled when the gallery is one tile (returns whether it was).
+// Whether the forward can keep its Gram rows (N x M, row stride M) for a second pass: one gallery tile.
+inline bool gram_rows_keepable(int64_t N, int64_t M, int64_t D) { return choose_tiling(N, M, D).BK >= M; }
+
+// kept: an N x M buffer that the Gram rows are written to (gram_rows_keepable), or null.
 template <class S>
-bool rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at::Tensor& k, const S* q_norms,
+void rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at::Tensor& k, const S* q_norms,
                         const Params<S> prm, bool paper_grad, at::Tensor& loss, at::Tensor& gq, at::Tensor& stats,
                         S* kept = nullptr) {
   const Tiling tl = choose_tiling(pb.N, pb.M, pb.D);
-  if (tl.BK < pb.M) kept = nullptr;
+  TORCH_INTERNAL_ASSERT(kept == nullptr || tl.BK >= pb.M, "rll: kept Gram rows need one gallery tile");
   const Forward<S> fwd{pb,
                        q,
                        k,
@@ -336,7 +339,6 @@ bool rll_forward_kernel(const PairProblem<S>& pb, const at::Tensor& q, const at:
     ForwardTile<S> tile(fwd, true);
     for (int64_t b = b0; b < b1; ++b) forward_query_tile(fwd, tile, b * fwd.BQ);
   });
-  return kept != nullptr;
 }
 
 // ================================================================ in-batch forward
@@ -925,7 +927,7 @@ void rll_backward_symmetric(const PairProblem<S>& pb, const at::Tensor& grad_row
 // (1/N) sum_i L(i) as well: the statistics pass, then the backward's pass over the same tile pairs with
 // row weights 1/N (what the mean's backward gives every row, so that autograd can return it as is), reading
 // the Gram tiles that the first pass kept (GramTileCache) instead of computing them again; autograd
-// scales the result by the upstream gradient. Where the backward splits the rows over the threads
+// hands it on, scaled to the upstream gradient. Where the backward splits the rows over the threads
 // (one or two tiles: N <= 128 at 2 threads, N <= 512 at 1), the statistics come from the query-tile
 // kernel, which keeps its N x N Gram rows for it (when the gallery is one tile and they fit
 // kGramCacheBytes); below kSymmetricMinRows that kernel runs too, keeping nothing.
@@ -937,10 +939,11 @@ void rll_pml_in_batch_with_grad(const PairProblem<S>& pb, const at::Tensor& z, c
   const int64_t B = symmetric_tile_rows(pb.N);
   const bool row_blocks = ceil_div(pb.N, B) <= 2;
   if (pb.N < kSymmetricMinRows || row_blocks) {
-    const bool fits = pb.N * pb.N * static_cast<int64_t>(sizeof(S)) <= static_cast<int64_t>(kGramCacheBytes);
-    const at::Tensor rows = row_blocks && fits ? kept_empty({pb.N, pb.N}, z.options()) : at::Tensor();
-    S* kept = rows.defined() ? rows.data_ptr<S>() : nullptr;
-    kept = rll_forward_kernel<S>(pb, z, z, norms, prm, false, loss, no_query_grad, stats, kept) ? kept : nullptr;
+    const bool keep = row_blocks && gram_rows_keepable(pb.N, pb.N, pb.D) &&
+                      pb.N * pb.N * static_cast<int64_t>(sizeof(S)) <= static_cast<int64_t>(kGramCacheBytes);
+    const at::Tensor gram_rows = keep ? kept_empty({pb.N, pb.N}, z.options()) : at::Tensor();
+    S* kept = keep ? gram_rows.data_ptr<S>() : nullptr;
+    rll_forward_kernel<S>(pb, z, z, norms, prm, false, loss, no_query_grad, stats, kept);
     rll_backward_symmetric<S>(pb, mean_rows, z, norms, stats, prm, true, gz, nullptr, kept);
     return;
   }
